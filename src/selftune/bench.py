@@ -1,0 +1,268 @@
+"""Experiment grids: tasks × variants × seeds, run one by one, resumable and append-only.
+
+A grid is a YAML/TOML/JSON file (or command-line flags)::
+
+    name: baseline
+    tasks: [rte, mrpc, stsb, cola]
+    seeds: [0, 1, 2, 3, 4]
+    common: {data_dir: ../shared/data}        # options of every run (``selftune train`` names)
+    task_options: {sst2: {max_train_samples: 10000}}
+    variants:                                 # name -> options; the report compares variants
+      baseline: {}
+      lr1e-4: {learning_rate: 1.0e-4}
+
+Every run is an ordinary ``selftune train`` in its own process and output directory. When it
+finishes, one JSON line is appended to the results file. A restart skips the runs already
+recorded with the same configuration, and resumes an interrupted run from its checkpoint: a kill
+loses at most the work since that run's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from selftune.config import TrainConfig
+from selftune.errors import SelftuneError
+from selftune.outputs import METRICS_FILE, write_json_atomic
+
+RESULTS_SCHEMA = 1
+
+
+@dataclass
+class Grid:
+    name: str
+    tasks: list[str]
+    seeds: list[int]
+    variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"baseline": {}})
+    common: dict[str, Any] = field(default_factory=dict)
+    task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    results: Path | None = None
+    runs_dir: Path | None = None
+
+
+@dataclass
+class PlannedRun:
+    run_id: str
+    task: str
+    variant: str
+    seed: int
+    config: TrainConfig
+
+
+def parse_seeds(value: str | list | int) -> list[int]:
+    """``"0-4"``, ``"0,1,2"``, ``3`` or a list of ints."""
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [int(v) for v in value]
+    seeds: list[int] = []
+    try:
+        for part in str(value).split(","):
+            if "-" in part.strip()[1:]:
+                lo, hi = part.split("-", 1)
+                seeds.extend(range(int(lo), int(hi) + 1))
+            elif part.strip():
+                seeds.append(int(part))
+    except ValueError:
+        raise SelftuneError(f"--seeds: cannot read {value!r}; use e.g. 0-4 or 0,1,2") from None
+    return seeds
+
+
+def load_grid(path: Path) -> Grid:
+    if not path.is_file():
+        raise SelftuneError(f"grid file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        elif path.suffix == ".toml":
+            import tomllib
+
+            raw = tomllib.loads(text)
+        else:
+            raw = json.loads(text)
+    except Exception as err:
+        raise SelftuneError(f"{path}: cannot parse the grid ({err})") from None
+    if not isinstance(raw, dict):
+        raise SelftuneError(f"{path}: a grid is a mapping with tasks, seeds and variants")
+    known = {"name", "tasks", "seeds", "variants", "common", "task_options", "results",
+             "runs_dir"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise SelftuneError(f"{path}: unknown grid key(s) {unknown}; known: {sorted(known)}")
+    for key in ("tasks", "seeds"):
+        if key not in raw:
+            raise SelftuneError(f"{path}: the grid needs '{key}'")
+    base = path.parent
+
+    def rel(value: str | None) -> Path | None:
+        return None if value is None else (base / value).resolve()
+
+    common = dict(raw.get("common") or {})
+    if isinstance(common.get("data_dir"), str):
+        common["data_dir"] = str(rel(common["data_dir"]))
+    return Grid(
+        name=str(raw.get("name", path.stem)),
+        tasks=[str(t) for t in raw["tasks"]],
+        seeds=parse_seeds(raw["seeds"]),
+        variants=raw.get("variants") or {"baseline": {}},
+        common=common,
+        task_options=raw.get("task_options") or {},
+        results=rel(raw.get("results")) or path.with_name(f"{path.stem}.results.jsonl"),
+        runs_dir=rel(raw.get("runs_dir")),
+    )
+
+
+def plan_runs(grid: Grid, runs_dir: Path) -> list[PlannedRun]:
+    """Seed-major order: an interrupted grid has whole seeds for every task and variant."""
+    from selftune.data.tasks import get_task
+
+    runs = []
+    for seed in grid.seeds:
+        for task in grid.tasks:
+            get_task(task)
+            for variant, options in grid.variants.items():
+                values = {**grid.common, **grid.task_options.get(task, {}), **(options or {}),
+                          "task": task, "seed": seed}
+                run_id = f"{task}__{variant}__seed{seed}"
+                values["output_dir"] = str(runs_dir / run_id)
+                try:
+                    config = TrainConfig.from_dict(values)
+                except TypeError as err:
+                    raise SelftuneError(f"grid variant {variant!r}: {err}") from None
+                runs.append(PlannedRun(run_id, task, variant, seed, config))
+    return runs
+
+
+def read_recorded(results: Path) -> dict[tuple[str, str], dict]:
+    """Finished runs in the results file, keyed by (run_id, config_hash); bad lines skipped."""
+    recorded: dict[tuple[str, str], dict] = {}
+    if not results.is_file():
+        return recorded
+    for line in results.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            recorded[(record["run_id"], record["config_hash"])] = record
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # the report names such lines; here they only mean "not recorded"
+    return recorded
+
+
+def append_record(results: Path, record: dict) -> None:
+    """Append one line under an exclusive lock; repair a missing final newline first."""
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with open(results, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.seek(0, os.SEEK_END)
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    # A writer was killed mid-line: keep that line (the report flags it) and
+                    # start ours on a fresh line.
+                    f.write(b"\n")
+            f.write((json.dumps(record, default=str) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def make_record(run: PlannedRun, metrics: dict) -> dict:
+    keep = ("metrics", "score", "teacher_metrics", "teacher_score", "history", "wall_time_s",
+            "train_time_s", "train_examples_per_s", "peak_memory_mb", "versions", "machine",
+            "finished_at", "eval_split", "num_train_examples", "global_steps")
+    return {
+        "schema": RESULTS_SCHEMA,
+        "run_id": run.run_id,
+        "config_hash": run.config.hash(),
+        "task": run.task,
+        "strategy": run.config.strategy,
+        "variant": run.variant,
+        "seed": run.seed,
+        "config": run.config.to_dict(),
+        **{k: metrics.get(k) for k in keep},
+    }
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def run_grid(
+    grid: Grid, results: Path, runs_dir: Path, dry_run: bool = False,
+    max_runs: int | None = None, train_command: list[str] | None = None,
+) -> dict[str, int]:
+    """Run every planned run that is not yet recorded; return counts of what happened."""
+    runs = plan_runs(grid, runs_dir)
+    recorded = read_recorded(results)
+    todo = [r for r in runs if (r.run_id, r.config.hash()) not in recorded]
+    print(f"grid {grid.name}: {len(runs)} runs, {len(runs) - len(todo)} already recorded in "
+          f"{results}, {len(todo)} to run", flush=True)
+    if dry_run:
+        for run in todo:
+            print(f"  would run {run.run_id}")
+        return {"planned": len(runs), "done": 0, "failed": 0, "skipped": len(runs) - len(todo)}
+    command = train_command or [sys.executable, "-m", "selftune", "train"]
+    done = failed = 0
+    durations: list[float] = []
+    for index, run in enumerate(todo[:max_runs] if max_runs else todo, start=1):
+        remaining = len(todo) - index + 1
+        eta = f", ETA {_format_duration(sum(durations) / len(durations) * remaining)}" \
+            if durations else ""
+        print(f"[{index}/{len(todo)}] {run.run_id}{eta}", flush=True)
+        out = Path(run.config.output_dir or "")
+        metrics = _finished_metrics(out, run)
+        if metrics is None:
+            if _holds_other_config(out, run):
+                # The grid changed since this folder was written: its old run is stale.
+                run.config.overwrite_output_dir = True
+            started = time.time()
+            out.mkdir(parents=True, exist_ok=True)
+            config_file = out / "bench_run.json"
+            write_json_atomic(config_file, run.config.to_dict())
+            proc = subprocess.run([*command, "--config", str(config_file)])
+            durations.append(time.time() - started)
+            metrics = _finished_metrics(out, run)
+            if proc.returncode != 0 or metrics is None:
+                failed += 1
+                print(f"  run {run.run_id} failed (exit {proc.returncode}); see "
+                      f"{out / 'train.log'}; it will be retried on the next 'selftune bench'",
+                      flush=True)
+                continue
+        append_record(results, make_record(run, metrics))
+        done += 1
+        print(f"  {run.run_id}: score {metrics['score']:.2f}", flush=True)
+    return {"planned": len(runs), "done": done, "failed": failed,
+            "skipped": len(runs) - len(todo)}
+
+
+def _holds_other_config(out: Path, run: PlannedRun) -> bool:
+    saved = out / "run_config.json"
+    if not saved.is_file():
+        return False
+    try:
+        return TrainConfig.from_dict(json.loads(saved.read_text())).hash() != run.config.hash()
+    except (json.JSONDecodeError, SelftuneError, TypeError):
+        return True
+
+
+def _finished_metrics(out: Path, run: PlannedRun) -> dict | None:
+    """metrics.json of a finished run with this exact configuration, else None."""
+    path = out / METRICS_FILE
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    return metrics if metrics.get("config_hash") == run.config.hash() else None

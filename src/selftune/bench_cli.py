@@ -1,0 +1,121 @@
+"""The ``bench`` and ``report`` commands (experiment grids and their statistics)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from selftune.errors import SelftuneError
+
+BENCH_EPILOG = """\
+examples:
+  selftune bench benchmarks/baseline.yaml
+  selftune bench --name quick --tasks rte,mrpc --seeds 0-2 --set data_dir=../shared/data \\
+      --variant baseline --variant 'lr1e-4:learning_rate=1e-4' --results quick.jsonl
+  selftune report benchmarks/baseline.results.jsonl --baseline baseline
+
+Each finished run appends one JSON line to the results file. Kill the grid at any time and
+run the same command again: recorded runs are skipped, an interrupted run resumes from its last
+checkpoint. Several machines may append to the same file (timings are comparable only between
+runs on the same machine; metrics are comparable everywhere).
+"""
+
+
+def add_bench_commands(commands, formatter, add_common: Callable) -> None:
+    bench = commands.add_parser(
+        "bench", help="Run a resumable multi-seed grid of tasks x strategies x seeds.",
+        description="Run a grid of 'selftune train' runs, one per task, variant and seed, and "
+                    "record each finished run as a line of a JSON Lines results file.",
+        formatter_class=formatter, epilog=BENCH_EPILOG)
+    bench.add_argument("grid", nargs="?", help="Grid file (.yaml, .toml or .json).")
+    bench.add_argument("--name", help="Grid name when given on the command line.")
+    bench.add_argument("--tasks", help="Comma-separated tasks (overrides the grid file).")
+    bench.add_argument("--seeds", help="Seeds, e.g. 0-4 or 0,1,2 (overrides the grid file).")
+    bench.add_argument("--variant", action="append", default=[], metavar="NAME[:K=V,...]",
+                       help="A variant: a name and its options, e.g. "
+                            "'lr1e-4:learning_rate=1e-4'. Repeatable; replaces the grid's.")
+    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="An option of every run (a 'selftune train' option name with "
+                            "underscores), e.g. data_dir=../shared/data. Repeatable.")
+    bench.add_argument("--results", help="Results file (default: from the grid, else "
+                                         "<grid>.results.jsonl).")
+    bench.add_argument("--runs-dir", dest="runs_dir",
+                       help="Where run directories go (default: runs/bench/<grid name>).")
+    bench.add_argument("--dry-run", action="store_true", help="List the runs still to do.")
+    bench.add_argument("--max-runs", type=int, help="Stop after this many runs.")
+    add_common(bench)
+
+    report = commands.add_parser(
+        "report", help="Tables (mean ± std, paired tests) and plots from a results file.",
+        description="Summarize a results file: per task and variant the mean ± std over seeds, "
+                    "the paired difference to a baseline variant with a paired t-test and a "
+                    "Wilcoxon signed-rank test (Mann-Whitney U when unpaired), the mean across "
+                    "tasks, costs, and PNG plots.",
+        formatter_class=formatter)
+    report.add_argument("results", help="A results file written by 'selftune bench'.")
+    report.add_argument("--baseline", default="baseline",
+                        help="Variant to compare against (default: baseline; 'none' for none).")
+    report.add_argument("--out-dir", dest="out_dir",
+                        help="Where report.md and the plots go (default: <results dir>/report).")
+    add_common(report)
+
+
+def _parse_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _key_values(items: list[str], what: str) -> dict:
+    values = {}
+    for item in items:
+        if "=" not in item:
+            raise SelftuneError(f"{what} expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        values[key.strip().replace("-", "_")] = _parse_value(value)
+    return values
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from selftune.bench import Grid, load_grid, parse_seeds, run_grid
+
+    if args.grid:
+        grid = load_grid(Path(args.grid))
+    else:
+        if not (args.tasks and args.seeds):
+            raise SelftuneError("give a grid file, or --tasks and --seeds")
+        grid = Grid(name=args.name or "grid", tasks=[], seeds=[])
+    if args.name:
+        grid.name = args.name
+    if args.tasks:
+        grid.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.seeds:
+        grid.seeds = parse_seeds(args.seeds)
+    grid.common.update(_key_values(args.set, "--set"))
+    if args.variant:
+        grid.variants = {}
+        for spec in args.variant:
+            name, _, options = spec.partition(":")
+            grid.variants[name] = _key_values([o for o in options.split(",") if o], "--variant")
+    results = Path(args.results) if args.results else grid.results or Path(
+        f"{grid.name}.results.jsonl")
+    runs_dir = Path(args.runs_dir) if args.runs_dir else grid.runs_dir or (
+        Path("runs") / "bench" / grid.name)
+    counts = run_grid(grid, results, runs_dir, dry_run=args.dry_run, max_runs=args.max_runs)
+    if not args.dry_run:
+        print(f"grid {grid.name}: {counts['done']} runs recorded, {counts['failed']} failed, "
+              f"{counts['skipped']} were already recorded; results in {results}")
+    return 1 if counts["failed"] else 0
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from selftune.report import write_report
+
+    baseline = None if args.baseline in ("none", "") else args.baseline
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    print(write_report(Path(args.results), out_dir, baseline))
+    return 0
+
+
+BENCH_HANDLERS = {"bench": _run_bench, "report": _run_report}

@@ -1,0 +1,273 @@
+"""The ``selftune`` command line: train, evaluate, predict, tasks.
+
+Every user mistake ends in a one-line ``selftune: error: ...`` and exit status 2, never a
+traceback (``--debug`` shows it). An interrupted ``train`` resumes when the same command is run
+again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+
+from selftune import __version__
+from selftune.config import TrainConfig, add_dataclass_arguments, dataclass_from_namespace
+from selftune.errors import SelftuneError
+
+GROUP_TITLES = {
+    "data": "data (a registry task, a local folder, the Hub, or your own files)",
+    "model": "model",
+    "training": "training (defaults follow run_glue.py / the BERT recipe)",
+    "output": "output and resuming",
+}
+
+TRAIN_EPILOG = """\
+examples:
+  selftune train --task rte --data-dir ../shared/data
+  selftune train --task sst2 --max-train-samples 10000 --learning-rate 1e-4 --seed 1
+  selftune train --train-file train.csv --validation-file dev.csv \\
+      --text-columns review --label-column stars --output-dir runs/reviews
+
+The run directory gets the final model (a standard Hugging Face directory: load it with
+AutoModelForSequenceClassification.from_pretrained), metrics.json (dev metrics in percent, the
+per-epoch learning curve, wall time, examples/s, peak memory), run_config.json and train.log.
+Interrupted? Run the same command again: it resumes from the last checkpoint.
+"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=36, width=100)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help="Show the full traceback when something goes wrong.")
+
+
+def _add_eval_data_options(parser: argparse.ArgumentParser, labelled: bool) -> None:
+    group = parser.add_argument_group("data")
+    if labelled:
+        group.add_argument("--task", help="Registry task whose dev split to evaluate on.")
+        group.add_argument("--data-dir", "--data_dir", dest="data_dir",
+                           help="Local data folder like ../shared/data (default: "
+                                "$SELFTUNE_DATA, else the Hub).")
+        group.add_argument("--eval-split", dest="eval_split",
+                           help="Split to evaluate (default: the task's dev split).")
+        group.add_argument("--validation-file", "--validation_file", dest="validation_file",
+                           help="Evaluate on your own labelled .csv/.tsv/.jsonl file instead.")
+        group.add_argument("--label-column", dest="label_column", default="label",
+                           help="Label column of --validation-file (default: label).")
+        group.add_argument("--max-eval-samples", dest="max_eval_samples", type=int,
+                           help="Evaluate on a fixed random subset of this size.")
+    group.add_argument("--text-columns", dest="text_columns", default="text",
+                       help="Text column(s) of your file, comma-separated for pairs "
+                            "(default: text).")
+    group.add_argument("--id-column", dest="id_column",
+                       help="Column of example ids (default: the row number).")
+    run = parser.add_argument_group("inference")
+    run.add_argument("--max-seq-length", dest="max_seq_length", type=int, default=128,
+                     help="Truncate inputs to this many tokens (default: 128).")
+    run.add_argument("--batch-size", dest="batch_size", type=int, default=128,
+                     help="Inference batch size (default: 128).")
+    run.add_argument("--trust-remote-code", action="store_true",
+                     help="Allow model code from the Hub to run.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selftune",
+        description="Fine-tune pretrained Transformer encoders (BERT and relatives) more "
+                    "accurately and more stably: self-ensemble, self-distillation, BAM!, "
+                    "[CLS] normalization.",
+        formatter_class=HelpFormatter,
+        epilog="Run 'selftune COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"selftune {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train", help="Fine-tune a model on a task and save it with its dev metrics.",
+        description="Fine-tune a pretrained encoder on one task with transformers.Trainer, "
+                    "evaluate on the dev split after each epoch, and save the final model.",
+        formatter_class=HelpFormatter, epilog=TRAIN_EPILOG)
+    add_dataclass_arguments(train, TrainConfig, GROUP_TITLES)
+    train.add_argument("--config", metavar="FILE",
+                       help="Read options from a JSON or YAML file (keys are option names with "
+                            "underscores, as in run_config.json); flags given on the command "
+                            "line win over the file.")
+    _add_common(train)
+    parser.set_defaults(_train_parser=train)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="Dev metrics of a saved model on a task (or a labelled file).",
+        description="Evaluate a model directory (as written by 'selftune train') on a task's "
+                    "dev split or on your own labelled file; prints the metrics as JSON.",
+        formatter_class=HelpFormatter,
+        epilog="example:\n  selftune evaluate runs/rte/baseline-seed42 --task rte "
+               "--data-dir ../shared/data")
+    evaluate.add_argument("model_dir", help="A model directory written by 'selftune train'.")
+    _add_eval_data_options(evaluate, labelled=True)
+    evaluate.add_argument("--output-file", dest="output_file",
+                          help="Also write the metrics to this JSON file.")
+    _add_common(evaluate)
+
+    predict = commands.add_parser(
+        "predict", help="Predict labels and probabilities for a csv/tsv/jsonl file.",
+        description="Run a saved model over every row of a file and write one prediction per "
+                    "row: the label and each class probability (classification) or the "
+                    "predicted score (regression).",
+        formatter_class=HelpFormatter,
+        epilog="example:\n  selftune predict runs/sst2/baseline-seed42 --input-file "
+               "reviews.csv --text-columns review --output-file predictions.csv")
+    predict.add_argument("model_dir", help="A model directory written by 'selftune train'.")
+    predict.add_argument("--input-file", dest="input_file", required=True,
+                         help="Texts to classify: .csv, .tsv (tab-separated) or .jsonl.")
+    predict.add_argument("--output-file", dest="output_file", default="predictions.jsonl",
+                         help="Where to write predictions; .jsonl, .csv or .tsv "
+                              "(default: predictions.jsonl).")
+    _add_eval_data_options(predict, labelled=False)
+    _add_common(predict)
+
+    tasks = commands.add_parser("tasks", help="List the tasks of the registry.",
+                                formatter_class=HelpFormatter)
+    _add_common(tasks)
+
+    from selftune.bench_cli import add_bench_commands
+
+    add_bench_commands(commands, HelpFormatter, _add_common)
+    return parser
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from selftune.training import train
+
+    result = train(dataclass_from_namespace(TrainConfig, args))
+    print(json.dumps({"task": result["task"], "eval_split": result["eval_split"],
+                      **result["metrics"], "score": result["score"]}))
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from selftune.data.loading import DataOptions
+    from selftune.evaluation import evaluate_model
+
+    if not args.task and not args.validation_file:
+        raise SelftuneError("give --task NAME or --validation-file FILE to evaluate on")
+    opts = DataOptions(task=args.task, data_dir=args.data_dir,
+                       validation_file=args.validation_file,
+                       text_columns=_columns(args.text_columns), label_column=args.label_column,
+                       id_column=args.id_column, max_eval_samples=args.max_eval_samples)
+    result = evaluate_model(args.model_dir, opts, args.eval_split, args.max_seq_length,
+                            args.batch_size, args.trust_remote_code)
+    text = json.dumps(result, indent=2)
+    if args.output_file:
+        from pathlib import Path
+
+        from selftune.outputs import write_json_atomic
+
+        write_json_atomic(Path(args.output_file), result)
+    print(text)
+    return 0
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from selftune.evaluation import predict_file
+
+    count = predict_file(args.model_dir, args.input_file, args.output_file,
+                         _columns(args.text_columns), args.id_column, args.max_seq_length,
+                         args.batch_size, args.trust_remote_code)
+    print(f"wrote {count} predictions to {args.output_file}")
+    return 0
+
+
+def _run_tasks(args: argparse.Namespace) -> int:
+    from selftune.data.tasks import TASKS
+
+    for task in TASKS.values():
+        labels = "regression" if task.is_regression else "/".join(task.label_names or ())
+        print(f"{task.name:8s} {task.description}")
+        print(textwrap.indent(f"labels: {labels}; metrics: {', '.join(task.metrics)}; "
+                              f"eval split: {task.eval_splits[0]}", " " * 9))
+    return 0
+
+
+def _load_config_file(path: str) -> dict:
+    from pathlib import Path
+
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise SelftuneError(f"--config file not found: {path}")
+    try:
+        values = yaml.safe_load(file.read_text())  # YAML is a superset of JSON
+    except yaml.YAMLError as err:
+        raise SelftuneError(f"--config {path}: cannot parse ({err})") from None
+    if not isinstance(values, dict):
+        raise SelftuneError(f"--config {path}: expected a mapping of option names to values")
+    TrainConfig.from_dict(values)  # names unknown options before anything runs
+    return values
+
+
+def _columns(value: str) -> tuple[str, ...]:
+    columns = tuple(c.strip() for c in value.split(",") if c.strip())
+    if not 1 <= len(columns) <= 2:
+        raise SelftuneError("--text-columns takes one column, or two comma-separated for pairs")
+    return columns
+
+
+def _handlers() -> dict[str, Callable[[argparse.Namespace], int]]:
+    from selftune.bench_cli import BENCH_HANDLERS
+
+    return {"train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict,
+            "tasks": _run_tasks, **BENCH_HANDLERS}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    debug = getattr(args, "debug", False)
+    try:
+        if args.command == "train" and args.config:
+            # Two passes: the file's values become defaults, so explicit flags still win.
+            args._train_parser.set_defaults(**_load_config_file(args.config))
+            args = parser.parse_args(argv)
+        return _handlers()[args.command](args)
+    except SelftuneError as err:
+        if debug:
+            raise
+        print(f"selftune: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nselftune: interrupted; run the same command again to resume from the last "
+              "checkpoint", file=sys.stderr)
+        return 130
+    except OSError as err:
+        if debug:
+            raise
+        if err.errno == errno.ENOSPC:
+            print("selftune: error: no space left on the device; free disk space or choose "
+                  "another --output-dir, then run the same command again to resume",
+                  file=sys.stderr)
+        else:
+            where = f": {err.filename}" if err.filename else ""
+            print(f"selftune: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
+
+
+def entry() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

