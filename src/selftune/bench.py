@@ -130,10 +130,11 @@ def plan_runs(grid: Grid, runs_dir: Path) -> list[PlannedRun]:
     runs = []
     for seed in grid.seeds:
         for task in grid.tasks:
-            get_task(task)
             for variant, options in grid.variants.items():
                 values = {**grid.common, **grid.task_options.get(task, {}), **(options or {}),
                           "task": task, "seed": seed}
+                if not values.get("train_file"):
+                    get_task(task)  # with the user's own files, the task name is free
                 run_id = f"{task}__{variant}__seed{seed}"
                 values["output_dir"] = str(runs_dir / run_id)
                 try:

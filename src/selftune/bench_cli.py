@@ -54,8 +54,9 @@ def add_bench_commands(commands, formatter, add_common: Callable) -> None:
                     "tasks, costs, and PNG plots.",
         formatter_class=formatter)
     report.add_argument("results", help="A results file written by 'selftune bench'.")
-    report.add_argument("--baseline", default="baseline",
-                        help="Variant to compare against (default: baseline; 'none' for none).")
+    report.add_argument("--baseline",
+                        help="Variant to compare against (default: 'baseline' when the results "
+                             "have it; 'none' for no comparison).")
     report.add_argument("--out-dir", dest="out_dir",
                         help="Where report.md and the plots go (default: <results dir>/report).")
     add_common(report)
@@ -110,9 +111,14 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from selftune.report import write_report
+    from selftune.report import load_results, write_report
 
-    baseline = None if args.baseline in ("none", "") else args.baseline
+    baseline = args.baseline
+    if baseline is None:
+        records, _ = load_results(Path(args.results))
+        baseline = "baseline" if any(r.variant == "baseline" for r in records) else None
+    elif baseline in ("none", ""):
+        baseline = None
     out_dir = Path(args.out_dir) if args.out_dir else None
     print(write_report(Path(args.results), out_dir, baseline))
     return 0

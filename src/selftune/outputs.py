@@ -55,33 +55,44 @@ def last_checkpoint(output_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def prepare_output_dir(
+def check_output_dir(
     output_dir: Path, config: dict[str, Any], overwrite: bool, resume: bool
-) -> Path | None:
-    """Make the folder ready; return the checkpoint to resume from, if any.
+) -> None:
+    """Refuse, before any work, an output folder this run must not touch.
 
-    A finished run is refused unless ``overwrite``. An unfinished run with the same options is
-    resumed from its last checkpoint; with different options it is refused, since mixing two
-    configurations in one run would make its results meaningless.
+    A finished run is refused unless ``overwrite``. An unfinished run with other options is
+    refused too: resuming it under a second configuration would make its results meaningless.
     """
     if output_dir.exists() and not output_dir.is_dir():
         raise SelftuneError(f"--output-dir {output_dir} exists and is not a folder")
-    if overwrite and output_dir.exists():
-        shutil.rmtree(output_dir)
+    if overwrite:
+        return
     if is_finished(output_dir):
         raise SelftuneError(
             f"{output_dir} already holds a finished run ({METRICS_FILE}); choose another "
             "--output-dir or pass --overwrite-output-dir to replace it")
     saved_config = output_dir / RUN_CONFIG_FILE
-    if saved_config.is_file():
-        previous = json.loads(saved_config.read_text())
+    if resume and saved_config.is_file():
+        try:
+            previous = json.loads(saved_config.read_text())
+        except json.JSONDecodeError:
+            previous = {}
         ignore = {"overwrite_output_dir", "resume", "keep_checkpoints", "report_to"}
         changed = sorted(k for k in set(previous) | set(config)
                          if k not in ignore and previous.get(k) != config.get(k))
-        if changed and resume:
+        if changed:
             raise SelftuneError(
                 f"{output_dir} holds an unfinished run with other options ({', '.join(changed)}); "
                 "use the same options to resume it, or --overwrite-output-dir to start over")
+
+
+def prepare_output_dir(
+    output_dir: Path, config: dict[str, Any], overwrite: bool, resume: bool
+) -> Path | None:
+    """Make the folder ready; return the checkpoint to resume from, if any."""
+    check_output_dir(output_dir, config, overwrite, resume)
+    if overwrite and output_dir.exists():
+        shutil.rmtree(output_dir)
     checkpoint = last_checkpoint(output_dir) if resume else None
     if not resume and (output_dir / CHECKPOINTS).exists():
         shutil.rmtree(output_dir / CHECKPOINTS)

@@ -150,24 +150,27 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
     """
     cfg = resolve_config(cfg)
     output_dir = Path(cfg.output_dir)
+    setup_logging(None)
+    outputs.check_output_dir(output_dir, cfg.to_dict(), cfg.overwrite_output_dir, cfg.resume)
+    started = time.time()
+
+    # Data and model are loaded before anything is written, so a bad input leaves no trace.
+    transformers.set_seed(cfg.seed)
+    data = load_task_data(cfg.data_options())
+    split = eval_split_name(cfg, data)
+    task = data.task
+    model_path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    model = load_for_training(model_path, task, cfg.trust_remote_code)
+
     resume_from = outputs.prepare_output_dir(output_dir, cfg.to_dict(), cfg.overwrite_output_dir,
                                              cfg.resume)
     setup_logging(output_dir / outputs.LOG_FILE)
     outputs.write_json_atomic(output_dir / outputs.RUN_CONFIG_FILE, cfg.to_dict())
     if resume_from:
         logger.info("Resuming from %s", resume_from)
-    started = time.time()
-
-    transformers.set_seed(cfg.seed)
-    data = load_task_data(cfg.data_options())
-    split = eval_split_name(cfg, data)
-    task = data.task
-    logger.info("Task %s from %s: %d train, %d %s examples", task.name, data.source,
-                len(data.train), len(data.eval_splits[split]), split)
-
-    model_path = resolve_model_path(cfg.model)
-    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    model = load_for_training(model_path, task, cfg.trust_remote_code)
+    logger.info("Task %s from %s: %d train, %d %s examples; model %s", task.name, data.source,
+                len(data.train), len(data.eval_splits[split]), split, model_path)
     train_set = tokenize_records(data.train, tokenizer, cfg.max_seq_length)
     eval_set = tokenize_records(data.eval_splits[split], tokenizer, cfg.max_seq_length)
 

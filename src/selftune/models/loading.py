@@ -10,6 +10,7 @@ import logging
 import os
 from pathlib import Path
 
+import transformers
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -96,13 +97,21 @@ def load_for_training(
         kwargs["id2label"] = dict(enumerate(task.label_names))
         kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
         kwargs["problem_type"] = "single_label_classification"
+    verbosity = transformers.logging.get_verbosity()
+    # The load report lists the new head's weights as "missing": expected here, so not shown.
+    transformers.logging.set_verbosity_error()
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
-        return AutoModelForSequenceClassification.from_pretrained(
+        model = AutoModelForSequenceClassification.from_pretrained(
             name, config=config, use_safetensors=True, ignore_mismatched_sizes=True,
             trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise _hub_error(name, err) from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    logger.info("Loaded %s with a new %s head (%d outputs)", name,
+                "regression" if task.is_regression else "classification", task.num_labels)
+    return model
 
 
 def load_finetuned(path: str, trust_remote_code: bool = False) -> PreTrainedModel:

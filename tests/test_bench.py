@@ -1,0 +1,112 @@
+"""Experiment grids: resume after an interruption, append-only results, grid files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from selftune.bench import Grid, append_record, load_grid, parse_seeds, plan_runs, run_grid
+from selftune.errors import SelftuneError
+from selftune.report import load_results
+
+
+@pytest.fixture()
+def grid(tiny_model, sentiment_files) -> Grid:
+    train, dev = map(str, sentiment_files)
+    return Grid(name="t", tasks=["custom"], seeds=[0, 1],
+                variants={"base": {}, "fast": {"learning_rate": 2e-2}},
+                common={"train_file": train, "validation_file": dev, "model": str(tiny_model),
+                        "num_train_epochs": 1, "learning_rate": 1e-2,
+                        "per_device_train_batch_size": 16})
+
+
+def test_interrupted_grid_runs_only_the_rest(grid, tmp_path):
+    results, runs = tmp_path / "results.jsonl", tmp_path / "runs"
+    first = run_grid(grid, results, runs, max_runs=2)  # "killed" after two runs
+    assert first["done"] == 2
+    recorded = [json.loads(line)["run_id"] for line in results.read_text().splitlines()]
+    assert recorded == ["custom__base__seed0", "custom__fast__seed0"]  # seed-major order
+    mtime = (runs / "custom__base__seed0" / "metrics.json").stat().st_mtime
+    second = run_grid(grid, results, runs)
+    assert second == {"planned": 4, "done": 2, "failed": 0, "skipped": 2}
+    records, problems = load_results(results)
+    assert not problems
+    assert sorted(r.run_id for r in records) == sorted(r.run_id for r in plan_runs(grid, runs))
+    assert (runs / "custom__base__seed0" / "metrics.json").stat().st_mtime == mtime
+    line = json.loads(results.read_text().splitlines()[0])
+    for key in ("config_hash", "seed", "metrics", "score", "history", "wall_time_s",
+                "train_examples_per_s", "peak_memory_mb", "versions", "machine", "config"):
+        assert key in line
+    # A third invocation has nothing left to do.
+    assert run_grid(grid, results, runs)["done"] == 0
+
+
+def test_finished_but_unrecorded_run_is_recorded_without_training(grid, tmp_path):
+    results, runs = tmp_path / "results.jsonl", tmp_path / "runs"
+    run_grid(grid, results, runs, max_runs=1)
+    results.unlink()  # killed after the run finished but before its line was written
+    counts = run_grid(grid, results, runs, max_runs=1, train_command=["false"])
+    assert counts["done"] == 1 and counts["failed"] == 0
+
+
+def test_changed_options_rerun(grid, tmp_path):
+    results, runs = tmp_path / "results.jsonl", tmp_path / "runs"
+    grid.seeds, grid.variants = [0], {"base": {}}
+    run_grid(grid, results, runs)
+    grid.common["num_train_epochs"] = 2
+    assert run_grid(grid, results, runs)["done"] == 1  # a new configuration is a new run
+    assert len(results.read_text().splitlines()) == 2
+
+
+def test_truncated_last_line_is_kept_and_reported(tmp_path):
+    results = tmp_path / "r.jsonl"
+    results.write_text('{"run_id": "a", "config_hash": "x"')  # killed mid-write
+    append_record(results, {"run_id": "b", "config_hash": "y"})
+    lines = results.read_text().splitlines()
+    assert lines[0] == '{"run_id": "a", "config_hash": "x"'
+    assert json.loads(lines[1])["run_id"] == "b"
+
+
+def test_failed_run_is_reported_and_retried(grid, tmp_path):
+    grid.seeds, grid.variants = [0], {"base": {}}
+    counts = run_grid(grid, tmp_path / "r.jsonl", tmp_path / "runs", train_command=["false"])
+    assert counts["failed"] == 1 and not (tmp_path / "r.jsonl").exists()
+
+
+def test_grid_file(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("name: g\ntasks: [rte, mrpc]\nseeds: 0-2\ncommon: {data_dir: data}\n"
+                    "variants: {baseline: {}, big: {learning_rate: 1.0e-4}}\n")
+    grid = load_grid(path)
+    assert grid.seeds == [0, 1, 2] and grid.results == tmp_path / "g.results.jsonl"
+    assert grid.common["data_dir"] == str((tmp_path / "data").resolve())
+    planned = plan_runs(grid, tmp_path / "runs")
+    assert len(planned) == 12
+    assert planned[1].run_id == "rte__big__seed0"
+    assert planned[1].config.learning_rate == 1e-4
+    # Where the data lives does not change a run's identity.
+    assert planned[0].config.hash() == plan_runs(
+        Grid("g", ["rte"], [0], {"baseline": {}}, {"data_dir": "/elsewhere"}), tmp_path)[0] \
+        .config.hash()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("tasks: [rte]\n", "needs 'seeds'"),
+    ("tasks: [rte]\nseeds: 0\nvariant: {}\n", "unknown grid key"),
+    ("tasks: [nope]\nseeds: 0\n", "unknown task"),
+    ("tasks: [rte]\nseeds: 0\nvariants: {x: {learning_rte: 1}}\n", "unknown option"),
+    ("tasks: [rte\n", "cannot parse"),
+])
+def test_bad_grid_files(tmp_path, content, message):
+    path = tmp_path / "g.yaml"
+    path.write_text(content)
+    with pytest.raises(SelftuneError, match=message):
+        plan_runs(load_grid(path), tmp_path)
+
+
+def test_parse_seeds():
+    assert parse_seeds("0-2,7") == [0, 1, 2, 7]
+    assert parse_seeds(3) == [3] and parse_seeds([4, 5]) == [4, 5]
+    with pytest.raises(SelftuneError):
+        parse_seeds("a-b")

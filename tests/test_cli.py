@@ -1,0 +1,202 @@
+"""The command line: help, and a clear one-line error (exit 2, no traceback) for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from selftune.cli import main
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("selftune: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict", "bench", "report", "tasks"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: selftune " + command in capsys.readouterr().out
+
+
+def test_train_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--learning-rate", "--per-device-train-batch-size", "--max-seq-length",
+                 "--warmup-ratio", "--output-dir", "--overwrite-output-dir", "--train-file",
+                 "--text-columns", "--label-column", "--data-dir", "--model", "--seed"):
+        assert flag in out
+    assert "--learning_rate" in out  # run_glue.py spelling
+
+
+@pytest.fixture()
+def files(tmp_path):
+    def write(name: str, content: str | bytes):
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return str(path)
+    return write
+
+
+def train_args(tmp_path, tiny_model, train, dev, *extra):
+    return ["train", "--train-file", train, "--validation-file", dev, "--model", str(tiny_model),
+            "--output-dir", str(tmp_path / "out"), *extra]
+
+
+def test_unknown_task(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--task", "glue", "--output-dir", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "unknown task 'glue'", "--train-file")
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_file(capsys, tmp_path, tiny_model):
+    code, _, err = run_cli(capsys, *train_args(tmp_path, tiny_model, str(tmp_path / "no.csv"),
+                                               str(tmp_path / "no.csv")))
+    assert_one_line_error(code, err, "file not found", "no.csv")
+
+
+def test_missing_data_folder(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--task", "rte", "--data-dir", str(tmp_path / "x"))
+    assert_one_line_error(code, err, "data folder not found")
+
+
+def test_missing_columns(capsys, tmp_path, tiny_model, files):
+    train = files("t.csv", "review,stars\ngood,1\nbad,0\n")
+    code, _, err = run_cli(capsys, *train_args(tmp_path, tiny_model, train, train))
+    assert_one_line_error(code, err, "['text', 'label'] not found", "['review', 'stars']",
+                          "--text-columns")
+
+
+def test_dev_label_unseen_in_train(capsys, tmp_path, tiny_model, files):
+    train = files("t.csv", "text,label\ngood,pos\nbad,neg\n")
+    dev = files("d.csv", "text,label\ngood,pos\nfine,neutral\n")
+    code, _, err = run_cli(capsys, *train_args(tmp_path, tiny_model, train, dev))
+    assert_one_line_error(code, err, "['neutral'] never occur")
+    assert not (tmp_path / "out").exists()  # nothing written for a bad input
+
+
+def test_empty_label(capsys, tmp_path, tiny_model, files):
+    train = files("t.csv", "text,label\ngood,\nbad,neg\n")
+    code, _, err = run_cli(capsys, *train_args(tmp_path, tiny_model, train, train))
+    assert_one_line_error(code, err, "empty label", "t.csv:2")
+
+
+def test_non_numeric_regression_label(capsys, tmp_path, tiny_model, files):
+    train = files("t.csv", "text,label\ngood,4.5\nbad,low\n")
+    code, _, err = run_cli(capsys, *train_args(tmp_path, tiny_model, train, train,
+                                               "--label-type", "regression"))
+    assert_one_line_error(code, err, "'low' is not a number")
+
+
+def test_empty_text(capsys, tmp_path, tiny_model, files):
+    train = files("t.jsonl", '{"text": "good", "label": 1}\n{"text": "  ", "label": 0}\n')
+    code, _, err = run_cli(capsys, *train_args(tmp_path, tiny_model, train, train))
+    assert_one_line_error(code, err, "empty text", "t.jsonl:2")
+
+
+def test_undecodable_bytes(capsys, tmp_path, tiny_model, files):
+    train = files("t.csv", b"text,label\ngood,1\nbad \xff\xfe,0\n")
+    code, _, err = run_cli(capsys, *train_args(tmp_path, tiny_model, train, train))
+    assert_one_line_error(code, err, "not valid utf-8 at line 3")
+
+
+def test_model_directory_without_weights(capsys, tmp_path, files, tiny_model):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((tiny_model / "config.json").read_text())
+    (broken / "pytorch_model.bin").write_bytes(b"pickle")
+    train = files("t.csv", "text,label\ngood,1\nbad,0\n")
+    code, _, err = run_cli(capsys, "train", "--train-file", train, "--validation-file", train,
+                           "--model", str(broken), "--output-dir", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "has no model weights", "pickle weights are not loaded")
+    code, _, err = run_cli(capsys, "evaluate", str(broken), "--validation-file", train)
+    assert_one_line_error(code, err, "has no model weights")
+
+
+def test_finished_output_dir_is_refused(capsys, tmp_path, tiny_model, sentiment_files):
+    train, dev = map(str, sentiment_files)
+    args = train_args(tmp_path, tiny_model, train, dev, "--num-train-epochs", "1")
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["task"] == "train"
+    code, _, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, "already holds a finished run", "--overwrite-output-dir")
+    code, _, _ = run_cli(capsys, *args, "--overwrite-output-dir")
+    assert code == 0
+
+
+def test_hub_access_while_offline_names_the_flag(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("SELFTUNE_DATA", raising=False)
+    code, _, err = run_cli(capsys, "train", "--task", "rte", "--output-dir", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "Hugging Face Hub", "--data-dir")
+
+
+def test_hub_model_while_offline(capsys, monkeypatch, tmp_path, files):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    train = files("t.csv", "text,label\ngood,1\nbad,0\n")
+    code, _, err = run_cli(capsys, "train", "--train-file", train, "--validation-file", train,
+                           "--model", "someone/not-cached-model")
+    assert_one_line_error(code, err, "could not load model", "--model")
+
+
+def test_config_file_with_unknown_option(capsys, tmp_path, files):
+    config = files("c.yaml", "task: rte\nlearning_rte: 1e-4\n")
+    code, _, err = run_cli(capsys, "train", "--config", config)
+    assert_one_line_error(code, err, "unknown option(s) ['learning_rte']")
+
+
+def test_config_file_values_and_flag_precedence(capsys, tmp_path, tiny_model, sentiment_files):
+    train, dev = map(str, sentiment_files)
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"train_file": train, "validation_file": dev,
+                                  "model": str(tiny_model), "num_train_epochs": 5,
+                                  "output_dir": str(tmp_path / "o")}))
+    code, _, _ = run_cli(capsys, "train", "--config", str(config), "--num-train-epochs", "1")
+    assert code == 0
+    saved = json.loads((tmp_path / "o" / "run_config.json").read_text())
+    assert saved["num_train_epochs"] == 1 and saved["train_file"] == train
+
+
+def test_predict_bad_output_suffix(capsys, tmp_path, tiny_model, files):
+    data = files("t.csv", "text\ngood\n")
+    code, _, err = run_cli(capsys, "predict", str(tiny_model), "--input-file", data,
+                           "--output-file", str(tmp_path / "p.xlsx"))
+    assert_one_line_error(code, err, ".jsonl, .csv or .tsv")
+
+
+def test_bad_option_value(capsys, tmp_path, files):
+    train = files("t.csv", "text,label\ngood,1\nbad,0\n")
+    code, _, err = run_cli(capsys, "train", "--train-file", train, "--validation-file", train,
+                           "--warmup-ratio", "1.5")
+    assert_one_line_error(code, err, "--warmup-ratio must be in [0, 1)")
+
+
+def test_real_entry_point_prints_no_traceback(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "selftune", "train", "--task", "nope"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("selftune: error: unknown task 'nope'; known tasks: cola, "
+                                   "sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, imdb, ag_news, "
+                                   "mr, cr, mpqa (or give your own data with --train-file/"
+                                   "--validation-file)")
+    debug = subprocess.run([sys.executable, "-m", "selftune", "train", "--task", "nope",
+                            "--debug"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert "Traceback" in debug.stderr
