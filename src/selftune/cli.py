@@ -23,6 +23,8 @@ GROUP_TITLES = {
     "data": "data (a registry task, a local folder, the Hub, or your own files)",
     "model": "model",
     "training": "training (defaults follow run_glue.py / the BERT recipe)",
+    "self-distillation": "self-ensemble and self-distillation (--strategy se, sda, sdv, ema; "
+                         "Xu et al. 2020)",
     "output": "output and resuming",
 }
 

@@ -25,7 +25,9 @@ def opt(default: Any, help: str, group: str, choices: tuple | None = None, **kw:
     return field(default=default, metadata={"help": help, "group": group, "choices": choices, **kw})
 
 
-DATA, MODEL, TRAIN, OUTPUT = "data", "model", "training", "output"
+DATA, MODEL, TRAIN, SD, OUTPUT = "data", "model", "training", "self-distillation", "output"
+SD_OPTIONS = ("sd_k", "sd_lambda", "snapshot_interval", "teacher_dropout", "se_pool",
+              "se_combine")
 CONFIG_VERSION = 1
 # Options that do not change what a run computes.
 NOT_HASHED = frozenset({"seed", "output_dir", "overwrite_output_dir", "resume", "keep_checkpoints",
@@ -92,7 +94,23 @@ class TrainConfig:
                                 "learning curve in metrics.json).", TRAIN)
     save_steps: int | None = opt(None, "Also checkpoint every N optimizer steps (default: a "
                                  "checkpoint at the end of every epoch).", TRAIN)
-    strategy: str = opt("baseline", "Fine-tuning strategy.", TRAIN, ("baseline",))
+    strategy: str = opt("baseline", "Fine-tuning strategy: baseline (plain fine-tuning); se "
+                        "(self-ensemble: the final model averages a pool of the run's own "
+                        "snapshots); sda / sdv (self-distillation from the parameter average / "
+                        "output vote of the last K snapshots); ema (self-distillation from an EMA "
+                        "teacher).", TRAIN, ("baseline", "se", "sda", "sdv", "ema"))
+    # ---- self-ensemble / self-distillation (Xu et al. 2020)
+    sd_k: int = opt(3, "sda/sdv/se: number K of snapshots the teacher averages.", SD)
+    sd_lambda: float = opt(1.0, "sda/sdv/ema: weight λ of the distillation term "
+                           "λ·MSE(student logits, teacher logits).", SD)
+    snapshot_interval: int = opt(1, "sda/sdv/ema (and se with --se-pool steps): push a snapshot "
+                                 "(or update the EMA) every N optimizer steps.", SD)
+    teacher_dropout: bool = opt(False, "Run the teacher with dropout on (default: eval mode).", SD)
+    se_pool: str = opt("epochs", "se: pool the states at the end of each epoch (default) or the "
+                       "last K step snapshots.", SD, ("epochs", "steps"))
+    se_combine: str = opt("average", "se: combine the pool by parameter average (one model) or "
+                          "also report the output vote of its K models.", SD,
+                          ("average", "vote"))
     report_to: str = opt("none", "Experiment trackers for the Trainer's logs: none, tensorboard, "
                          "wandb, ... (comma-separated).", TRAIN)
     # ---- output

@@ -27,9 +27,14 @@ def predict_logits(
 ) -> np.ndarray:
     """Logits for ``records`` in eval mode, batched with dynamic padding by the Trainer."""
     dataset = tokenize_records(records, tokenizer, max_seq_length, with_labels=with_labels)
+    return dataset_logits(model, tokenizer, dataset, batch_size)
+
+
+def dataset_logits(model: PreTrainedModel, tokenizer, dataset, batch_size: int) -> np.ndarray:
+    """Logits for an already tokenized dataset (eval mode, no_grad, dynamic padding)."""
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=batch_size,
-                                 report_to=[], disable_tqdm=len(records) < 2000,
+                                 report_to=[], disable_tqdm=len(dataset) < 2000,
                                  dataloader_pin_memory=torch.cuda.is_available())
         trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer))
         output = trainer.predict(dataset)

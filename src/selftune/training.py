@@ -10,21 +10,27 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
+import numpy as np
 import torch
 import transformers
-from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments
 
 from selftune import outputs
-from selftune.config import TrainConfig
+from selftune.config import SD_OPTIONS, TrainConfig
 from selftune.data.features import tokenize_records
 from selftune.data.loading import TaskData, load_task_data
 from selftune.errors import SelftuneError
-from selftune.metrics import trainer_metrics_fn
+from selftune.evaluation import dataset_logits
+from selftune.metrics import compute_task_metrics, trainer_metrics_fn
 from selftune.models.loading import load_for_training, load_tokenizer, resolve_model_path
 from selftune.runinfo import environment_info, peak_memory_mb
+from selftune.trainer import SelftuneTrainer
+
+if TYPE_CHECKING:
+    from selftune.self_distillation import SelfDistillation
 
 logger = logging.getLogger("selftune")
 # The Trainer already prints its log entries to the console; this one writes them to train.log.
@@ -51,9 +57,21 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         (cfg.logging_steps > 0, "--logging-steps must be positive"),
         (cfg.save_steps is None or cfg.save_steps > 0, "--save-steps must be positive"),
     ]
+    checks += [
+        (cfg.sd_k >= 1, "--sd-k must be at least 1"),
+        (cfg.sd_lambda >= 0, "--sd-lambda must be non-negative"),
+        (cfg.snapshot_interval >= 1, "--snapshot-interval must be at least 1"),
+    ]
     for ok, message in checks:
         if not ok:
             raise SelftuneError(message)
+    if cfg.strategy == "baseline":
+        defaults = TrainConfig()
+        changed = [name for name in SD_OPTIONS if getattr(cfg, name) != getattr(defaults, name)]
+        if changed:
+            flags = ", ".join("--" + n.replace("_", "-") for n in changed)
+            raise SelftuneError(f"{flags} only apply to --strategy se/sda/sdv/ema; add "
+                                "--strategy or drop the option")
     return cfg
 
 
@@ -143,6 +161,67 @@ def history_from_logs(log_history: list[dict]) -> list[dict]:
     return history
 
 
+def build_objective(cfg: TrainConfig, model, is_regression: bool) -> SelfDistillation | None:
+    """The training objective of a strategy; ``None`` is the model's own loss (baseline)."""
+    if cfg.strategy == "baseline":
+        return None
+    from selftune.self_distillation import SelfDistillation
+
+    return SelfDistillation(model, kind=cfg.strategy, k=cfg.sd_k, lam=cfg.sd_lambda,
+                            interval=cfg.snapshot_interval, teacher_dropout=cfg.teacher_dropout,
+                            is_regression=is_regression, se_pool=cfg.se_pool)
+
+
+def evaluate_self_distillation(
+    cfg: TrainConfig, objective: SelfDistillation, trainer: SelftuneTrainer, tokenizer,
+    eval_set, task, student: dict[str, float],
+) -> dict[str, Any]:
+    """Dev metrics of the teacher (sda/sdv/ema) or of the self-ensemble (se)."""
+    labels = np.array(eval_set["labels"])
+
+    def metrics_of(logits: np.ndarray) -> dict[str, float]:
+        return compute_task_metrics(task, logits, labels)
+
+    def predict(model) -> np.ndarray:
+        return dataset_logits(model, tokenizer, eval_set, cfg.per_device_eval_batch_size)
+
+    averaged = metrics_of(predict(objective.averaged_teacher()))
+    if cfg.strategy == "se":
+        # The self-ensemble is the run's model; the last iterate is kept for comparison.
+        ensemble = metrics_of(objective.vote_logits(predict)) if cfg.se_combine == "vote" \
+            else averaged
+        return {"metrics": {k: v for k, v in ensemble.items() if k != "score"},
+                "score": ensemble["score"],
+                "ensemble": f"{cfg.se_combine} of {len(objective.members())} {cfg.se_pool} "
+                            "snapshots",
+                "last_iterate_metrics": {k: v for k, v in student.items() if k != "score"},
+                "last_iterate_score": student["score"]}
+    teacher = metrics_of(objective.vote_logits(predict)) if cfg.strategy == "sdv" else averaged
+    return {"teacher_metrics": {k: v for k, v in teacher.items() if k != "score"},
+            "teacher_score": teacher["score"],
+            "teacher": {"sda": "parameter average of the last K snapshots",
+                        "sdv": "output vote of the last K snapshots",
+                        "ema": "exponential moving average"}[cfg.strategy],
+            "teacher_average_metrics": averaged}
+
+
+def save_self_distillation(
+    cfg: TrainConfig, objective: SelfDistillation, trainer: SelftuneTrainer, tokenizer,
+    output_dir: Path,
+) -> None:
+    """se: the saved model is the pool's parameter average. Others: the averaged teacher is
+    saved beside the student, in teacher/, as a second standard model directory."""
+    if cfg.strategy == "se":
+        from selftune.teachers import load_float_state
+
+        load_float_state(trainer.accelerator.unwrap_model(trainer.model),
+                         objective.averaged_state())
+        return
+    teacher_dir = output_dir / "teacher"
+    objective.averaged_teacher().save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+
+
 def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
     """Fine-tune one model as ``cfg`` says; return the content of ``metrics.json``.
 
@@ -175,7 +254,9 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
     eval_set = tokenize_records(data.eval_splits[split], tokenizer, cfg.max_seq_length)
 
     args = training_arguments(cfg, output_dir / outputs.CHECKPOINTS, cfg.eval_each_epoch)
-    trainer = Trainer(
+    objective = build_objective(cfg, model, task.is_regression)
+    trainer = SelftuneTrainer(
+        objective=objective,
         model=model,
         args=args,
         train_dataset=train_set,
@@ -185,6 +266,8 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
         compute_metrics=trainer_metrics_fn(task),
         callbacks=[LogToFile(), *(callbacks or [])],
     )
+    if resume_from:
+        trainer.load_objective_state(resume_from)
     train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     history = history_from_logs(trainer.state.log_history)
     if history and history[-1]["step"] == trainer.state.global_step:
@@ -220,7 +303,12 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
         "config_hash": cfg.hash(),
         **environment_info(),
     }
+    if objective is not None:
+        result.update(evaluate_self_distillation(cfg, objective, trainer, tokenizer, eval_set,
+                                                 task, final))
     if trainer.is_world_process_zero():
+        if objective is not None:
+            save_self_distillation(cfg, objective, trainer, tokenizer, output_dir)
         trainer.save_model(str(output_dir))
         # The Trainer also pickles its arguments there; a model directory we hand out holds no
         # pickle (the run's options are in run_config.json).

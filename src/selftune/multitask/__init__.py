@@ -1,0 +1,1 @@
+"""Multi-task training for BAM!: several tasks in one run of a shared encoder."""

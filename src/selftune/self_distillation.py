@@ -1,0 +1,164 @@
+"""Self-ensemble and self-distillation (Xu et al. 2020, arXiv:2002.10345; methods.md §1).
+
+One objective for four strategies, each a small addition to the baseline loss:
+
+- ``sda``: loss = CE(student, y) + λ·MSE(student logits, logits of the parameter average of the
+  last K snapshots);
+- ``sdv``: the same loss, the teacher logits being the mean of the K snapshot models' logits;
+- ``ema``: the same loss with an EMA teacher, d = min(0.995, (1+t)/(10+t));
+- ``se``: no distillation; snapshots are pooled (every ``interval`` steps, or at each epoch's end)
+  and the pool's parameter average (or output vote) is the final model.
+
+A snapshot is pushed after every ``interval``-th optimizer step (the initial model is the first
+snapshot), so with K = 1 the SDA teacher is the student of the previous step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from selftune.losses import distillation_loss
+from selftune.teachers import (
+    EmaAverage,
+    SnapshotWindow,
+    State,
+    load_float_state,
+    make_teacher_shell,
+)
+
+STRATEGIES = ("sda", "sdv", "ema", "se")
+
+
+class SelfDistillation:
+    """The self-distillation / self-ensemble objective for ``SelftuneTrainer``."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        kind: str = "sda",
+        k: int = 3,  # snapshots in the window (SDA/SDV/SE)
+        lam: float = 1.0,  # weight λ of the distillation term
+        interval: int = 1,  # push a snapshot every N optimizer steps
+        teacher_dropout: bool = False,  # run the teacher in train mode (dropout on)
+        is_regression: bool = False,
+        se_pool: str = "epochs",  # SE only: pool of "steps" snapshots or end-of-"epochs" states
+    ) -> None:
+        if kind not in STRATEGIES:
+            raise ValueError(f"unknown self-distillation strategy {kind!r}")
+        self.kind, self.lam, self.interval = kind, lam, interval
+        self.is_regression, self.se_pool = is_regression, se_pool
+        self.teacher = make_teacher_shell(student, dropout=teacher_dropout)
+        self.window = SnapshotWindow(k) if kind != "ema" else None
+        self.ema = EmaAverage(student) if kind == "ema" else None
+        self._started = False
+
+    # ---- events from the Trainer
+
+    def on_train_begin(self, model: nn.Module) -> None:
+        if self._started:  # resumed: the window came from the checkpoint
+            return
+        self._started = True
+        if self.window is not None and not (self.kind == "se" and self.se_pool == "epochs"):
+            self._push(model)
+
+    def on_step_end(self, model: nn.Module, global_step: int) -> None:
+        if global_step % self.interval:
+            return
+        if self.ema is not None:
+            self.ema.update(model)
+            load_float_state(self.teacher, self.ema.average)
+        elif not (self.kind == "se" and self.se_pool == "epochs"):
+            self._push(model)
+
+    def on_epoch_end(self, model: nn.Module, epoch: float) -> None:
+        if self.kind == "se" and self.se_pool == "epochs":
+            self._push(model)
+
+    def _push(self, model: nn.Module) -> None:
+        assert self.window is not None
+        self.window.push(model)
+        if self.kind in ("sda", "se"):
+            load_float_state(self.teacher, self.window.mean())
+
+    # ---- the loss
+
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any]
+    ) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
+        labels = inputs["labels"]
+        features = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**features)
+        logits = outputs.logits
+        if self.kind == "se":
+            loss, parts = distillation_loss(logits, logits.detach(), labels, 0.0,
+                                            self.is_regression)
+            return loss, outputs, {"task_loss": parts["task_loss"]}
+        teacher_logits = self.teacher_logits(features).to(logits.dtype)
+        loss, parts = distillation_loss(logits, teacher_logits, labels, self.lam,
+                                        self.is_regression)
+        return loss, outputs, parts
+
+    @torch.no_grad()
+    def teacher_logits(self, features: dict[str, Any]) -> torch.Tensor:
+        if self.kind == "sdv":
+            return self._vote(features)
+        return self.teacher(**features).logits
+
+    def _vote(self, features: dict[str, Any]) -> torch.Tensor:
+        # One model shell, K parameter loads: K forward passes without K model copies.
+        assert self.window is not None
+        total = None
+        for snapshot in self.window.snapshots():
+            load_float_state(self.teacher, snapshot)
+            logits = self.teacher(**features).logits.float()
+            total = logits if total is None else total + logits
+        return total / len(self.window)
+
+    # ---- what the run keeps
+
+    def averaged_state(self) -> State:
+        """Parameters of the averaged teacher (window mean or EMA)."""
+        if self.ema is not None:
+            return self.ema.average
+        assert self.window is not None
+        return self.window.mean()
+
+    def averaged_teacher(self) -> nn.Module:
+        """The teacher shell loaded with the averaged parameters (for evaluation and saving)."""
+        load_float_state(self.teacher, self.averaged_state())
+        return self.teacher
+
+    def members(self) -> list[State]:
+        """The snapshot models whose outputs a vote averages."""
+        return self.window.snapshots() if self.window is not None else []
+
+    def vote_logits(self, predict: Any) -> np.ndarray:
+        """Mean of ``predict(model)`` (logits over a dataset) over the window's members."""
+        logits = []
+        for snapshot in self.members():
+            load_float_state(self.teacher, snapshot)
+            logits.append(predict(self.teacher))
+        return np.mean(logits, axis=0)
+
+    def state_dict(self) -> State:
+        state = {"started": torch.tensor(int(self._started))}
+        if self.window is not None:
+            state.update(self.window.state_dict())
+        if self.ema is not None:
+            state.update(self.ema.state_dict())
+        return state
+
+    def load_state_dict(self, state: State) -> None:
+        self._started = bool(int(state["started"]))
+        if self.window is not None:
+            self.window.load_state_dict({k: v for k, v in state.items()
+                                         if k.startswith("snapshot.")})
+            if self.kind in ("sda", "se") and len(self.window):
+                load_float_state(self.teacher, self.window.mean())
+        if self.ema is not None:
+            self.ema.load_state_dict(state)
+            load_float_state(self.teacher, self.ema.average)

@@ -1,0 +1,134 @@
+"""Teachers made of the student's own past: a window of its last K snapshots, or an EMA.
+
+Xu et al. 2020 (arXiv:2002.10345) average the student's last K states, either their parameters
+(SDA: one teacher model) or their outputs (SDV: a vote of K models). Snapshots are kept on the
+CPU; the teacher that runs forward passes is one model copy on the student's device, never
+wrapped in DDP, in eval mode under ``no_grad``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+
+import torch
+from torch import nn
+
+State = dict[str, torch.Tensor]
+
+
+def float_state(model: nn.Module) -> State:
+    """The model's floating-point parameters and buffers (integer buffers never change)."""
+    return {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
+
+
+@torch.no_grad()
+def load_float_state(model: nn.Module, state: State) -> None:
+    """Copy ``state`` into the model's tensors in place (one fused copy per device)."""
+    targets = model.state_dict()
+    names = list(state)
+    torch._foreach_copy_([targets[n] for n in names], [state[n] for n in names])
+
+
+def make_teacher_shell(student: nn.Module, dropout: bool = False) -> nn.Module:
+    """A frozen copy of the student on its device, for teacher forward passes."""
+    teacher = copy.deepcopy(student)
+    teacher.requires_grad_(False)
+    teacher.train(dropout)  # eval mode (no dropout) unless --teacher-dropout
+    return teacher
+
+
+class SnapshotWindow:
+    """The last ``k`` snapshots of a model, with their exact running mean.
+
+    ``push`` copies the model's floating-point state to the CPU. The mean is kept as a float64
+    running sum, updated as sum += new − evicted, so it equals the direct average of the window
+    (up to float64 rounding) however many pushes and evictions came before. While fewer than
+    ``k`` snapshots exist, the mean is over those there are.
+    """
+
+    def __init__(self, k: int, storage_dtype: torch.dtype = torch.float32) -> None:
+        if k < 1:
+            raise ValueError("the snapshot window needs k >= 1")
+        self.k = k  # number of snapshots kept
+        self.storage_dtype = storage_dtype  # dtype of the CPU copies
+        self._snapshots: deque[State] = deque()
+        self._sum: State = {}
+
+    def __len__(self) -> int:
+        return len(self._snapshots)
+
+    @torch.no_grad()
+    def push(self, model_or_state: nn.Module | State) -> None:
+        state = model_or_state if isinstance(model_or_state, dict) else float_state(model_or_state)
+        snapshot = {n: t.detach().to("cpu", self.storage_dtype, copy=True)
+                    for n, t in state.items()}
+        if not self._sum:
+            self._sum = {n: t.to(torch.float64, copy=True) for n, t in snapshot.items()}
+        else:
+            names = list(snapshot)
+            torch._foreach_add_([self._sum[n] for n in names], [snapshot[n] for n in names])
+        self._snapshots.append(snapshot)
+        if len(self._snapshots) > self.k:
+            evicted = self._snapshots.popleft()
+            names = list(evicted)
+            torch._foreach_sub_([self._sum[n] for n in names], [evicted[n] for n in names])
+
+    def snapshots(self) -> list[State]:
+        """Oldest first."""
+        return list(self._snapshots)
+
+    def mean(self) -> State:
+        if not self._snapshots:
+            raise RuntimeError("the snapshot window is empty")
+        count = len(self._snapshots)
+        return {n: (s / count).to(self.storage_dtype) for n, s in self._sum.items()}
+
+    def state_dict(self) -> State:
+        """Flat tensors for a safetensors checkpoint; the sum is rebuilt on load."""
+        return {f"snapshot.{i}.{name}": t for i, snap in enumerate(self._snapshots)
+                for name, t in snap.items()}
+
+    def load_state_dict(self, flat: State) -> None:
+        by_index: dict[int, State] = {}
+        for key, tensor in flat.items():
+            _, index, name = key.split(".", 2)
+            by_index.setdefault(int(index), {})[name] = tensor
+        self._snapshots.clear()
+        self._sum = {}
+        for index in sorted(by_index):
+            self.push(by_index[index])
+
+
+class EmaAverage:
+    """Exponential moving average of a model's state: θ̃ ← d·θ̃ + (1 − d)·θ.
+
+    The decay warms up as d = min(max_decay, (1 + t) / (10 + t)), t = updates done before this
+    one (the variant of public SDA reimplementations, e.g. lonePatient/BERT-SDA).
+    """
+
+    def __init__(self, model: nn.Module, max_decay: float = 0.995) -> None:
+        self.max_decay = max_decay  # the decay's ceiling
+        self.updates = 0  # updates so far (t)
+        self.average = {n: t.detach().clone() for n, t in float_state(model).items()}
+
+    def decay(self) -> float:
+        return min(self.max_decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        state = float_state(model)
+        names = list(self.average)
+        torch._foreach_lerp_([self.average[n] for n in names], [state[n] for n in names],
+                             1.0 - self.decay())
+        self.updates += 1
+
+    def state_dict(self) -> State:
+        return {**{f"ema.{n}": t for n, t in self.average.items()},
+                "ema_updates": torch.tensor(self.updates)}
+
+    def load_state_dict(self, flat: State) -> None:
+        self.updates = int(flat["ema_updates"])
+        for name, tensor in flat.items():
+            if name.startswith("ema."):
+                self.average[name.removeprefix("ema.")].copy_(tensor)

@@ -1,0 +1,121 @@
+"""``SelftuneTrainer``: ``transformers.Trainer`` plus an optional training objective.
+
+An objective (self-distillation, teacher annealing...) owns its teachers and its loss; the
+Trainer keeps owning the loop, the optimizer, checkpoints, mixed precision and distribution.
+The objective's state (snapshot window, EMA...) is written into every Trainer checkpoint and
+read back on resume, so an interrupted run continues exactly where it stopped.
+
+Use it in your own script::
+
+    from selftune.self_distillation import SelfDistillation
+    from selftune.trainer import SelftuneTrainer
+
+    objective = SelfDistillation(model, kind="sda", k=3, lam=1.0)
+    trainer = SelftuneTrainer(model=model, args=args, train_dataset=train, objective=objective)
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+OBJECTIVE_STATE_FILE = "selftune_objective.safetensors"
+
+
+class Objective(Protocol):
+    """What the Trainer needs from a training objective."""
+
+    def compute_loss(
+        self, model: torch.nn.Module, inputs: dict[str, Any]
+    ) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
+        """Return (loss averaged over the batch, model outputs, loss parts for logging)."""
+
+    def on_train_begin(self, model: torch.nn.Module) -> None: ...
+
+    def on_step_end(self, model: torch.nn.Module, global_step: int) -> None: ...
+
+    def on_epoch_end(self, model: torch.nn.Module, epoch: float) -> None: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+class _ObjectiveHooks(TrainerCallback):
+    """Forwards the Trainer's events to the objective, with the unwrapped student."""
+
+    def __init__(self, trainer: SelftuneTrainer) -> None:
+        self.trainer = trainer
+
+    def _student(self) -> torch.nn.Module:
+        return self.trainer.accelerator.unwrap_model(self.trainer.model)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.objective.on_train_begin(self._student())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.objective.on_step_end(self._student(), state.global_step)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.trainer.objective.on_epoch_end(self._student(), state.epoch or 0.0)
+
+
+class SelftuneTrainer(Trainer):
+    """A ``Trainer`` whose training loss comes from an optional ``objective``."""
+
+    def __init__(self, *args: Any, objective: Objective | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+        self._loss_parts: dict[str, list[float]] = {}
+        if objective is not None:
+            # Our loss is a per-batch mean: the Trainer divides it for gradient accumulation.
+            self.loss_is_scaled_for_ga = False
+            self.add_callback(_ObjectiveHooks(self))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.objective is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs, parts = self.objective.compute_loss(model, inputs)
+        for name, value in parts.items():
+            self._loss_parts.setdefault(name, []).append(float(value.detach()))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._loss_parts:
+            # The loss parts (task loss, distillation loss), averaged since the last log.
+            for name, values in self._loss_parts.items():
+                logs[name] = round(sum(values) / len(values), 6)
+            self._loss_parts = {}
+        super().log(logs, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        if self.objective is not None and self.args.should_save:
+            # Written before the Trainer's own files: trainer_state.json, which marks a
+            # checkpoint as complete, comes last.
+            folder = Path(self._get_output_dir(trial=trial)) / (
+                f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            folder.mkdir(parents=True, exist_ok=True)
+            state = {k: v.contiguous() for k, v in self.objective.state_dict().items()}
+            tmp = folder / f".{OBJECTIVE_STATE_FILE}.tmp"
+            save_file(state, str(tmp))
+            os.replace(tmp, folder / OBJECTIVE_STATE_FILE)
+        super()._save_checkpoint(model, trial)
+
+    def load_objective_state(self, checkpoint: str | Path) -> None:
+        """Restore the objective's state saved in ``checkpoint`` (call before ``train``)."""
+        if self.objective is None:
+            return
+        path = Path(checkpoint) / OBJECTIVE_STATE_FILE
+        if not path.is_file():
+            from selftune.errors import SelftuneError
+
+            raise SelftuneError(f"{checkpoint} has no {OBJECTIVE_STATE_FILE}: it was written by "
+                                "another strategy; use --overwrite-output-dir to start over")
+        self.objective.load_state_dict(load_file(str(path)))

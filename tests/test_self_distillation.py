@@ -1,0 +1,185 @@
+"""Self-distillation and self-ensemble on a tiny BERT: the semantics the paper fixes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig, \
+    BertForSequenceClassification
+
+from selftune.errors import SelftuneError
+from selftune.self_distillation import SelfDistillation
+from selftune.teachers import float_state
+from selftune.training import train
+
+from .test_training import StopAfterFirstSave, dev_logits, tiny_config
+
+TEXTS = ["the movie was good", "it was really dull", "a great plot", "not very bad"]
+
+
+def tiny_classifier(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, num_labels=2)
+    return BertForSequenceClassification(config)
+
+
+def sgd_step(model: torch.nn.Module) -> None:
+    batch = {"input_ids": torch.randint(5, 40, (4, 6)), "labels": torch.tensor([0, 1, 0, 1])}
+    model.train()
+    model(**batch).loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.5 * p.grad
+            p.grad = None
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_k1_sda_teacher_is_the_previous_student():
+    model = tiny_classifier()
+    objective = SelfDistillation(model, kind="sda", k=1)
+    objective.on_train_begin(model)
+    for step in range(1, 4):
+        previous = {n: t.clone() for n, t in float_state(model).items()}
+        sgd_step(model)
+        # Before the push the teacher is the student of the previous step...
+        assert states_equal(float_state(objective.teacher), previous)
+        objective.on_step_end(model, step)
+        # ...and the push (after the optimizer step) makes it the current one.
+        assert states_equal(float_state(objective.teacher), float_state(model))
+
+
+def test_sda_teacher_averages_the_last_k_states():
+    model = tiny_classifier()
+    objective = SelfDistillation(model, kind="sda", k=3)
+    objective.on_train_begin(model)
+    history = [{n: t.clone() for n, t in float_state(model).items()}]
+    for step in range(1, 6):
+        sgd_step(model)
+        objective.on_step_end(model, step)
+        history.append({n: t.clone() for n, t in float_state(model).items()})
+    teacher = float_state(objective.teacher)
+    for name, value in teacher.items():
+        direct = torch.stack([h[name] for h in history[-3:]]).mean(0)
+        torch.testing.assert_close(value, direct, rtol=1e-6, atol=1e-6)
+    assert not objective.teacher.training  # eval mode: no dropout in the teacher
+    assert not any(p.requires_grad for p in objective.teacher.parameters())
+
+
+def test_snapshot_interval():
+    model = tiny_classifier()
+    objective = SelfDistillation(model, kind="sda", k=10, interval=3)
+    objective.on_train_begin(model)
+    for step in range(1, 10):
+        sgd_step(model)
+        objective.on_step_end(model, step)
+    assert len(objective.window) == 1 + 3  # the initial model and steps 3, 6, 9
+
+
+def test_sdv_k1_equals_sda_k1_on_a_batch():
+    model = tiny_classifier()
+    sda = SelfDistillation(model, kind="sda", k=1)
+    sdv = SelfDistillation(model, kind="sdv", k=1)
+    for objective in (sda, sdv):
+        objective.on_train_begin(model)
+    for step in range(1, 3):
+        sgd_step(model)
+        sda.on_step_end(model, step)
+        sdv.on_step_end(model, step)
+    batch = {"input_ids": torch.randint(5, 40, (3, 6))}
+    torch.testing.assert_close(sda.teacher_logits(batch), sdv.teacher_logits(batch))
+
+
+def test_sdv_vote_is_the_mean_of_member_logits():
+    model = tiny_classifier()
+    objective = SelfDistillation(model, kind="sdv", k=3)
+    objective.on_train_begin(model)
+    members = [tiny_classifier().eval()]
+    for step in range(1, 4):
+        sgd_step(model)
+        objective.on_step_end(model, step)
+        members.append(tiny_classifier().eval())
+        members[-1].load_state_dict(model.state_dict())
+    batch = {"input_ids": torch.randint(5, 40, (3, 6))}
+    with torch.no_grad():
+        direct = torch.stack([m(**batch).logits for m in members[-3:]]).mean(0)
+    torch.testing.assert_close(objective.teacher_logits(batch), direct, rtol=1e-5, atol=1e-6)
+
+
+def run(tiny_model, files, out, **options):
+    return train(tiny_config(tiny_model, files, out, **options))
+
+
+def test_lambda_zero_gives_exactly_the_baseline(tiny_model, sentiment_files, tmp_path):
+    baseline = run(tiny_model, sentiment_files, tmp_path / "base")
+    sda = run(tiny_model, sentiment_files, tmp_path / "sda", strategy="sda", sd_lambda=0.0)
+    assert sda["train_loss"] == pytest.approx(baseline["train_loss"], rel=1e-6)
+    assert sda["metrics"] == baseline["metrics"]
+    np.testing.assert_allclose(dev_logits(tmp_path / "sda", TEXTS),
+                               dev_logits(tmp_path / "base", TEXTS), atol=1e-6)
+
+
+def test_sdv_k1_equals_sda_k1_end_to_end(tiny_model, sentiment_files, tmp_path):
+    sda = run(tiny_model, sentiment_files, tmp_path / "sda", strategy="sda", sd_k=1)
+    sdv = run(tiny_model, sentiment_files, tmp_path / "sdv", strategy="sdv", sd_k=1)
+    assert sdv["train_loss"] == pytest.approx(sda["train_loss"], rel=1e-5)
+    np.testing.assert_allclose(dev_logits(tmp_path / "sdv", TEXTS),
+                               dev_logits(tmp_path / "sda", TEXTS), atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["sda", "sdv", "ema"])
+def test_distillation_outputs(strategy, tiny_model, sentiment_files, tmp_path):
+    out = tmp_path / strategy
+    result = run(tiny_model, sentiment_files, out, strategy=strategy)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["teacher_metrics"]) == {"accuracy", "f1"}
+    assert metrics["teacher_score"] == result["teacher_score"]
+    teacher = AutoModelForSequenceClassification.from_pretrained(out / "teacher")
+    assert teacher.config.id2label == {0: "0", 1: "1"}
+    log = (out / "train.log").read_text()
+    assert "task_loss=" in log and "distill_loss=" in log
+    if strategy != "sdv":  # the saved teacher reproduces the reported teacher metrics
+        logits = dev_logits(out / "teacher", [line.rsplit(",", 1)[0] for line in
+                                              sentiment_files[1].read_text().splitlines()[1:]])
+        labels = [int(line.rsplit(",", 1)[1]) for line in
+                  sentiment_files[1].read_text().splitlines()[1:]]
+        accuracy = 100 * np.mean(logits.argmax(-1) == np.array(labels))
+        assert accuracy == pytest.approx(metrics["teacher_metrics"]["accuracy"])
+
+
+def test_se_saves_the_average_of_the_epoch_pool(tiny_model, sentiment_files, tmp_path):
+    out = tmp_path / "se"
+    result = run(tiny_model, sentiment_files, out, strategy="se", keep_checkpoints=True,
+                 save_steps=None)
+    assert "last_iterate_metrics" in result and result["ensemble"].startswith("average of 3")
+    base = run(tiny_model, sentiment_files, tmp_path / "base")
+    # Training itself is the baseline's: the last iterate is the baseline's final model.
+    assert result["last_iterate_metrics"] == base["metrics"]
+    assert result["train_loss"] == pytest.approx(base["train_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["sda", "sdv", "ema"])
+def test_resume_gives_the_same_teacher(strategy, tiny_model, sentiment_files, tmp_path):
+    reference = run(tiny_model, sentiment_files, tmp_path / "ref", strategy=strategy)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_model, sentiment_files, out, strategy=strategy),
+              callbacks=[StopAfterFirstSave()])
+    resumed = run(tiny_model, sentiment_files, out, strategy=strategy)
+    assert resumed["resumed_from"]
+    assert resumed["metrics"] == pytest.approx(reference["metrics"], abs=1e-9)
+    assert resumed["teacher_metrics"] == pytest.approx(reference["teacher_metrics"], abs=1e-9)
+    for sub in ("", "teacher"):
+        np.testing.assert_allclose(dev_logits(out / sub, TEXTS),
+                                   dev_logits(tmp_path / "ref" / sub, TEXTS), atol=1e-6)
+
+
+def test_self_distillation_options_need_a_strategy(tiny_model, sentiment_files, tmp_path):
+    with pytest.raises(SelftuneError, match="--sd-k only apply to --strategy"):
+        run(tiny_model, sentiment_files, tmp_path / "x", sd_k=5)

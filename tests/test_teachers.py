@@ -1,0 +1,77 @@
+"""The snapshot window and the EMA: their averages against direct computations."""
+
+from __future__ import annotations
+
+import torch
+
+from selftune.teachers import EmaAverage, SnapshotWindow, float_state, load_float_state
+
+
+def random_state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(7, 5, generator=g), "b": torch.randn(5, generator=g) * 100}
+
+
+def test_window_mean_equals_direct_mean_after_many_evictions():
+    window = SnapshotWindow(k=3)
+    states = [random_state(i) for i in range(200)]
+    for i, state in enumerate(states):
+        window.push(state)
+        last = states[max(0, i - 2): i + 1]
+        direct = {n: torch.stack([s[n] for s in last]).double().mean(0).float() for n in state}
+        mean = window.mean()
+        for name in state:
+            torch.testing.assert_close(mean[name], direct[name], rtol=1e-6, atol=1e-6)
+    assert len(window) == 3
+    # The mean is not near zero (a wrong running update drifts toward 0, as one public
+    # reimplementation does).
+    assert window.mean()["b"].abs().mean() > 10
+
+
+def test_window_copies_and_keeps_snapshots_oldest_first():
+    window = SnapshotWindow(k=2)
+    state = random_state(0)
+    window.push(state)
+    state["w"].add_(1.0)  # later changes to the model must not leak into the snapshot
+    window.push(state)
+    first, second = window.snapshots()
+    torch.testing.assert_close(second["w"] - first["w"], torch.ones(7, 5))
+
+
+def test_window_state_dict_round_trip():
+    window = SnapshotWindow(k=3)
+    for i in range(5):
+        window.push(random_state(i))
+    restored = SnapshotWindow(k=3)
+    restored.load_state_dict(window.state_dict())
+    assert len(restored) == 3
+    for a, b in zip(window.snapshots(), restored.snapshots(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(restored.mean(), window.mean(), rtol=0, atol=1e-6)
+
+
+def test_ema_matches_the_formula():
+    model = torch.nn.Linear(3, 2)
+    ema = EmaAverage(model, max_decay=0.995)
+    expected = {n: t.clone() for n, t in float_state(model).items()}
+    for t in range(30):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        decay = min(0.995, (1 + t) / (10 + t))
+        for name, value in float_state(model).items():
+            expected[name] = decay * expected[name] + (1 - decay) * value
+        ema.update(model)
+    torch.testing.assert_close(ema.average, expected)
+    restored = EmaAverage(torch.nn.Linear(3, 2))
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 30 and restored.decay() == ema.decay()
+    torch.testing.assert_close(restored.average, ema.average)
+
+
+def test_load_float_state_copies_in_place():
+    model = torch.nn.Linear(3, 2)
+    weight = model.weight
+    load_float_state(model, {"weight": torch.zeros(2, 3), "bias": torch.ones(2)})
+    assert model.weight is weight and torch.all(model.weight == 0)
+    assert torch.all(model.bias == 1)
