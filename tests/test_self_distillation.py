@@ -7,8 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, BertConfig, \
-    BertForSequenceClassification
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+)
 
 from selftune.errors import SelftuneError
 from selftune.self_distillation import SelfDistillation
