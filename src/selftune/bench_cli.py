@@ -53,7 +53,9 @@ def add_bench_commands(commands, formatter, add_common: Callable) -> None:
                     "Wilcoxon signed-rank test (Mann-Whitney U when unpaired), the mean across "
                     "tasks, costs, and PNG plots.",
         formatter_class=formatter)
-    report.add_argument("results", help="A results file written by 'selftune bench'.")
+    report.add_argument("results", nargs="+",
+                        help="Results file(s) written by 'selftune bench'; several files are "
+                             "read as one set of runs.")
     report.add_argument("--baseline",
                         help="Variant to compare against (default: 'baseline' when the results "
                              "have it; 'none' for no comparison).")
@@ -115,12 +117,12 @@ def _run_report(args: argparse.Namespace) -> int:
 
     baseline = args.baseline
     if baseline is None:
-        records, _ = load_results(Path(args.results))
-        baseline = "baseline" if any(r.variant == "baseline" for r in records) else None
+        variants = {r.variant for path in args.results for r in load_results(Path(path))[0]}
+        baseline = "baseline" if "baseline" in variants else None
     elif baseline in ("none", ""):
         baseline = None
     out_dir = Path(args.out_dir) if args.out_dir else None
-    print(write_report(Path(args.results), out_dir, baseline))
+    print(write_report([Path(p) for p in args.results], out_dir, baseline))
     return 0
 
 

@@ -500,18 +500,33 @@ def build_report(
 
 
 def write_report(
-    results_path: Path, out_dir: Path | None = None, baseline: str | None = None
+    results_path: Path | Sequence[Path], out_dir: Path | None = None,
+    baseline: str | None = None,
 ) -> str:
-    """Load ``results_path``, write the report into ``out_dir`` and return the Markdown.
+    """Load one or several results files, write the report into ``out_dir``, return Markdown.
 
-    ``out_dir`` defaults to a ``report`` folder next to the results file, so the report lives
-    with the runs it describes.
+    Several files are read as one set of runs (e.g. a baseline grid and a strategy grid that
+    reuses its seeds); a run_id found in two files keeps the later file's run. ``out_dir``
+    defaults to a ``report`` folder next to the first results file.
     """
-    results_path = Path(results_path)
-    records, problems = load_results(results_path)
+    paths = [Path(results_path)] if isinstance(results_path, str | Path) else \
+        [Path(p) for p in results_path]
+    records: list[RunRecord] = []
+    problems: list[Problem] = []
+    for path in paths:
+        file_records, file_problems = load_results(path)
+        records.extend(file_records)
+        if len(paths) > 1:
+            file_problems = [Problem(p.line, p.kind, f"{path.name}: {p.message}")
+                             for p in file_problems]
+        problems.extend(file_problems)
+    if len(paths) > 1:
+        records, duplicates = _dedupe(records)
+        problems.extend(duplicates)
     if out_dir is None:
-        out_dir = results_path.parent / "report"
-    return build_report(records, baseline, out_dir, problems=problems, source=str(results_path))
+        out_dir = paths[0].parent / "report"
+    return build_report(records, baseline, out_dir, problems=problems,
+                        source=", ".join(str(p) for p in paths))
 
 
 def _header(grid: _Grid, problems: Sequence[Problem], source: str | None, alpha: float) -> str:
