@@ -136,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_data_options(predict, labelled=False)
     _add_common(predict)
 
+    export = commands.add_parser(
+        "export", help="Write a plain Hugging Face copy of a model (folding a [CLS] normalizer).",
+        description="Copy a model directory so that a plain AutoModelForSequenceClassification "
+                    "loads it with the same predictions: a fixed [CLS] normalizer (center, "
+                    "standardize, batchnorm, isobn on the pooler output) is folded exactly into "
+                    "the classifier's weights. layernorm, or a normalizer on the last-layer "
+                    "[CLS] (--cls-source cls), cannot be folded: such models load with selftune.",
+        formatter_class=HelpFormatter)
+    export.add_argument("model_dir", help="A model directory written by 'selftune train'.")
+    export.add_argument("out_dir", help="Where to write the plain model directory.")
+    _add_common(export)
+
     tasks = commands.add_parser("tasks", help="List the tasks of the registry.",
                                 formatter_class=HelpFormatter)
     _add_common(tasks)
@@ -188,6 +200,22 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from selftune.models.heads import fold_cls_norm
+    from selftune.models.loading import load_finetuned, load_tokenizer
+
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise SelftuneError(f"{out} exists and is not empty; choose a new folder")
+    model = fold_cls_norm(load_finetuned(args.model_dir))
+    model.save_pretrained(out)
+    load_tokenizer(args.model_dir).save_pretrained(out)
+    print(f"wrote a plain model to {out}")
+    return 0
+
+
 def _run_tasks(args: argparse.Namespace) -> int:
     from selftune.data.tasks import TASKS
 
@@ -228,7 +256,7 @@ def _handlers() -> dict[str, Callable[[argparse.Namespace], int]]:
     from selftune.bench_cli import BENCH_HANDLERS
 
     return {"train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict,
-            "tasks": _run_tasks, **BENCH_HANDLERS}
+            "tasks": _run_tasks, "export": _run_export, **BENCH_HANDLERS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -249,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"selftune: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return 0  # the reader went away (e.g. '| head')
     except KeyboardInterrupt:
         print("\nselftune: interrupted; run the same command again to resume from the last "
               "checkpoint", file=sys.stderr)

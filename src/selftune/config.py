@@ -73,6 +73,16 @@ class TrainConfig:
                      aliases=("--model-name-or-path",))
     trust_remote_code: bool = opt(False, "Allow model code from the Hub to run (off: only "
                                   "built-in architectures load).", MODEL)
+    cls_norm: str = opt("none", "Normalize the [CLS] representation before the classifier "
+                        "(a reconstruction of Zhou et al. 2019, whose methods are not published, "
+                        "and IsoBN, Zhou et al. 2021): none; center / standardize (fixed "
+                        "per-dimension statistics of the pre-trained model over the training "
+                        "set); batchnorm / layernorm (no affine); isobn.", MODEL,
+                        ("none", "center", "standardize", "batchnorm", "layernorm", "isobn"))
+    cls_source: str = opt("auto", "Which [CLS] representation --cls-norm applies to: the pooler "
+                          "output (what BERT's classifier reads), the last layer's [CLS] hidden "
+                          "state (bypassing the pooler), or auto (the pooler when the model has "
+                          "one).", MODEL, ("auto", "cls", "pooler"))
     # ---- training
     seed: int = opt(42, "Random seed (initialization of the head, dropout, data order).", TRAIN)
     num_train_epochs: float = opt(3.0, "Number of training epochs.", TRAIN, aliases=("--epochs",))

@@ -161,6 +161,27 @@ def history_from_logs(log_history: list[dict]) -> list[dict]:
     return history
 
 
+def add_cls_norm(cfg: TrainConfig, model, tokenizer, train_set, output_dir: Path) -> None:
+    """Insert the [CLS] normalizer; center/standardize get the pre-trained model's statistics
+    over the training set, computed once here and saved with the run (cls_stats.safetensors)."""
+    from safetensors.torch import save_file
+
+    from selftune.models.cls_norm import compute_cls_stats
+    from selftune.models.heads import default_source, install_cls_norm
+
+    source = default_source(model) if cfg.cls_source == "auto" else cfg.cls_source
+    stats = None
+    if cfg.cls_norm in ("center", "standardize"):
+        features = train_set.remove_columns(["example_id", "labels"])
+        loader = torch.utils.data.DataLoader(features, batch_size=cfg.per_device_eval_batch_size,
+                                             collate_fn=DataCollatorWithPadding(tokenizer))
+        stats = compute_cls_stats(model, loader, source=source)
+        save_file({"mean": stats.mean.contiguous(), "std": stats.std.contiguous()},
+                  str(output_dir / "cls_stats.safetensors"))
+    install_cls_norm(model, cfg.cls_norm, source, stats)
+    logger.info("[CLS] normalization %s on the %s representation", cfg.cls_norm, source)
+
+
 def build_objective(cfg: TrainConfig, model, is_regression: bool) -> SelfDistillation | None:
     """The training objective of a strategy; ``None`` is the model's own loss (baseline)."""
     if cfg.strategy == "baseline":
@@ -252,6 +273,8 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
                 len(data.train), len(data.eval_splits[split]), split, model_path)
     train_set = tokenize_records(data.train, tokenizer, cfg.max_seq_length)
     eval_set = tokenize_records(data.eval_splits[split], tokenizer, cfg.max_seq_length)
+    if cfg.cls_norm != "none" or cfg.cls_source != "auto":
+        add_cls_norm(cfg, model, tokenizer, train_set, output_dir)
 
     args = training_arguments(cfg, output_dir / outputs.CHECKPOINTS, cfg.eval_each_epoch)
     objective = build_objective(cfg, model, task.is_regression)

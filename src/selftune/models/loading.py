@@ -116,12 +116,21 @@ def load_for_training(
 
 def load_finetuned(path: str, trust_remote_code: bool = False) -> PreTrainedModel:
     """A model directory written by ``selftune train`` (or any sequence classifier)."""
+    from selftune.models.heads import restore_cls_norm
+
     check_model_dir(Path(path))
+    verbosity = transformers.logging.get_verbosity()
+    # A [CLS] normalizer's buffers are "unexpected" to the plain class: restored just below.
+    transformers.logging.set_verbosity_error()
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
+        model = AutoModelForSequenceClassification.from_pretrained(
             path, use_safetensors=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise SelftuneError(f"could not load the model in {path}: {err}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    restore_cls_norm(model, Path(path))
+    return model
 
 
 def model_label_names(model: PreTrainedModel) -> tuple[str, ...] | None:

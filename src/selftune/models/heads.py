@@ -1,0 +1,145 @@
+"""Put a [CLS] normalizer between the encoder and the classifier, and take it out again.
+
+The encoder's pooler is replaced by a ``NormalizedPooler`` that returns norm(r), where r is the
+pooler output (``source="pooler"``, what BERT's classifier reads) or the last layer's [CLS]
+hidden state (``source="cls"``, bypassing the pooler). The pooler's dense weights keep their
+names, so checkpoints stay compatible, and the normalizer's statistics are buffers saved in
+model.safetensors. ``config.json`` records the choice (``selftune_cls_norm``,
+``selftune_cls_source``) so that ``selftune evaluate``/``predict`` rebuild the same model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from selftune.errors import SelftuneError
+from selftune.models.cls_norm import ClsStats, make_cls_norm
+
+NORM_KEY = "selftune_cls_norm"
+SOURCE_KEY = "selftune_cls_source"
+
+
+class NormalizedPooler(nn.Module):
+    """The pooler (or a plain [CLS] pick) followed by a [CLS] normalizer."""
+
+    def __init__(self, pooler: nn.Module | None, norm: nn.Module, source: str) -> None:
+        super().__init__()
+        self.source = source
+        if source == "pooler":
+            # Attributes, not a submodule, so the weights keep their names (pooler.dense.*).
+            self.dense = pooler.dense
+            self.activation = pooler.activation
+        self.cls_norm = norm
+        # The model's own pooler, in a tuple so it is not registered twice (for folding).
+        self.original_pooler = (pooler,)
+        self.last_input: torch.Tensor | None = None  # for diagnostics (gradient at [CLS])
+        self.keep_input = False
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        r = hidden_states[:, 0]
+        if self.source == "pooler":
+            r = self.activation(self.dense(r))
+        if self.keep_input and r.requires_grad:
+            r.retain_grad()
+            self.last_input = r
+        return self.cls_norm(r)
+
+
+def default_source(model: PreTrainedModel) -> str:
+    """The representation the model's classifier consumes: the pooler output if it has one."""
+    return "pooler" if getattr(model.base_model, "pooler", None) is not None else "cls"
+
+
+def install_cls_norm(
+    model: PreTrainedModel, kind: str, source: str = "auto", stats: ClsStats | None = None
+) -> None:
+    """Insert the normalizer ``kind`` before the classifier of a BERT-like model (in place)."""
+    base = model.base_model
+    if not hasattr(base, "pooler"):
+        raise SelftuneError(
+            f"--cls-norm needs an encoder whose classifier reads a pooled [CLS] (BERT-like); "
+            f"{type(model).__name__} has no pooler")
+    if source == "auto":
+        source = default_source(model)
+    if source not in ("cls", "pooler"):
+        raise SelftuneError(f"--cls-source must be auto, cls or pooler, got {source!r}")
+    if source == "pooler" and base.pooler is None:
+        raise SelftuneError("--cls-source pooler: this model has no pooler; use --cls-source cls")
+    if isinstance(base.pooler, NormalizedPooler):
+        raise SelftuneError("this model already has a [CLS] normalizer")
+    norm = make_cls_norm(kind, model.config.hidden_size, stats)
+    device = next(model.parameters()).device
+    base.pooler = NormalizedPooler(base.pooler, norm.to(device), source)
+    setattr(model.config, NORM_KEY, kind)
+    setattr(model.config, SOURCE_KEY, source)
+
+
+def restore_cls_norm(model: PreTrainedModel, model_dir: Path) -> None:
+    """Rebuild the normalizer recorded in a saved model's config and load its statistics."""
+    kind = getattr(model.config, NORM_KEY, None)
+    if kind in (None, "none") and getattr(model.config, SOURCE_KEY, "pooler") == "pooler":
+        return
+    hidden = model.config.hidden_size
+    placeholder = ClsStats(torch.zeros(hidden), torch.ones(hidden))  # overwritten below
+    install_cls_norm(model, kind or "none", getattr(model.config, SOURCE_KEY), placeholder)
+    prefix = f"{model.base_model_prefix}.pooler.cls_norm."
+    saved: dict[str, torch.Tensor] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        saved.update({k: v for k, v in load_file(str(file)).items() if k.startswith(prefix)})
+    expected = {f"{prefix}{k}" for k in model.base_model.pooler.cls_norm.state_dict()}
+    missing = sorted(expected - set(saved))
+    if missing:
+        raise SelftuneError(f"{model_dir}: the [CLS] normalizer's statistics are missing "
+                            f"({missing[0]}...); the model directory is incomplete")
+    model.base_model.pooler.cls_norm.load_state_dict(
+        {k.removeprefix(prefix): v for k, v in saved.items()})
+
+
+def fold_cls_norm(model: PreTrainedModel) -> PreTrainedModel:
+    """Fold a fixed normalizer into the classifier, leaving a plain model (where exact).
+
+    At evaluation center, standardize, batchnorm and isobn are affine maps a·r + c of the
+    pooler output, so classifier(a·r + c) = (W·diag(a))·r + (W·c + b) exactly. LayerNorm (it
+    depends on each example) and ``source="cls"`` (the plain model would apply the pooler) cannot
+    be folded.
+    """
+    from selftune.models.cls_norm import CenterNorm, IsoBN, StandardizeNorm
+
+    pooler = model.base_model.pooler
+    if not isinstance(pooler, NormalizedPooler):
+        return model
+    if pooler.source != "pooler":
+        raise SelftuneError("a [CLS] normalizer on the last-layer [CLS] (--cls-source cls) "
+                            "cannot be folded into a plain model; load it with selftune")
+    norm = pooler.cls_norm
+    hidden = model.config.hidden_size
+    with torch.no_grad():
+        if isinstance(norm, nn.Identity):
+            a, c = torch.ones(hidden), torch.zeros(hidden)
+        elif isinstance(norm, CenterNorm):
+            a, c = torch.ones(hidden), -norm.mean.float()
+        elif isinstance(norm, StandardizeNorm):
+            a = 1.0 / (norm.std.float() + norm.eps)
+            c = -norm.mean.float() * a
+        elif isinstance(norm, nn.BatchNorm1d):
+            a = 1.0 / torch.sqrt(norm.running_var.float() + norm.eps)
+            c = -norm.running_mean.float() * a
+        elif isinstance(norm, IsoBN):
+            a = norm.scale() if int(norm.num_batches_tracked) else torch.ones(hidden)
+            c = torch.zeros(hidden)
+        else:
+            raise SelftuneError(f"a {type(norm).__name__} [CLS] normalizer depends on each "
+                                "example and cannot be folded into a plain model")
+        classifier = model.classifier
+        weight = classifier.weight.float()
+        classifier.bias.copy_(classifier.bias.float() + weight @ c.to(weight.device))
+        classifier.weight.copy_(weight * a.to(weight.device).unsqueeze(0))
+    model.base_model.pooler = pooler.original_pooler[0]
+    setattr(model.config, NORM_KEY, "none")
+    setattr(model.config, SOURCE_KEY, "pooler")
+    return model

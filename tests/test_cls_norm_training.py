@@ -1,0 +1,77 @@
+"""[CLS] normalization inside the training path: save/load, folding into a plain model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from selftune.cli import main
+from selftune.data.loading import DataOptions
+from selftune.errors import SelftuneError
+from selftune.evaluation import evaluate_model
+from selftune.models.heads import NormalizedPooler, fold_cls_norm
+from selftune.models.loading import load_finetuned
+from selftune.training import train
+
+from .test_training import tiny_config
+
+TEXTS = ["the movie was good", "it was really dull", "a great plot", "not very bad"]
+
+
+def logits_of(model, model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with torch.no_grad():
+        return model.eval()(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits
+
+
+@pytest.mark.parametrize("kind, source", [
+    ("center", "pooler"), ("standardize", "cls"), ("batchnorm", "auto"),
+    ("layernorm", "auto"), ("isobn", "pooler"),
+])
+def test_saved_model_reloads_with_its_normalizer(kind, source, tiny_model, sentiment_files,
+                                                 tmp_path):
+    out = tmp_path / kind
+    result = train(tiny_config(tiny_model, sentiment_files, out, cls_norm=kind,
+                               cls_source=source, num_train_epochs=2))
+    config = json.loads((out / "config.json").read_text())
+    assert config["selftune_cls_norm"] == kind
+    assert (out / "cls_stats.safetensors").exists() == (kind in ("center", "standardize"))
+    model = load_finetuned(str(out))
+    assert isinstance(model.base_model.pooler, NormalizedPooler)
+    again = load_finetuned(str(out))
+    torch.testing.assert_close(logits_of(model, out), logits_of(again, out), rtol=0, atol=0)
+    evaluated = evaluate_model(str(out), DataOptions(validation_file=str(sentiment_files[1])),
+                               None, 128, 4)
+    assert evaluated["metrics"] == pytest.approx(result["metrics"])
+
+
+def test_normalizer_changes_the_model(tiny_model, sentiment_files, tmp_path):
+    plain = train(tiny_config(tiny_model, sentiment_files, tmp_path / "none",
+                              num_train_epochs=1))
+    normed = train(tiny_config(tiny_model, sentiment_files, tmp_path / "ln",
+                               num_train_epochs=1, cls_norm="layernorm"))
+    assert normed["train_loss"] != pytest.approx(plain["train_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["center", "standardize", "batchnorm", "isobn"])
+def test_fixed_normalizers_fold_exactly(kind, tiny_model, sentiment_files, tmp_path):
+    out = tmp_path / kind
+    train(tiny_config(tiny_model, sentiment_files, out, cls_norm=kind, cls_source="pooler",
+                      num_train_epochs=2))
+    expected = logits_of(load_finetuned(str(out)), out)
+    plain_dir = tmp_path / f"{kind}-plain"
+    assert main(["export", str(out), str(plain_dir)]) == 0
+    plain = AutoModelForSequenceClassification.from_pretrained(plain_dir)
+    assert not isinstance(plain.base_model.pooler, NormalizedPooler)
+    torch.testing.assert_close(logits_of(plain, plain_dir), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_layernorm_cannot_be_folded(tiny_model, sentiment_files, tmp_path):
+    out = tmp_path / "ln"
+    train(tiny_config(tiny_model, sentiment_files, out, cls_norm="layernorm",
+                      num_train_epochs=1))
+    with pytest.raises(SelftuneError, match="cannot be folded"):
+        fold_cls_norm(load_finetuned(str(out)))
