@@ -487,7 +487,8 @@ def test_several_results_files_are_one_set_of_runs(tmp_path: Path) -> None:
     base = write_lines(tmp_path / "base.jsonl",
                        [run("rte", "baseline", s, {"accuracy": 50.0 + s}) for s in range(3)])
     other = write_lines(tmp_path / "sda.jsonl",
-                        [run("rte", "sda", s, {"accuracy": 53.0 + s}) for s in range(3)] + ["{broken"])
+                        [*(run("rte", "sda", s, {"accuracy": 53.0 + s}) for s in range(3)),
+                         "{broken"])
     markdown = write_report([base, other], tmp_path / "out", "baseline")
     rows = by_variant(table(markdown, "rte"))
     assert rows["sda"]["Δ score"].startswith("+3.00")
