@@ -27,7 +27,8 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "predict", "export", "bench", "report",
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict", "export", "diagnose-cls",
+                                     "bench", "report",
                                      "tasks"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -148,6 +148,53 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", help="Where to write the plain model directory.")
     _add_common(export)
 
+    diagnose = commands.add_parser(
+        "diagnose-cls", help="How the pre-trained [CLS] is distributed, and gradient norms at "
+                             "[CLS] with each normalization.",
+        description="The analysis that motivates [CLS] normalization (Zhou et al. 2019, a "
+                    "reconstruction: the paper was withdrawn): per-dimension mean and std of "
+                    "the pre-trained [CLS] hidden state and pooler output over a task's training "
+                    "data, the share of the squared norm in the top-k dimensions, the offset "
+                    "from zero, and the gradient norm at [CLS] during the first fine-tuning "
+                    "steps with each --cls-norm. Writes diagnostics.md/.json and two PNG plots.",
+        formatter_class=HelpFormatter,
+        epilog="example:\n  selftune diagnose-cls --task rte --data-dir ../shared/data")
+    diagnose.add_argument("--task", help="Registry task whose training data to analyse.")
+    diagnose.add_argument("--data-dir", "--data_dir", dest="data_dir",
+                          help="Local data folder (default: $SELFTUNE_DATA, else the Hub).")
+    diagnose.add_argument("--train-file", dest="train_file",
+                          help="Or your own labelled file (needs --validation-file too).")
+    diagnose.add_argument("--validation-file", dest="validation_file",
+                          help="Your own dev file (only read to validate the labels).")
+    diagnose.add_argument("--text-columns", dest="text_columns", default="text",
+                          help="Text column(s) of your files (default: text).")
+    diagnose.add_argument("--label-column", dest="label_column", default="label",
+                          help="Label column of your files (default: label).")
+    diagnose.add_argument("--model", default="default",
+                          help="Pretrained model (default: the packaged all-MiniLM-L6-v2).")
+    diagnose.add_argument("--max-examples", type=int, default=2000,
+                          help="Analyse a fixed subset of this many training examples "
+                               "(default: 2000).")
+    diagnose.add_argument("--steps", type=int, default=20,
+                          help="Fine-tuning steps per normalization for the gradient norms "
+                               "(default: 20).")
+    diagnose.add_argument("--batch-size", type=int, default=32, help="Batch size (default: 32).")
+    diagnose.add_argument("--learning-rate", type=float, default=5e-5,
+                          help="AdamW learning rate of the gradient runs (default: 5e-5).")
+    diagnose.add_argument("--max-seq-length", type=int, default=128,
+                          help="Truncate inputs to this many tokens (default: 128).")
+    diagnose.add_argument("--norms", default=",".join(
+                              ("none", "center", "standardize", "batchnorm", "layernorm",
+                               "isobn")),
+                          help="Normalizations to compare, comma-separated (default: all).")
+    diagnose.add_argument("--sources", default="cls,pooler",
+                          help="Representations: cls (last-layer [CLS] hidden state), pooler "
+                               "(default: both).")
+    diagnose.add_argument("--seed", type=int, default=0, help="Seed (default: 0).")
+    diagnose.add_argument("--out-dir", dest="out_dir",
+                          help="Where to write (default: diagnostics/<task>).")
+    _add_common(diagnose)
+
     tasks = commands.add_parser("tasks", help="List the tasks of the registry.",
                                 formatter_class=HelpFormatter)
     _add_common(tasks)
@@ -216,6 +263,43 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_diagnose(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import transformers
+
+    from selftune.data.features import tokenize_records
+    from selftune.data.loading import DataOptions, load_task_data
+    from selftune.diagnostics import diagnose
+    from selftune.models.cls_norm import CLS_NORM_KINDS
+    from selftune.models.loading import load_for_training, load_tokenizer, resolve_model_path
+
+    norms = tuple(n.strip() for n in args.norms.split(",") if n.strip())
+    sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
+    bad = [n for n in norms if n not in CLS_NORM_KINDS] + \
+        [s for s in sources if s not in ("cls", "pooler")]
+    if bad or not norms or not sources:
+        raise SelftuneError(f"unknown --norms/--sources value(s) {bad}; norms: "
+                            f"{', '.join(CLS_NORM_KINDS)}; sources: cls, pooler")
+    if args.steps < 1 or args.max_examples < 2 or args.batch_size < 2:
+        raise SelftuneError("--steps must be >= 1, --max-examples and --batch-size >= 2")
+    opts = DataOptions(task=args.task, data_dir=args.data_dir, train_file=args.train_file,
+                       validation_file=args.validation_file,
+                       text_columns=_columns(args.text_columns), label_column=args.label_column,
+                       max_train_samples=args.max_examples)
+    data = load_task_data(opts)
+    transformers.set_seed(args.seed)
+    path = resolve_model_path(args.model)
+    tokenizer = load_tokenizer(path)
+    model = load_for_training(path, data.task)
+    train_set = tokenize_records(data.train, tokenizer, args.max_seq_length)
+    out = Path(args.out_dir or Path("diagnostics") / data.task.name)
+    print(diagnose(model, tokenizer, train_set, out, norms, sources, args.steps,
+                   args.batch_size, args.learning_rate, args.seed, data.task.name))
+    print(f"wrote {out / 'diagnostics.md'} and its plots")
+    return 0
+
+
 def _run_tasks(args: argparse.Namespace) -> int:
     from selftune.data.tasks import TASKS
 
@@ -256,7 +340,8 @@ def _handlers() -> dict[str, Callable[[argparse.Namespace], int]]:
     from selftune.bench_cli import BENCH_HANDLERS
 
     return {"train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict,
-            "tasks": _run_tasks, "export": _run_export, **BENCH_HANDLERS}
+            "tasks": _run_tasks, "export": _run_export,
+            "diagnose-cls": _run_diagnose, **BENCH_HANDLERS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
