@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 OBJECTIVE_STATE_FILE = "selftune_objective.safetensors"
 
@@ -107,6 +107,16 @@ class SelftuneTrainer(Trainer):
             save_file(state, str(tmp))
             os.replace(tmp, folder / OBJECTIVE_STATE_FILE)
         super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """``Trainer.train``; resuming also restores the objective's state (teacher window...)."""
+        if resume_from_checkpoint and self.objective is not None:
+            checkpoint = resume_from_checkpoint
+            if isinstance(checkpoint, bool):
+                checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint:
+                self.load_objective_state(checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def load_objective_state(self, checkpoint: str | Path) -> None:
         """Restore the objective's state saved in ``checkpoint`` (call before ``train``)."""

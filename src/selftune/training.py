@@ -289,8 +289,6 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
         compute_metrics=trainer_metrics_fn(task),
         callbacks=[LogToFile(), *(callbacks or [])],
     )
-    if resume_from:
-        trainer.load_objective_state(resume_from)
     train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     history = history_from_logs(trainer.state.log_history)
     if history and history[-1]["step"] == trainer.state.global_step:
