@@ -95,6 +95,10 @@ class TrainConfig:
                               "(then linear decay to 0).", TRAIN)
     weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and LayerNorm).",
                               TRAIN)
+    layerwise_lr_decay: float | None = opt(None, "Layer-wise learning-rate decay (BAM!): a "
+                                           "layer at depth d learns at lr·decay^(L+2−d) (heads "
+                                           "L+2, pooler L+1, encoder layer i at i+1, embeddings "
+                                           "0). BAM! uses 0.9. Default: off.", TRAIN)
     max_grad_norm: float = opt(1.0, "Clip gradients to this global norm.", TRAIN)
     lr_scheduler_type: str = opt("linear", "Learning-rate schedule after warm-up "
                                  "(any transformers scheduler name).", TRAIN)

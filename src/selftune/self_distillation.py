@@ -58,7 +58,7 @@ class SelfDistillation:
 
     # ---- events from the Trainer
 
-    def on_train_begin(self, model: nn.Module) -> None:
+    def on_train_begin(self, model: nn.Module, global_step: int = 0, max_steps: int = 0) -> None:
         if self._started:  # resumed: the window came from the checkpoint
             return
         self._started = True

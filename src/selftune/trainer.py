@@ -37,7 +37,8 @@ class Objective(Protocol):
     ) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
         """Return (loss averaged over the batch, model outputs, loss parts for logging)."""
 
-    def on_train_begin(self, model: torch.nn.Module) -> None: ...
+    def on_train_begin(self, model: torch.nn.Module, global_step: int, max_steps: int) -> None:
+        """Training starts (or resumes at ``global_step``) and will end at ``max_steps``."""
 
     def on_step_end(self, model: torch.nn.Module, global_step: int) -> None: ...
 
@@ -58,7 +59,7 @@ class _ObjectiveHooks(TrainerCallback):
         return self.trainer.accelerator.unwrap_model(self.trainer.model)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer.objective.on_train_begin(self._student())
+        self.trainer.objective.on_train_begin(self._student(), state.global_step, state.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.objective.on_step_end(self._student(), state.global_step)

@@ -26,6 +26,7 @@ from selftune.errors import SelftuneError
 from selftune.evaluation import dataset_logits
 from selftune.metrics import compute_task_metrics, trainer_metrics_fn
 from selftune.models.loading import load_for_training, load_tokenizer, resolve_model_path
+from selftune.optim import make_optimizer
 from selftune.runinfo import environment_info, peak_memory_mb
 from selftune.trainer import SelftuneTrainer
 
@@ -61,6 +62,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         (cfg.sd_k >= 1, "--sd-k must be at least 1"),
         (cfg.sd_lambda >= 0, "--sd-lambda must be non-negative"),
         (cfg.snapshot_interval >= 1, "--snapshot-interval must be at least 1"),
+        (cfg.layerwise_lr_decay is None or 0 < cfg.layerwise_lr_decay <= 1,
+         "--layerwise-lr-decay must be in (0, 1]"),
     ]
     for ok, message in checks:
         if not ok:
@@ -288,6 +291,10 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=trainer_metrics_fn(task),
         callbacks=[LogToFile(), *(callbacks or [])],
+        # Without layer-wise decay the Trainer builds its own (identical) AdamW.
+        optimizers=(make_optimizer(model, cfg.learning_rate, cfg.weight_decay,
+                                   cfg.layerwise_lr_decay) if cfg.layerwise_lr_decay else None,
+                    None),
     )
     train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     history = history_from_logs(trainer.state.log_history)

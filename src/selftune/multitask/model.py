@@ -1,0 +1,90 @@
+"""One shared encoder, one head per task (BAM!, methods.md §2.1).
+
+Each task keeps the head of a standard ``AutoModelForSequenceClassification`` (for BERT:
+pooled [CLS] → dropout → linear), so every task can be exported as an ordinary Hugging Face
+model directory and used on its own. The encoder is registered once, on the multi-task model;
+each task model only refers to it, so the state dict holds it once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from selftune.data.tasks import TaskSpec
+
+# STS-B is trained on y/5 (as BAM!); exported heads are scaled back to the 0-5 range.
+REGRESSION_SCALE = {"stsb": 5.0}
+
+
+class MultiTaskModel(nn.Module):
+    """A shared encoder and per-task heads; ``forward`` routes every example to its own head."""
+
+    def __init__(self, task_models: dict[str, PreTrainedModel], tasks: list[TaskSpec]) -> None:
+        super().__init__()
+        first = next(iter(task_models.values()))
+        self.encoder = first.base_model  # shared by every task
+        prefix = first.base_model_prefix
+        self.task_names = [t.name for t in tasks]
+        self.tasks = {t.name: t for t in tasks}
+        self.max_labels = max(t.num_labels for t in tasks)
+        self.heads = nn.ModuleDict()
+        for name, model in task_models.items():
+            # The task model keeps a plain reference to the shared encoder (not a submodule), so
+            # its forward works unchanged and the encoder's weights are stored once.
+            del model._modules[prefix]
+            object.__setattr__(model, prefix, self.encoder)
+            self.heads[name] = model
+        self.config = first.config
+
+    def forward(self, task_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                **inputs: torch.Tensor) -> SequenceClassifierOutput:
+        """Logits (batch, max_labels); columns past a task's number of labels are 0."""
+        batch = task_ids.shape[0]
+        logits = None
+        for index, name in enumerate(self.task_names):
+            rows = (task_ids == index).nonzero(as_tuple=True)[0]
+            if rows.numel() == 0:
+                continue
+            head_logits = self.heads[name](**{k: v[rows] for k, v in inputs.items()}).logits
+            if logits is None:
+                logits = head_logits.new_zeros(batch, self.max_labels)
+            logits[rows, : head_logits.shape[1]] = head_logits
+        return SequenceClassifierOutput(logits=logits)
+
+    def export_task(self, task: str, out_dir: Path, tokenizer=None) -> None:
+        """Save task ``task`` as a standard sequence-classification model directory."""
+        head = self.heads[task]
+        spec = self.tasks[task]
+        standalone = AutoModelForSequenceClassification.from_config(head.config)
+        standalone.base_model.load_state_dict(self.encoder.state_dict())
+        missing = standalone.load_state_dict(head.state_dict(), strict=False)
+        assert not missing.unexpected_keys, missing.unexpected_keys
+        scale = REGRESSION_SCALE.get(task, 1.0) if spec.is_regression else 1.0
+        if scale != 1.0:
+            last = [m for m in standalone.modules() if isinstance(m, nn.Linear)][-1]
+            with torch.no_grad():
+                last.weight.mul_(scale)
+                last.bias.mul_(scale)
+        standalone.save_pretrained(out_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
+
+
+def build_multitask_model(
+    model_path: str, tasks: list[TaskSpec], trust_remote_code: bool = False
+) -> MultiTaskModel:
+    """Load the encoder once and a fresh head per task."""
+    from selftune.models.loading import load_for_training
+
+    models = {}
+    for task in tasks:
+        models[task.name] = load_for_training(model_path, task, trust_remote_code)
+    encoder_state = next(iter(models.values())).base_model.state_dict()
+    for model in models.values():  # every head starts from the same pretrained encoder
+        model.base_model.load_state_dict(encoder_state)
+    return MultiTaskModel(models, tasks)

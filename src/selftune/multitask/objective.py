@@ -1,0 +1,83 @@
+"""Teacher annealing (BAM!, methods.md §2.2) as an objective of ``SelftuneTrainer``.
+
+target = λ·y + (1 − λ)·teacher, λ = global_step / total_steps rising from 0 to 1 over the whole
+run (warm-up included), or fixed. Classification uses the teacher's softmax (T = 1) and a soft
+cross-entropy; regression the squared error to the mixed score. Without teachers λ = 1: plain
+multi-task training. Each example's loss is computed by its own task's head.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from selftune.data.tasks import TaskSpec
+from selftune.losses import annealed_loss, teacher_lambda
+
+SCHEDULES = ("linear", "fixed")
+REDUCTIONS = ("mean", "sum")
+
+
+class TeacherAnnealing:
+    def __init__(
+        self,
+        tasks: list[TaskSpec],
+        with_teachers: bool,
+        schedule: str = "linear",  # λ rises linearly from 0 to 1, or stays fixed
+        distill_weight: float = 0.5,  # fixed schedule: teacher share 1 − λ of the target
+        reduction: str = "mean",  # batch loss: mean (default) or sum (the reference code)
+    ) -> None:
+        self.tasks = tasks
+        self.with_teachers = with_teachers
+        self.schedule, self.distill_weight, self.reduction = schedule, distill_weight, reduction
+        self.step, self.max_steps = 0, 1
+
+    def on_train_begin(self, model: nn.Module, global_step: int, max_steps: int) -> None:
+        self.step, self.max_steps = global_step, max(1, max_steps)
+
+    def on_step_end(self, model: nn.Module, global_step: int) -> None:
+        self.step = global_step
+
+    def on_epoch_end(self, model: nn.Module, epoch: float) -> None:
+        pass
+
+    def current_lambda(self) -> float:
+        if not self.with_teachers:
+            return 1.0
+        return teacher_lambda(self.step, self.max_steps, self.schedule,
+                              fixed=1.0 - self.distill_weight)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any]):
+        labels = inputs["labels"]
+        task_ids = inputs["task_ids"]
+        teacher = inputs.get("teacher_logits")
+        features = {k: v for k, v in inputs.items()
+                    if k not in ("labels", "task_ids", "teacher_logits")}
+        outputs = model(task_ids=task_ids, **features)
+        lam = self.current_lambda()
+        total = outputs.logits.new_zeros(())
+        for index, task in enumerate(self.tasks):
+            rows = (task_ids == index).nonzero(as_tuple=True)[0]
+            if rows.numel() == 0:
+                continue
+            width = task.num_labels
+            logits = outputs.logits[rows, :width]
+            gold = labels[rows] if task.is_regression else labels[rows].long()
+            if task.is_regression:
+                logits = logits.reshape(-1)
+            target_teacher = (teacher[rows, :width] if teacher is not None
+                              else logits.detach())
+            if task.is_regression and teacher is not None:
+                target_teacher = target_teacher.reshape(-1)
+            total = total + annealed_loss(logits, gold, target_teacher, lam, task.is_regression,
+                                          reduction="sum")
+        loss = total / labels.shape[0] if self.reduction == "mean" else total
+        return loss, outputs, {"lambda": torch.tensor(lam)}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}  # the step comes back with the Trainer's own state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
