@@ -199,8 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     _add_common(tasks)
 
+    from selftune.bam_cli import add_bam_commands
     from selftune.bench_cli import add_bench_commands
 
+    add_bam_commands(commands, HelpFormatter, _add_common, GROUP_TITLES)
     add_bench_commands(commands, HelpFormatter, _add_common)
     return parser
 
@@ -337,11 +339,12 @@ def _columns(value: str) -> tuple[str, ...]:
 
 
 def _handlers() -> dict[str, Callable[[argparse.Namespace], int]]:
+    from selftune.bam_cli import BAM_HANDLERS
     from selftune.bench_cli import BENCH_HANDLERS
 
     return {"train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict,
             "tasks": _run_tasks, "export": _run_export,
-            "diagnose-cls": _run_diagnose, **BENCH_HANDLERS}
+            "diagnose-cls": _run_diagnose, **BAM_HANDLERS, **BENCH_HANDLERS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

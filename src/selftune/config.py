@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -180,12 +181,15 @@ def _scalar_type(annotation: Any) -> type:
 
 
 def add_dataclass_arguments(
-    parser: argparse.ArgumentParser, cls: type, groups: dict[str, str] | None = None
+    parser: argparse.ArgumentParser, cls: type, groups: dict[str, str] | None = None,
+    exclude: tuple[str, ...] = (),
 ) -> None:
     """Add one option per dataclass field, grouped by the field's ``group`` metadata."""
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, globalns=vars(sys.modules[cls.__module__]))
     made: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
         meta = f.metadata
         group_name = meta.get("group", "options")
         title = (groups or {}).get(group_name, group_name)

@@ -1,0 +1,138 @@
+"""``selftune bam``: the whole BAM! recipe (Clark et al. 2019), each stage resumable.
+
+1. Single-task teachers: one ``selftune train`` run per task (reused when finished, resumed when
+   interrupted, or given with --teachers task=DIR).
+2. Teacher predictions over each task's training set, computed once and cached beside the
+   teacher (``train_predictions[.both-orders].jsonl``).
+3. The multi-task student with teacher annealing.
+4. Optionally, single-task fine-tuning of the student's task models (--finetune-after).
+
+Output: ``teachers/<task>/``, ``student/`` (``student/tasks/<task>/`` are standard model
+directories), ``finetuned/<task>/``, and ``bam.json`` with every stage's dev scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from selftune import outputs
+from selftune.config import opt
+from selftune.data.loading import load_task_data
+from selftune.data.tasks import TaskSpec, get_task
+from selftune.errors import SelftuneError
+from selftune.multitask.data import UNORDERED_TASKS, with_swapped_pairs
+from selftune.multitask.teacher_cache import write_predictions
+from selftune.multitask.training import MultiTaskConfig, parse_task_paths, train_multitask
+
+logger = logging.getLogger("selftune")
+BAM = "BAM! recipe"
+
+
+@dataclass
+class BamConfig(MultiTaskConfig):
+    teachers: str = opt("auto", "auto: train (or reuse) a single-task teacher per task in "
+                        "<output-dir>/teachers; none: no teachers (plain multi-task, the "
+                        "paper's 'Multi'); or task=MODEL_DIR,... for teachers you trained.", BAM)
+    teacher_learning_rate: float = opt(5e-5, "Learning rate of the single-task teachers.", BAM)
+    teacher_epochs: float = opt(3.0, "Epochs of the single-task teachers.", BAM)
+    teacher_batch_size: int = opt(32, "Batch size of the single-task teachers.", BAM)
+    finetune_after: bool = opt(False, "Fine-tune each of the student's task models on its "
+                               "task alone afterwards (with the teachers' options).", BAM)
+
+
+def compute_teacher_predictions(
+    model_dir: Path, task: TaskSpec, data_options, out_file: Path, both_orders: bool,
+    max_seq_length: int = 128, batch_size: int = 128,
+) -> Path:
+    """A teacher's logits over its task's training set (eval mode), keyed by example id."""
+    from selftune.evaluation import predict_logits
+    from selftune.models.loading import load_finetuned, load_tokenizer, model_label_names
+
+    model = load_finetuned(str(model_dir))
+    labels = model_label_names(model)
+    if (labels is None) != task.is_regression or (
+            labels is not None and len(labels) != task.num_labels):
+        raise SelftuneError(f"{model_dir} is not a {task.name} model (its outputs: "
+                            f"{list(labels) if labels else 'a regression score'})")
+    tokenizer = load_tokenizer(str(model_dir))
+    records = load_task_data(dataclasses.replace(data_options, task=task.name)).train
+    if both_orders:
+        records = with_swapped_pairs(records)
+    logits = predict_logits(model, tokenizer, records, max_seq_length, batch_size)
+    write_predictions(out_file, task, [str(r["example_id"]) for r in records], logits,
+                      str(model_dir))
+    return out_file
+
+
+def run_bam(cfg: BamConfig) -> dict[str, Any]:
+    from selftune.config import TrainConfig
+    from selftune.training import train
+
+    tasks = [get_task(t.strip()) for t in cfg.tasks.split(",") if t.strip()]
+    root = Path(cfg.output_dir or Path("runs") / "bam" / f"seed{cfg.seed}")
+    summary: dict[str, Any] = {"tasks": [t.name for t in tasks]}
+    single_task = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
+    single_task.update(learning_rate=cfg.teacher_learning_rate,
+                       num_train_epochs=cfg.teacher_epochs,
+                       per_device_train_batch_size=cfg.teacher_batch_size,
+                       overwrite_output_dir=False, output_dir=None)
+
+    predictions: dict[str, Path] = {}
+    if cfg.teachers != "none":
+        given = {} if cfg.teachers == "auto" else parse_task_paths(cfg.teachers, "--teachers")
+        summary["teachers"] = {}
+        for task in tasks:
+            teacher_dir = given.get(task.name) or root / "teachers" / task.name
+            if task.name not in given:
+                if outputs.is_finished(teacher_dir):
+                    logger.info("Teacher for %s: reusing %s", task.name, teacher_dir)
+                else:
+                    logger.info("Teacher for %s: training in %s", task.name, teacher_dir)
+                    train(TrainConfig(**{**single_task, "task": task.name,
+                                         "output_dir": str(teacher_dir)}))
+            both = cfg.double_unordered and task.name in UNORDERED_TASKS
+            cache = teacher_dir / ("train_predictions.both-orders.jsonl" if both
+                                   else "train_predictions.jsonl")
+            if not cache.is_file():
+                logger.info("Teacher predictions for %s → %s", task.name, cache)
+                compute_teacher_predictions(teacher_dir, task, cfg.data_options(), cache, both,
+                                            cfg.max_seq_length, cfg.per_device_eval_batch_size)
+            predictions[task.name] = cache
+            metrics_file = teacher_dir / outputs.METRICS_FILE
+            if metrics_file.is_file():
+                summary["teachers"][task.name] = json.loads(metrics_file.read_text())["score"]
+
+    student_dir = root / "student"
+    student_cfg = MultiTaskConfig(**{
+        **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(MultiTaskConfig)},
+        "output_dir": str(student_dir),
+        "teacher_predictions": ",".join(f"{t}={p}" for t, p in predictions.items()) or None,
+        "overwrite_output_dir": False})
+    if outputs.is_finished(student_dir):
+        student = json.loads((student_dir / outputs.METRICS_FILE).read_text())
+        logger.info("Student: reusing %s", student_dir)
+    else:
+        student = train_multitask(student_cfg)
+    summary["student"] = {t: r["score"] for t, r in student["tasks"].items()}
+    summary["student_average"] = student["score"]
+
+    if cfg.finetune_after:
+        summary["finetuned"] = {}
+        for task in tasks:
+            out = root / "finetuned" / task.name
+            if outputs.is_finished(out):
+                result = json.loads((out / outputs.METRICS_FILE).read_text())
+            else:
+                result = train(TrainConfig(**{
+                    **single_task, "task": task.name, "output_dir": str(out),
+                    "model": str(student_dir / "tasks" / task.name)}))
+            summary["finetuned"][task.name] = result["score"]
+        scores = list(summary["finetuned"].values())
+        summary["finetuned_average"] = sum(scores) / len(scores)
+    outputs.write_json_atomic(root / "bam.json", summary)
+    return summary

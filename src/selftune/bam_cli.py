@@ -1,0 +1,93 @@
+"""The ``bam`` and ``teacher-predictions`` commands (BAM!, Clark et al. 2019)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from selftune.config import SD_OPTIONS, add_dataclass_arguments, dataclass_from_namespace
+
+# Single-task options that mean nothing to a multi-task run.
+NOT_FOR_MULTITASK = ("task", "train_file", "validation_file", "text_columns", "label_column",
+                     "id_column", "label_type", "eval_split", "strategy", "cls_norm",
+                     "cls_source", "teacher_predictions", *SD_OPTIONS)
+
+BAM_EPILOG = """\
+examples:
+  selftune bam --tasks rte,mrpc,stsb,cola --data-dir ../shared/data --output-dir runs/bam
+  selftune bam --tasks rte,mrpc --teachers none --output-dir runs/multi     # plain "Multi"
+  selftune bam --tasks rte,mrpc --teachers rte=runs/rte,mrpc=runs/mrpc --finetune-after
+
+Stages: single-task teachers (teachers/<task>, reused when finished), their predictions on the
+training sets (cached beside each teacher), the multi-task student (student/, with each task as a
+standard model directory in student/tasks/<task>), optionally single-task fine-tuning
+(finetuned/<task>). Run the same command again after an interruption: finished stages are kept,
+the interrupted one resumes from its checkpoint. Not supported in multi-task runs yet: --strategy
+(self-distillation) and --cls-norm.
+"""
+
+
+def add_bam_commands(commands, formatter, add_common: Callable, groups: dict) -> None:
+    from selftune.bam import BamConfig
+
+    bam = commands.add_parser(
+        "bam", help="BAM!: single-task teachers distilled into one multi-task student.",
+        description="Born-Again Multi-task networks (Clark et al. 2019): train single-task "
+                    "teachers, distill them into one multi-task student with teacher annealing "
+                    "(target = λ·gold + (1−λ)·teacher, λ rising 0→1), layer-wise learning-rate "
+                    "decay and task sampling ∝ |D|^0.75; evaluate every task.",
+        formatter_class=formatter, epilog=BAM_EPILOG)
+    add_dataclass_arguments(bam, BamConfig, {**groups, "multi-task": "multi-task student",
+                                             "BAM! recipe": "BAM! recipe (teachers, stages)"},
+                            exclude=NOT_FOR_MULTITASK)
+    add_common(bam)
+
+    predictions = commands.add_parser(
+        "teacher-predictions",
+        help="A teacher's predictions over its task's training set, keyed by example id.",
+        description="Run a single-task model over its task's training set in eval mode and "
+                    "write its logits per example id (the cached teacher of a BAM! student).",
+        formatter_class=formatter)
+    predictions.add_argument("model_dir", help="The teacher: a model directory.")
+    predictions.add_argument("--task", required=True, help="The teacher's task.")
+    predictions.add_argument("--output-file", dest="output_file", required=True,
+                             help="Where to write the predictions (.jsonl).")
+    predictions.add_argument("--data-dir", dest="data_dir",
+                             help="Local data folder (default: $SELFTUNE_DATA, else the Hub).")
+    predictions.add_argument("--max-train-samples", dest="max_train_samples", type=int,
+                             help="The same fixed subset the student trains on.")
+    predictions.add_argument("--both-orders", action="store_true",
+                             help="Also predict every pair with its sentences swapped (for a "
+                                  "student trained with --double-unordered on MRPC/STS-B/QQP).")
+    predictions.add_argument("--max-seq-length", type=int, default=128,
+                             help="Truncate inputs to this many tokens (default: 128).")
+    predictions.add_argument("--batch-size", type=int, default=128,
+                             help="Inference batch size (default: 128).")
+    add_common(predictions)
+
+
+def _run_bam(args: argparse.Namespace) -> int:
+    from selftune.bam import BamConfig, run_bam
+
+    summary = run_bam(dataclass_from_namespace(BamConfig, args))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _run_teacher_predictions(args: argparse.Namespace) -> int:
+    from selftune.bam import compute_teacher_predictions
+    from selftune.data.loading import DataOptions
+    from selftune.data.tasks import get_task
+
+    task = get_task(args.task)
+    opts = DataOptions(task=task.name, data_dir=args.data_dir,
+                       max_train_samples=args.max_train_samples)
+    out = compute_teacher_predictions(Path(args.model_dir), task, opts, Path(args.output_file),
+                                      args.both_orders, args.max_seq_length, args.batch_size)
+    print(f"wrote teacher predictions to {out}")
+    return 0
+
+
+BAM_HANDLERS = {"bam": _run_bam, "teacher-predictions": _run_teacher_predictions}

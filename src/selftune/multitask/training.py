@@ -1,0 +1,256 @@
+"""Multi-task training (BAM!'s student, or plain "Multi"), on the same Trainer path as
+single-task runs: ``SelftuneTrainer`` with the teacher-annealing objective and a batch sampler
+that mixes tasks by |D|^0.75.
+
+Output directory: ``tasks/<task>/`` holds each task as a standard model directory (the shared
+encoder plus that task's head; STS-B's head scaled back to 0-5), ``metrics.json`` the dev
+metrics of every task and their average, plus ``run_config.json``, ``train.log`` and the
+checkpoints while the run is going.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import transformers
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, TrainerCallback
+
+from selftune import outputs
+from selftune.config import DATA, TRAIN, TrainConfig, opt
+from selftune.data.loading import load_task_data
+from selftune.data.tasks import TaskSpec, get_task
+from selftune.errors import SelftuneError
+from selftune.metrics import compute_task_metrics
+from selftune.models.loading import load_tokenizer, resolve_model_path
+from selftune.multitask.data import (
+    UNORDERED_TASKS,
+    build_train_set,
+    eval_set,
+    label_scale,
+    with_swapped_pairs,
+)
+from selftune.multitask.model import build_multitask_model
+from selftune.multitask.objective import TeacherAnnealing
+from selftune.multitask.sampling import MultiTaskBatchSampler, task_shares
+from selftune.multitask.teacher_cache import check_coverage, read_predictions
+from selftune.optim import make_optimizer
+from selftune.runinfo import environment_info, peak_memory_mb
+from selftune.trainer import SelftuneTrainer
+from selftune.training import LogToFile, setup_logging, training_arguments
+
+logger = logging.getLogger("selftune")
+MT = "multi-task"
+
+
+@dataclass
+class MultiTaskConfig(TrainConfig):
+    """Options of a multi-task run; defaults follow BAM!'s student (methods.md §2.5)."""
+
+    learning_rate: float = opt(1e-4, "Peak learning rate of AdamW (BAM!'s student: 1e-4).",
+                               TRAIN, aliases=("--lr",))
+    per_device_train_batch_size: int = opt(128, "Training batch size (BAM!'s student: 128).",
+                                           TRAIN, aliases=("--batch-size",))
+    num_train_epochs: float = opt(6.0, "Epochs over all tasks' examples (BAM!'s student: 6).",
+                                  TRAIN, aliases=("--epochs",))
+    layerwise_lr_decay: float | None = opt(0.9, "Layer-wise learning-rate decay (BAM!: 0.9; "
+                                           "1.0 turns it off).", TRAIN)
+
+    tasks: str = opt("rte,mrpc,stsb,cola", "Comma-separated tasks trained together.", DATA)
+    teacher_predictions: str | None = opt(
+        None, "Teacher predictions per task, 'task=FILE,...' (files from 'selftune "
+        "teacher-predictions'). Without them: plain multi-task training.", MT)
+    teacher_annealing: str = opt("linear", "linear: the target moves from the teacher to the "
+                                 "gold label as λ = step/total rises 0→1; fixed: a constant "
+                                 "mixture (--distill-weight).", MT, ("linear", "fixed"))
+    distill_weight: float = opt(0.5, "With --teacher-annealing fixed: the teacher's share 1−λ "
+                                "of the target (1.0 = pure distillation, BAM!'s λ = 0).", MT)
+    loss_reduction: str = opt("mean", "Batch loss: mean over examples (default: gradient "
+                              "clipping and learning rate behave as in single-task runs) or "
+                              "sum (BAM!'s reference code).", MT, ("mean", "sum"))
+    task_sampling: str = opt("power", "Each task's share of training examples: ∝ |D|^alpha "
+                             "(power), ∝ |D| (proportional) or equal (uniform).", MT,
+                             ("power", "proportional", "uniform"))
+    sampling_alpha: float = opt(0.75, "The exponent of --task-sampling power.", MT)
+    mix_tasks: bool = opt(True, "Batches mix tasks (off: each batch holds one task).", MT)
+    double_unordered: bool = opt(True, "Train MRPC, STS-B and QQP on both sentence orders.", MT)
+
+
+def _check(cfg: MultiTaskConfig) -> list[TaskSpec]:
+    tasks = [get_task(t.strip()) for t in cfg.tasks.split(",") if t.strip()]
+    if len(tasks) < 1 or len({t.name for t in tasks}) != len(tasks):
+        raise SelftuneError("--tasks: give distinct task names, e.g. rte,mrpc,stsb,cola")
+    if cfg.train_file or cfg.validation_file:
+        raise SelftuneError("multi-task runs use registry tasks (--tasks); --train-file is "
+                            "for single-task runs")
+    if cfg.strategy != "baseline" or cfg.cls_norm != "none":
+        raise SelftuneError("multi-task runs support neither --strategy nor --cls-norm yet; "
+                            "use them in single-task runs")
+    if not 0 <= cfg.distill_weight <= 1:
+        raise SelftuneError("--distill-weight must be in [0, 1]")
+    if cfg.output_dir is None:
+        cfg.output_dir = str(Path("runs") / "multitask" / f"seed{cfg.seed}")
+    return tasks
+
+
+def parse_task_paths(value: str | None, what: str) -> dict[str, Path]:
+    if not value:
+        return {}
+    pairs = {}
+    for item in value.split(","):
+        if "=" not in item:
+            raise SelftuneError(f"{what} expects task=PATH,..., got {item!r}")
+        task, path = item.split("=", 1)
+        pairs[get_task(task.strip()).name] = Path(path.strip())
+    return pairs
+
+
+class EvaluateTasks(TrainerCallback):
+    """Dev metrics of every task at the end of each epoch (the learning curve)."""
+
+    def __init__(self, evaluate) -> None:
+        self.evaluate = evaluate
+        self.history: list[dict] = []
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        results = self.evaluate()
+        self.history.append({"epoch": state.epoch, "step": state.global_step,
+                             "tasks": results,
+                             "score": float(np.mean([r["score"] for r in results.values()]))})
+        logger.info("epoch %.2f: %s", state.epoch, ", ".join(
+            f"{t} {r['score']:.2f}" for t, r in results.items()))
+
+
+class MultiTaskTrainer(SelftuneTrainer):
+    """Draws batches from a task-mixing batch sampler."""
+
+    def __init__(self, *args: Any, batch_sampler: MultiTaskBatchSampler, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_sampler = batch_sampler
+
+    def get_train_dataloader(self) -> DataLoader:
+        loader = DataLoader(self.train_dataset, batch_sampler=self.batch_sampler,
+                            collate_fn=self.data_collator)
+        return self.accelerator.prepare(loader)
+
+
+class _SamplerEpoch(TrainerCallback):
+    def __init__(self, sampler: MultiTaskBatchSampler) -> None:
+        self.sampler = sampler
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.sampler.set_epoch(int(round(state.epoch or 0)))
+
+
+def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
+    """Train one multi-task model; return the content of its ``metrics.json``."""
+    tasks = _check(cfg)
+    output_dir = Path(cfg.output_dir)
+    setup_logging(None)
+    outputs.check_output_dir(output_dir, cfg.to_dict(), cfg.overwrite_output_dir, cfg.resume)
+    started = time.time()
+    transformers.set_seed(cfg.seed)
+
+    teacher_files = parse_task_paths(cfg.teacher_predictions, "--teacher-predictions")
+    unknown = sorted(set(teacher_files) - {t.name for t in tasks})
+    if unknown or (teacher_files and len(teacher_files) != len(tasks)):
+        raise SelftuneError("--teacher-predictions must name one file for each of --tasks "
+                            f"({cfg.tasks}); got {sorted(teacher_files)}")
+    records, dev_records = {}, {}
+    for task in tasks:
+        opts = dataclasses.replace(cfg.data_options(), task=task.name)
+        data = load_task_data(opts)
+        rows = data.train
+        if cfg.double_unordered and task.name in UNORDERED_TASKS:
+            rows = with_swapped_pairs(rows)
+        records[task.name] = rows
+        dev_records[task.name] = data.eval_splits[next(iter(data.eval_splits))]
+    teachers = None
+    if teacher_files:
+        teachers = {}
+        for task in tasks:
+            predictions = read_predictions(teacher_files[task.name], task)
+            check_coverage(predictions, records[task.name], teacher_files[task.name], task)
+            teachers[task.name] = predictions
+
+    model_path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    model = build_multitask_model(model_path, tasks, cfg.trust_remote_code)
+    resume_from = outputs.prepare_output_dir(output_dir, cfg.to_dict(), cfg.overwrite_output_dir,
+                                             cfg.resume)
+    setup_logging(output_dir / outputs.LOG_FILE)
+    outputs.write_json_atomic(output_dir / outputs.RUN_CONFIG_FILE, cfg.to_dict())
+    data = build_train_set(tasks, records, tokenizer, cfg.max_seq_length, teachers,
+                           model.max_labels)
+    shares = task_shares(data.sizes, cfg.task_sampling, cfg.sampling_alpha)
+    logger.info("Multi-task run on %s: %s examples, shares %s, %s", cfg.tasks, data.sizes,
+                {t: round(s, 3) for t, s in shares.items()},
+                "with teachers" if teachers else "without teachers")
+    sampler = MultiTaskBatchSampler(data.task_indices, cfg.per_device_train_batch_size, shares,
+                                    num_batches=None, seed=cfg.seed, mix=cfg.mix_tasks)
+    evals = {t.name: eval_set(i, dev_records[t.name], tokenizer, cfg.max_seq_length)
+             for i, t in enumerate(tasks)}
+
+    args = training_arguments(cfg, output_dir / outputs.CHECKPOINTS, evaluate=False)
+    args.remove_unused_columns = False  # the model takes task_ids and **inputs
+    objective = TeacherAnnealing(tasks, teachers is not None, cfg.teacher_annealing,
+                                 cfg.distill_weight, cfg.loss_reduction)
+    trainer = MultiTaskTrainer(
+        model=model, args=args, train_dataset=data.train, processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer), objective=objective,
+        batch_sampler=sampler, callbacks=[LogToFile(), _SamplerEpoch(sampler)],
+        optimizers=(make_optimizer(model, cfg.learning_rate, cfg.weight_decay,
+                                   cfg.layerwise_lr_decay or 1.0), None),
+    )
+
+    def evaluate() -> dict[str, dict]:
+        results = {}
+        for task in tasks:
+            logits = trainer.predict(evals[task.name]).predictions
+            logits = np.asarray(logits)[:, : task.num_labels] * label_scale(task)
+            gold = np.array([r["label"] for r in dev_records[task.name]])
+            metrics = compute_task_metrics(task, logits, gold)
+            results[task.name] = {"metrics": {k: v for k, v in metrics.items() if k != "score"},
+                                  "score": metrics["score"]}
+        return results
+
+    curve = EvaluateTasks(evaluate)
+    if cfg.eval_each_epoch:
+        trainer.add_callback(curve)
+    train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    final = curve.history[-1]["tasks"] if curve.history and \
+        curve.history[-1]["step"] == trainer.state.global_step else evaluate()
+    result: dict[str, Any] = {
+        "tasks": final,
+        "score": float(np.mean([r["score"] for r in final.values()])),
+        "history": curve.history,
+        "train_loss": train_output.metrics.get("train_loss"),
+        "num_train_examples": data.sizes,
+        "task_shares": shares,
+        "with_teachers": teachers is not None,
+        "global_steps": trainer.state.global_step,
+        "wall_time_s": time.time() - started,
+        "train_examples_per_s": len(sampler) * cfg.per_device_train_batch_size
+        * cfg.num_train_epochs / max(train_output.metrics.get("train_runtime", 1e-9), 1e-9),
+        "peak_memory_mb": peak_memory_mb(),
+        "resumed_from": str(resume_from) if resume_from else None,
+        "config_hash": cfg.hash(),
+        **environment_info(),
+    }
+    if trainer.is_world_process_zero():
+        for task in tasks:
+            model.export_task(task.name, output_dir / "tasks" / task.name, tokenizer)
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(output_dir / outputs.CHECKPOINTS, ignore_errors=True)
+        outputs.write_json_atomic(output_dir / outputs.METRICS_FILE, result)
+    logger.info("Done: %s; average %.2f; task models in %s", ", ".join(
+        f"{t} {r['score']:.2f}" for t, r in final.items()), result["score"],
+        output_dir / "tasks")
+    return result

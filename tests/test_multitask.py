@@ -1,0 +1,208 @@
+"""Multi-task training and BAM! on tiny models: routing, annealing, export, resume, pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from selftune.bam import BamConfig, run_bam
+from selftune.data.tasks import get_task
+from selftune.errors import SelftuneError
+from selftune.multitask.model import build_multitask_model
+from selftune.multitask.objective import TeacherAnnealing
+from selftune.multitask.training import MultiTaskConfig, train_multitask
+
+from .test_training import StopAfterFirstSave
+
+TASKS = [get_task("rte"), get_task("stsb"), get_task("cola")]
+
+
+@pytest.fixture()
+def mt_model(tiny_model):
+    return build_multitask_model(str(tiny_model), TASKS)
+
+
+def batch(n: int = 6):
+    torch.manual_seed(1)
+    return {"input_ids": torch.randint(5, 20, (n, 7)),
+            "attention_mask": torch.ones(n, 7, dtype=torch.long),
+            "task_ids": torch.tensor([0, 1, 2, 0, 1, 2][:n]),
+            "labels": torch.tensor([1.0, 0.4, 0.0, 0.0, 0.9, 1.0][:n]),
+            "teacher_logits": torch.tensor([[0.3, -0.2], [0.6, 0.0], [1.0, 2.0],
+                                            [-1.0, 0.5], [0.1, 0.0], [0.0, 0.0]][:n])}
+
+
+def test_each_example_goes_to_its_own_head(mt_model):
+    mt_model.eval()
+    inputs = batch()
+    logits = mt_model(task_ids=inputs["task_ids"], input_ids=inputs["input_ids"],
+                      attention_mask=inputs["attention_mask"]).logits
+    for index, task in enumerate(TASKS):
+        rows = (inputs["task_ids"] == index).nonzero(as_tuple=True)[0]
+        direct = mt_model.heads[task.name](input_ids=inputs["input_ids"][rows],
+                                           attention_mask=inputs["attention_mask"][rows]).logits
+        torch.testing.assert_close(logits[rows, : task.num_labels], direct)
+    assert mt_model.encoder is mt_model.heads["rte"].bert is mt_model.heads["cola"].bert
+    names = [n for n, _ in mt_model.named_parameters()]
+    assert sum(n.startswith("encoder.embeddings.word_embeddings") for n in names) == 1
+
+
+def test_export_gives_standalone_models_with_the_same_outputs(mt_model, tmp_path):
+    mt_model.eval()
+    inputs = batch()
+    features = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    with torch.no_grad():
+        for name, scale in (("rte", 1.0), ("stsb", 5.0)):
+            mt_model.export_task(name, tmp_path / name)
+            standalone = AutoModelForSequenceClassification.from_pretrained(tmp_path / name)
+            expected = mt_model.heads[name](**features).logits * scale
+            torch.testing.assert_close(standalone.eval()(**features).logits, expected)
+
+
+def manual_losses(mt_model, inputs, lam):
+    logits = mt_model(task_ids=inputs["task_ids"], input_ids=inputs["input_ids"],
+                      attention_mask=inputs["attention_mask"]).logits
+    losses = []
+    for i, t in enumerate(inputs["task_ids"].tolist()):
+        task = TASKS[t]
+        if task.is_regression:
+            target = lam * inputs["labels"][i] + (1 - lam) * inputs["teacher_logits"][i, 0]
+            losses.append((logits[i, 0] - target) ** 2)
+        else:
+            onehot = F.one_hot(inputs["labels"][i].long(), 2).float()
+            target = lam * onehot + (1 - lam) * inputs["teacher_logits"][i].softmax(-1)
+            losses.append(-(target * logits[i, :2].log_softmax(-1)).sum())
+    return torch.stack(losses).mean()
+
+
+def test_lambda_one_is_plain_multitask_and_zero_is_pure_distillation(mt_model):
+    mt_model.eval()  # no dropout, so losses are comparable
+    inputs = batch()
+    plain = TeacherAnnealing(TASKS, with_teachers=False)
+    loss_plain, _, _ = plain.compute_loss(mt_model, dict(inputs))
+    fixed_gold = TeacherAnnealing(TASKS, with_teachers=True, schedule="fixed",
+                                  distill_weight=0.0)
+    loss_gold, _, _ = fixed_gold.compute_loss(mt_model, dict(inputs))
+    torch.testing.assert_close(loss_plain, loss_gold)
+    torch.testing.assert_close(loss_plain, manual_losses(mt_model, inputs, 1.0))
+    pure = TeacherAnnealing(TASKS, with_teachers=True, schedule="fixed", distill_weight=1.0)
+    torch.testing.assert_close(pure.compute_loss(mt_model, dict(inputs))[0],
+                               manual_losses(mt_model, inputs, 0.0))
+    linear = TeacherAnnealing(TASKS, with_teachers=True)
+    linear.on_train_begin(mt_model, 0, 10)
+    linear.on_step_end(mt_model, 3)
+    assert linear.current_lambda() == pytest.approx(0.3)
+    torch.testing.assert_close(linear.compute_loss(mt_model, dict(inputs))[0],
+                               manual_losses(mt_model, inputs, 0.3))
+    summed = TeacherAnnealing(TASKS, with_teachers=False, reduction="sum")
+    torch.testing.assert_close(summed.compute_loss(mt_model, dict(inputs))[0], 6 * loss_plain)
+
+
+def mt_config(tiny_model, glue_dir, out, **kw):
+    values = dict(tasks="rte,stsb,cola", model=str(tiny_model), data_dir=str(glue_dir),
+                  output_dir=str(out), num_train_epochs=2, per_device_train_batch_size=4,
+                  learning_rate=1e-3, seed=5)
+    values.update(kw)
+    return MultiTaskConfig(**values)
+
+
+def test_multitask_run_writes_every_task(tiny_model, glue_dir, tmp_path):
+    out = tmp_path / "mt"
+    result = train_multitask(mt_config(tiny_model, glue_dir, out))
+    assert set(result["tasks"]) == {"rte", "stsb", "cola"}
+    assert result["score"] == pytest.approx(np.mean([r["score"] for r in result["tasks"].values()]))
+    assert [round(h["epoch"]) for h in result["history"]] == [1, 2]
+    tokenizer = AutoTokenizer.from_pretrained(out / "tasks" / "stsb")
+    texts = (["the movie was good", "it was dull"], ["the film was good", "it was bad"])
+    encoded = tokenizer(*texts, padding=True, return_tensors="pt")
+    stsb = AutoModelForSequenceClassification.from_pretrained(out / "tasks" / "stsb").eval()
+    rte = AutoModelForSequenceClassification.from_pretrained(out / "tasks" / "rte").eval()
+    assert rte.config.id2label == {0: "entailment", 1: "not_entailment"}
+    with torch.no_grad():
+        # The encoders of all exported tasks are the same shared encoder.
+        torch.testing.assert_close(stsb.bert(**encoded).last_hidden_state,
+                                   rte.bert(**encoded).last_hidden_state)
+        assert stsb(**encoded).logits.shape == (2, 1)
+
+
+def test_multitask_run_uses_layerwise_learning_rates(tiny_model, glue_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    seen = {}
+
+    class Capture(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            seen["lrs"] = sorted({g["initial_lr"] if "initial_lr" in g else g["lr"]
+                                  for g in optimizer.param_groups})
+
+    from selftune.multitask import training as mt_training
+
+    original = mt_training.LogToFile
+    mt_training.LogToFile = Capture  # inject the probe where the Trainer's callbacks are made
+    try:
+        train_multitask(mt_config(tiny_model, glue_dir, tmp_path / "mt", num_train_epochs=1,
+                                  layerwise_lr_decay=0.5))
+    finally:
+        mt_training.LogToFile = original
+    # 2 layers: depths 0..4 → lr·0.5^4 ... lr·0.5^0
+    assert seen["lrs"] == pytest.approx([1e-3 * 0.5 ** k for k in (4, 3, 2, 1, 0)])
+
+
+def test_multitask_resume_is_exact(tiny_model, glue_dir, tmp_path):
+    reference = train_multitask(mt_config(tiny_model, glue_dir, tmp_path / "ref"))
+    out = tmp_path / "resumed"
+    from selftune.multitask import training as mt_training
+
+    original = mt_training.LogToFile
+    mt_training.LogToFile = StopAfterFirstSave
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_multitask(mt_config(tiny_model, glue_dir, out))
+    finally:
+        mt_training.LogToFile = original
+    resumed = train_multitask(mt_config(tiny_model, glue_dir, out))
+    assert resumed["resumed_from"]
+    assert resumed["tasks"] == reference["tasks"]
+
+
+def test_bam_pipeline_stages_and_reuse(tiny_model, glue_dir, tmp_path):
+    cfg = BamConfig(tasks="rte,stsb", model=str(tiny_model), data_dir=str(glue_dir),
+                    output_dir=str(tmp_path / "bam"), num_train_epochs=1,
+                    per_device_train_batch_size=4, learning_rate=1e-3, teacher_epochs=1,
+                    teacher_batch_size=4, finetune_after=True)
+    summary = run_bam(cfg)
+    root = tmp_path / "bam"
+    assert set(summary["teachers"]) == {"rte", "stsb"}
+    both = root / "teachers" / "stsb" / "train_predictions.both-orders.jsonl"
+    lines = both.read_text().splitlines()
+    assert json.loads(lines[0])["num_examples"] == 4  # 2 pairs in both orders
+    assert json.loads(lines[-1])["example_id"].endswith(":swap")
+    assert (root / "student" / "tasks" / "rte" / "model.safetensors").is_file()
+    assert set(summary["finetuned"]) == {"rte", "stsb"}
+    stamps = {p: p.stat().st_mtime for p in root.rglob("metrics.json")}
+    again = run_bam(cfg)  # every stage is finished: nothing is retrained
+    assert again["student"] == summary["student"]
+    assert {p: p.stat().st_mtime for p in root.rglob("metrics.json")} == stamps
+
+
+def test_teacher_predictions_must_cover_the_student_data(tiny_model, glue_dir, tmp_path):
+    run_bam(BamConfig(tasks="rte", model=str(tiny_model), data_dir=str(glue_dir),
+                      output_dir=str(tmp_path / "bam"), num_train_epochs=1,
+                      per_device_train_batch_size=4, teacher_epochs=1, teacher_batch_size=4))
+    cache = tmp_path / "bam" / "teachers" / "rte" / "train_predictions.jsonl"
+    lines = cache.read_text().splitlines()
+    header = json.loads(lines[0])
+    header["num_examples"] -= 2
+    cache.write_text("\n".join([json.dumps(header), *lines[1:-2]]) + "\n")
+    with pytest.raises(SelftuneError, match="no teacher prediction for 2 of the 16 rte"):
+        train_multitask(mt_config(tiny_model, glue_dir, tmp_path / "mt", tasks="rte",
+                                  teacher_predictions=f"rte={cache}"))
+    wrong = MultiTaskConfig(tasks="cola", model=str(tiny_model), data_dir=str(glue_dir),
+                            output_dir=str(tmp_path / "mt2"), teacher_predictions=f"cola={cache}")
+    with pytest.raises(SelftuneError, match="predictions for task 'rte', not 'cola'"):
+        train_multitask(wrong)
