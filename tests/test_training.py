@@ -121,3 +121,28 @@ def test_unfinished_run_with_other_options_is_refused(tiny_model, sentiment_file
         train(tiny_config(tiny_model, sentiment_files, out), callbacks=[StopAfterFirstSave()])
     with pytest.raises(SelftuneError, match="other options \\(learning_rate\\)"):
         train(tiny_config(tiny_model, sentiment_files, out, learning_rate=2e-3))
+
+
+class PoisonWeights(TrainerCallback):
+    """Make the model produce NaN from the given step on."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.at_step:
+            with torch.no_grad():
+                model.classifier.weight.fill_(float("nan"))
+
+
+def test_non_finite_loss_stops_the_run(tiny_model, sentiment_files, tmp_path):
+    with pytest.raises(SelftuneError, match="loss became nan at step 3.*--nan-policy skip"):
+        train(tiny_config(tiny_model, sentiment_files, tmp_path / "run"),
+              callbacks=[PoisonWeights(2)])
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_non_finite_loss_can_skip_updates(tiny_model, sentiment_files, tmp_path):
+    result = train(tiny_config(tiny_model, sentiment_files, tmp_path / "run",
+                               nan_policy="skip"), callbacks=[PoisonWeights(2)])
+    assert result["skipped_steps"] == result["global_steps"] - 2

@@ -103,6 +103,9 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "Clip gradients to this global norm.", TRAIN)
     lr_scheduler_type: str = opt("linear", "Learning-rate schedule after warm-up "
                                  "(any transformers scheduler name).", TRAIN)
+    nan_policy: str = opt("stop", "When the training loss is NaN or infinite: stop the run with "
+                          "an error before the bad update (stop), or skip that update (skip).",
+                          TRAIN, ("stop", "skip"))
     bf16: bool = opt(False, "Mixed precision with bfloat16 autocast (CPU or GPU).", TRAIN)
     logging_steps: int = opt(50, "Log the training loss every N optimizer steps.", TRAIN)
     eval_each_epoch: bool = opt(True, "Evaluate on the dev split after every epoch (the "

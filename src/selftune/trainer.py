@@ -71,9 +71,12 @@ class _ObjectiveHooks(TrainerCallback):
 class SelftuneTrainer(Trainer):
     """A ``Trainer`` whose training loss comes from an optional ``objective``."""
 
-    def __init__(self, *args: Any, objective: Objective | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, objective: Objective | None = None,
+                 nan_policy: str = "stop", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.objective = objective
+        self.nan_policy = nan_policy  # "stop" the run, or "skip" the update
+        self.skipped_steps = 0
         self._loss_parts: dict[str, list[float]] = {}
         if objective is not None:
             # Our loss is a per-batch mean: the Trainer divides it for gradient accumulation.
@@ -87,6 +90,22 @@ class SelftuneTrainer(Trainer):
         for name, value in parts.items():
             self._loss_parts.setdefault(name, []).append(float(value.detach()))
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss):
+            # The backward pass has run, the optimizer step has not: nothing is spoiled yet.
+            if self.nan_policy == "skip":
+                self.skipped_steps += 1
+                model.zero_grad(set_to_none=True)  # AdamW leaves parameters without grad alone
+                return torch.zeros_like(loss)
+            from selftune.errors import SelftuneError
+
+            raise SelftuneError(
+                f"the training loss became {loss.item()} at step {self.state.global_step + 1}; "
+                "lower --learning-rate, check the labels, or pass --nan-policy skip to skip such "
+                "steps (the last checkpoint is kept: rerun to resume)")
+        return loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._loss_parts:

@@ -283,6 +283,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
     objective = build_objective(cfg, model, task.is_regression)
     trainer = SelftuneTrainer(
         objective=objective,
+        nan_policy=cfg.nan_policy,
         model=model,
         args=args,
         train_dataset=train_set,
@@ -326,6 +327,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
         "train_examples_per_s": examples_seen / train_seconds,
         "peak_memory_mb": peak_memory_mb(),
         "resumed_from": str(resume_from) if resume_from else None,
+        "skipped_steps": trainer.skipped_steps,
         "data_source": data.source,
         "model_path": model_path,
         "config_hash": cfg.hash(),

@@ -205,7 +205,8 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     trainer = MultiTaskTrainer(
         model=model, args=args, train_dataset=data.train, processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer), objective=objective,
-        batch_sampler=sampler, callbacks=[LogToFile(), _SamplerEpoch(sampler)],
+        batch_sampler=sampler, nan_policy=cfg.nan_policy,
+        callbacks=[LogToFile(), _SamplerEpoch(sampler)],
         optimizers=(make_optimizer(model, cfg.learning_rate, cfg.weight_decay,
                                    cfg.layerwise_lr_decay or 1.0), None),
     )
