@@ -110,3 +110,23 @@ def test_parse_seeds():
     assert parse_seeds(3) == [3] and parse_seeds([4, 5]) == [4, 5]
     with pytest.raises(SelftuneError):
         parse_seeds("a-b")
+
+
+def test_bam_variants_record_one_line_per_task(tiny_model, glue_dir, tmp_path):
+    small = {"num_train_epochs": 1, "per_device_train_batch_size": 4, "teacher_epochs": 1,
+             "teacher_batch_size": 4}
+    grid = Grid(name="bam", tasks=["rte", "stsb"], seeds=[0],
+                variants={"bam": {"pipeline": "bam", **small},
+                          "multi": {"pipeline": "bam", "teachers": "none", **small}},
+                common={"model": str(tiny_model), "data_dir": str(glue_dir)})
+    results = tmp_path / "r.jsonl"
+    counts = run_grid(grid, results, tmp_path / "runs")
+    assert counts["done"] == 2 and counts["failed"] == 0
+    records, problems = load_results(results)
+    assert not problems
+    assert sorted(r.run_id for r in records) == sorted([
+        "rte__bam__seed0", "stsb__bam__seed0", "rte__bam-teacher__seed0",
+        "stsb__bam-teacher__seed0", "rte__multi__seed0", "stsb__multi__seed0"])
+    stsb = next(r for r in records if r.run_id == "stsb__bam__seed0")
+    assert set(stsb.metrics) == {"pearson", "spearman"}
+    assert run_grid(grid, results, tmp_path / "runs")["done"] == 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,13 +70,23 @@ def compute_teacher_predictions(
     return out_file
 
 
+def _check_same_options(run_dir: Path, expected) -> None:
+    """A finished stage is reused only if it was run with the options this recipe asks for."""
+    saved = json.loads((run_dir / outputs.RUN_CONFIG_FILE).read_text())
+    if type(expected).from_dict(saved).hash() != expected.hash():
+        raise SelftuneError(f"{run_dir} holds a finished run with other options; use another "
+                            "--output-dir, or --overwrite-output-dir to redo every stage")
+
+
 def run_bam(cfg: BamConfig) -> dict[str, Any]:
     from selftune.config import TrainConfig
     from selftune.training import train
 
     tasks = [get_task(t.strip()) for t in cfg.tasks.split(",") if t.strip()]
     root = Path(cfg.output_dir or Path("runs") / "bam" / f"seed{cfg.seed}")
-    summary: dict[str, Any] = {"tasks": [t.name for t in tasks]}
+    if cfg.overwrite_output_dir and root.exists():
+        shutil.rmtree(root)
+    summary: dict[str, Any] = {"tasks": [t.name for t in tasks], "config_hash": cfg.hash()}
     single_task = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
     single_task.update(learning_rate=cfg.teacher_learning_rate,
                        num_train_epochs=cfg.teacher_epochs,
@@ -89,12 +100,14 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
         for task in tasks:
             teacher_dir = given.get(task.name) or root / "teachers" / task.name
             if task.name not in given:
+                expected = TrainConfig(**{**single_task, "task": task.name,
+                                          "output_dir": str(teacher_dir)})
                 if outputs.is_finished(teacher_dir):
+                    _check_same_options(teacher_dir, expected)
                     logger.info("Teacher for %s: reusing %s", task.name, teacher_dir)
                 else:
                     logger.info("Teacher for %s: training in %s", task.name, teacher_dir)
-                    train(TrainConfig(**{**single_task, "task": task.name,
-                                         "output_dir": str(teacher_dir)}))
+                    train(expected)
             both = cfg.double_unordered and task.name in UNORDERED_TASKS
             cache = teacher_dir / ("train_predictions.both-orders.jsonl" if both
                                    else "train_predictions.jsonl")
@@ -114,6 +127,7 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
         "teacher_predictions": ",".join(f"{t}={p}" for t, p in predictions.items()) or None,
         "overwrite_output_dir": False})
     if outputs.is_finished(student_dir):
+        _check_same_options(student_dir, student_cfg)
         student = json.loads((student_dir / outputs.METRICS_FILE).read_text())
         logger.info("Student: reusing %s", student_dir)
     else:

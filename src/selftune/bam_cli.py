@@ -42,6 +42,9 @@ def add_bam_commands(commands, formatter, add_common: Callable, groups: dict) ->
     add_dataclass_arguments(bam, BamConfig, {**groups, "multi-task": "multi-task student",
                                              "BAM! recipe": "BAM! recipe (teachers, stages)"},
                             exclude=NOT_FOR_MULTITASK)
+    from selftune.cli import add_config_option
+
+    add_config_option(bam, BamConfig)
     add_common(bam)
 
     predictions = commands.add_parser(

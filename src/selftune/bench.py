@@ -50,11 +50,24 @@ class Grid:
 
 @dataclass
 class PlannedRun:
+    """One process: a ``selftune train`` run (one task) or a ``selftune bam`` run (all tasks)."""
+
     run_id: str
     task: str
     variant: str
     seed: int
     config: TrainConfig
+    command: str = "train"
+
+    def record_ids(self) -> list[str]:
+        """The run_ids of the results lines this run writes."""
+        if self.command == "train":
+            return [self.run_id]
+        tasks = self.task.split(",")
+        ids = [f"{t}__{self.variant}__seed{self.seed}" for t in tasks]
+        if getattr(self.config, "teachers", "none") != "none":
+            ids += [f"{t}__{self.variant}-teacher__seed{self.seed}" for t in tasks]
+        return ids
 
 
 def parse_seeds(value: str | list | int) -> list[int]:
@@ -129,8 +142,13 @@ def plan_runs(grid: Grid, runs_dir: Path) -> list[PlannedRun]:
 
     runs = []
     for seed in grid.seeds:
+        for variant, options in grid.variants.items():
+            if (options or {}).get("pipeline") == "bam":
+                runs.append(_plan_bam(grid, variant, options, seed, runs_dir))
         for task in grid.tasks:
             for variant, options in grid.variants.items():
+                if (options or {}).get("pipeline") == "bam":
+                    continue
                 values = {**grid.common, **grid.task_options.get(task, {}), **(options or {}),
                           "task": task, "seed": seed}
                 if not values.get("train_file"):
@@ -143,6 +161,24 @@ def plan_runs(grid: Grid, runs_dir: Path) -> list[PlannedRun]:
                     raise SelftuneError(f"grid variant {variant!r}: {err}") from None
                 runs.append(PlannedRun(run_id, task, variant, seed, config))
     return runs
+
+
+def _plan_bam(grid: Grid, variant: str, options: dict, seed: int, runs_dir: Path) -> PlannedRun:
+    """A BAM!/multi-task variant: one ``selftune bam`` run per seed covers every task."""
+    from selftune.bam import BamConfig
+    from selftune.data.tasks import get_task
+
+    for task in grid.tasks:
+        get_task(task)
+    values = {**grid.common, **{k: v for k, v in options.items() if k != "pipeline"},
+              "tasks": ",".join(grid.tasks), "seed": seed,
+              "output_dir": str(runs_dir / f"{variant}__seed{seed}")}
+    try:
+        config = BamConfig.from_dict(values)
+    except TypeError as err:
+        raise SelftuneError(f"grid variant {variant!r}: {err}") from None
+    return PlannedRun(f"{variant}__seed{seed}", ",".join(grid.tasks), variant, seed, config,
+                      command="bam")
 
 
 def read_recorded(results: Path) -> dict[tuple[str, str], dict]:
@@ -179,6 +215,28 @@ def append_record(results: Path, record: dict) -> None:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def bam_records(run: PlannedRun, summary: dict) -> list[dict]:
+    """One results line per task for the student (variant), and for each teacher
+    (variant-teacher), read from the run's folders."""
+    root = Path(run.config.output_dir or "")
+    student = json.loads((root / "student" / METRICS_FILE).read_text())
+    records = []
+    for task, result in student["tasks"].items():
+        history = [{"epoch": h["epoch"], "metrics": h["tasks"][task]["metrics"],
+                    "score": h["tasks"][task]["score"]} for h in student.get("history", [])]
+        per_task = {**student, **result, "history": history}
+        records.append({**make_record(run, per_task), "task": task,
+                        "run_id": f"{task}__{run.variant}__seed{run.seed}",
+                        "note": "wall time and memory are the whole multi-task run's"})
+        teacher_metrics = root / "teachers" / task / METRICS_FILE
+        if teacher_metrics.is_file():
+            teacher = json.loads(teacher_metrics.read_text())
+            records.append({**make_record(run, teacher), "task": task,
+                            "variant": f"{run.variant}-teacher",
+                            "run_id": f"{task}__{run.variant}-teacher__seed{run.seed}"})
+    return records
+
+
 def make_record(run: PlannedRun, metrics: dict) -> dict:
     keep = ("metrics", "score", "teacher_metrics", "teacher_score", "history", "wall_time_s",
             "train_time_s", "train_examples_per_s", "peak_memory_mb", "versions", "machine",
@@ -209,14 +267,14 @@ def run_grid(
     """Run every planned run that is not yet recorded; return counts of what happened."""
     runs = plan_runs(grid, runs_dir)
     recorded = read_recorded(results)
-    todo = [r for r in runs if (r.run_id, r.config.hash()) not in recorded]
+    todo = [r for r in runs
+            if any((rid, r.config.hash()) not in recorded for rid in r.record_ids())]
     print(f"grid {grid.name}: {len(runs)} runs, {len(runs) - len(todo)} already recorded in "
           f"{results}, {len(todo)} to run", flush=True)
     if dry_run:
         for run in todo:
             print(f"  would run {run.run_id}")
         return {"planned": len(runs), "done": 0, "failed": 0, "skipped": len(runs) - len(todo)}
-    command = train_command or [sys.executable, "-m", "selftune", "train"]
     done = failed = 0
     durations: list[float] = []
     for index, run in enumerate(todo[:max_runs] if max_runs else todo, start=1):
@@ -234,6 +292,7 @@ def run_grid(
             out.mkdir(parents=True, exist_ok=True)
             config_file = out / "bench_run.json"
             write_json_atomic(config_file, run.config.to_dict())
+            command = train_command or [sys.executable, "-m", "selftune", run.command]
             proc = subprocess.run([*command, "--config", str(config_file)])
             durations.append(time.time() - started)
             metrics = _finished_metrics(out, run)
@@ -243,9 +302,13 @@ def run_grid(
                       f"{out / 'train.log'}; it will be retried on the next 'selftune bench'",
                       flush=True)
                 continue
-        append_record(results, make_record(run, metrics))
+        for record in (make_record(run, metrics) if run.command == "train"
+                       else bam_records(run, metrics)):
+            if (record["run_id"], record["config_hash"]) not in recorded:
+                append_record(results, record)
         done += 1
-        print(f"  {run.run_id}: score {metrics['score']:.2f}", flush=True)
+        score = metrics.get("score", metrics.get("student_average"))
+        print(f"  {run.run_id}: score {score:.2f}", flush=True)
     return {"planned": len(runs), "done": done, "failed": failed,
             "skipped": len(runs) - len(todo)}
 
@@ -255,14 +318,16 @@ def _holds_other_config(out: Path, run: PlannedRun) -> bool:
     if not saved.is_file():
         return False
     try:
-        return TrainConfig.from_dict(json.loads(saved.read_text())).hash() != run.config.hash()
+        saved_config = type(run.config).from_dict(json.loads(saved.read_text()))
+        return saved_config.hash() != run.config.hash()
     except (json.JSONDecodeError, SelftuneError, TypeError):
         return True
 
 
 def _finished_metrics(out: Path, run: PlannedRun) -> dict | None:
-    """metrics.json of a finished run with this exact configuration, else None."""
-    path = out / METRICS_FILE
+    """metrics.json of a finished run with this exact configuration, else None (for a bam
+    run: its bam.json summary)."""
+    path = out / (METRICS_FILE if run.command == "train" else "bam.json")
     if not path.is_file():
         return None
     metrics = json.loads(path.read_text())

@@ -47,6 +47,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=36, width=100)
 
 
+def add_config_option(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """``--config FILE``: option values from a file, overridden by flags on the command line."""
+    parser.add_argument("--config", metavar="FILE",
+                        help="Read options from a JSON or YAML file (keys are option names with "
+                             "underscores, as in run_config.json); flags given on the command "
+                             "line win over the file.")
+    parser.set_defaults(_config_parser=parser, _config_class=config_class)
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true",
                         help="Show the full traceback when something goes wrong.")
@@ -99,12 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "evaluate on the dev split after each epoch, and save the final model.",
         formatter_class=HelpFormatter, epilog=TRAIN_EPILOG)
     add_dataclass_arguments(train, TrainConfig, GROUP_TITLES)
-    train.add_argument("--config", metavar="FILE",
-                       help="Read options from a JSON or YAML file (keys are option names with "
-                            "underscores, as in run_config.json); flags given on the command "
-                            "line win over the file.")
+    add_config_option(train, TrainConfig)
     _add_common(train)
-    parser.set_defaults(_train_parser=train)
 
     evaluate = commands.add_parser(
         "evaluate", help="Dev metrics of a saved model on a task (or a labelled file).",
@@ -313,7 +318,7 @@ def _run_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_config_file(path: str) -> dict:
+def _load_config_file(path: str, config_class: type) -> dict:
     from pathlib import Path
 
     import yaml
@@ -327,7 +332,7 @@ def _load_config_file(path: str) -> dict:
         raise SelftuneError(f"--config {path}: cannot parse ({err})") from None
     if not isinstance(values, dict):
         raise SelftuneError(f"--config {path}: expected a mapping of option names to values")
-    TrainConfig.from_dict(values)  # names unknown options before anything runs
+    config_class.from_dict(values)  # names unknown options before anything runs
     return values
 
 
@@ -355,9 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     debug = getattr(args, "debug", False)
     try:
-        if args.command == "train" and args.config:
+        if getattr(args, "config", None):
             # Two passes: the file's values become defaults, so explicit flags still win.
-            args._train_parser.set_defaults(**_load_config_file(args.config))
+            args._config_parser.set_defaults(**_load_config_file(args.config, args._config_class))
             args = parser.parse_args(argv)
         return _handlers()[args.command](args)
     except SelftuneError as err:

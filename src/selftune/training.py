@@ -141,6 +141,18 @@ def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, evaluate: bool) -
     )
 
 
+def open_run_directory(cfg: TrainConfig, output_dir: Path) -> Path | None:
+    """Create the run folder (once the inputs are known to be good), start train.log, save
+    run_config.json; return the checkpoint to resume from, if any."""
+    resume_from = outputs.prepare_output_dir(output_dir, cfg.to_dict(), cfg.overwrite_output_dir,
+                                             cfg.resume)
+    setup_logging(output_dir / outputs.LOG_FILE)
+    outputs.write_json_atomic(output_dir / outputs.RUN_CONFIG_FILE, cfg.to_dict())
+    if resume_from:
+        logger.info("Resuming from %s", resume_from)
+    return resume_from
+
+
 def eval_split_name(cfg: TrainConfig, data: TaskData) -> str:
     split = cfg.eval_split or next(iter(data.eval_splits))
     if split not in data.eval_splits:
@@ -266,12 +278,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     model = load_for_training(model_path, task, cfg.trust_remote_code)
 
-    resume_from = outputs.prepare_output_dir(output_dir, cfg.to_dict(), cfg.overwrite_output_dir,
-                                             cfg.resume)
-    setup_logging(output_dir / outputs.LOG_FILE)
-    outputs.write_json_atomic(output_dir / outputs.RUN_CONFIG_FILE, cfg.to_dict())
-    if resume_from:
-        logger.info("Resuming from %s", resume_from)
+    resume_from = open_run_directory(cfg, output_dir)
     logger.info("Task %s from %s: %d train, %d %s examples; model %s", task.name, data.source,
                 len(data.train), len(data.eval_splits[split]), split, model_path)
     train_set = tokenize_records(data.train, tokenizer, cfg.max_seq_length)

@@ -44,7 +44,7 @@ from selftune.multitask.teacher_cache import check_coverage, read_predictions
 from selftune.optim import make_optimizer
 from selftune.runinfo import environment_info, peak_memory_mb
 from selftune.trainer import SelftuneTrainer
-from selftune.training import LogToFile, setup_logging, training_arguments
+from selftune.training import LogToFile, open_run_directory, setup_logging, training_arguments
 
 logger = logging.getLogger("selftune")
 MT = "multi-task"
@@ -183,10 +183,7 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     model = build_multitask_model(model_path, tasks, cfg.trust_remote_code)
-    resume_from = outputs.prepare_output_dir(output_dir, cfg.to_dict(), cfg.overwrite_output_dir,
-                                             cfg.resume)
-    setup_logging(output_dir / outputs.LOG_FILE)
-    outputs.write_json_atomic(output_dir / outputs.RUN_CONFIG_FILE, cfg.to_dict())
+    resume_from = open_run_directory(cfg, output_dir)
     data = build_train_set(tasks, records, tokenizer, cfg.max_seq_length, teachers,
                            model.max_labels)
     shares = task_shares(data.sizes, cfg.task_sampling, cfg.sampling_alpha)
