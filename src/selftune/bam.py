@@ -42,6 +42,12 @@ class BamConfig(MultiTaskConfig):
     teacher_learning_rate: float = opt(5e-5, "Learning rate of the single-task teachers.", BAM)
     teacher_epochs: float = opt(3.0, "Epochs of the single-task teachers.", BAM)
     teacher_batch_size: int = opt(32, "Batch size of the single-task teachers.", BAM)
+    teacher_layerwise_lr_decay: float | None = opt(0.9, "Layer-wise learning-rate decay of the "
+                                                   "teachers (BAM!: 0.9, as the student).", BAM)
+    teachers_root: str | None = opt(None, "Folder of the teachers trained with --teachers auto "
+                                    "(default: <output-dir>/teachers); '{seed}' is replaced by "
+                                    "the seed, so several recipes (e.g. ablations) can share "
+                                    "one set of teachers per seed.", BAM)
     finetune_after: bool = opt(False, "Fine-tune each of the student's task models on its "
                                "task alone afterwards (with the teachers' options).", BAM)
 
@@ -91,14 +97,17 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
     single_task.update(learning_rate=cfg.teacher_learning_rate,
                        num_train_epochs=cfg.teacher_epochs,
                        per_device_train_batch_size=cfg.teacher_batch_size,
+                       layerwise_lr_decay=cfg.teacher_layerwise_lr_decay,
                        overwrite_output_dir=False, output_dir=None)
 
     predictions: dict[str, Path] = {}
     if cfg.teachers != "none":
         given = {} if cfg.teachers == "auto" else parse_task_paths(cfg.teachers, "--teachers")
+        teachers_root = Path(cfg.teachers_root.format(seed=cfg.seed)) if cfg.teachers_root \
+            else root / "teachers"
         summary["teachers"] = {}
         for task in tasks:
-            teacher_dir = given.get(task.name) or root / "teachers" / task.name
+            teacher_dir = given.get(task.name) or teachers_root / task.name
             if task.name not in given:
                 expected = TrainConfig(**{**single_task, "task": task.name,
                                           "output_dir": str(teacher_dir)})

@@ -228,7 +228,9 @@ def bam_records(run: PlannedRun, summary: dict) -> list[dict]:
         records.append({**make_record(run, per_task), "task": task,
                         "run_id": f"{task}__{run.variant}__seed{run.seed}",
                         "note": "wall time and memory are the whole multi-task run's"})
-        teacher_metrics = root / "teachers" / task / METRICS_FILE
+        teachers = getattr(run.config, "teachers_root", None)
+        teacher_root = Path(teachers.format(seed=run.seed)) if teachers else root / "teachers"
+        teacher_metrics = teacher_root / task / METRICS_FILE
         if teacher_metrics.is_file():
             teacher = json.loads(teacher_metrics.read_text())
             records.append({**make_record(run, teacher), "task": task,
