@@ -202,3 +202,11 @@ def test_real_entry_point_prints_no_traceback(tmp_path):
     debug = subprocess.run([sys.executable, "-m", "selftune", "train", "--task", "nope",
                             "--debug"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert "Traceback" in debug.stderr
+
+
+def test_unknown_scheduler_is_a_clear_error(capsys, tmp_path, files):
+    train = files("t.csv", "text,label\ngood,1\nbad,0\n")
+    code, _, err = run_cli(capsys, "train", "--train-file", train, "--validation-file", train,
+                           "--lr-scheduler-type", "zigzag", "--output-dir", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "invalid training option", "zigzag")
+    assert not (tmp_path / "o").exists()

@@ -57,8 +57,6 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         (cfg.max_seq_length >= 8, "--max-seq-length must be at least 8"),
         (cfg.logging_steps > 0, "--logging-steps must be positive"),
         (cfg.save_steps is None or cfg.save_steps > 0, "--save-steps must be positive"),
-    ]
-    checks += [
         (cfg.sd_k >= 1, "--sd-k must be at least 1"),
         (cfg.sd_lambda >= 0, "--sd-lambda must be non-negative"),
         (cfg.snapshot_interval >= 1, "--snapshot-interval must be at least 1"),
@@ -118,6 +116,13 @@ def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, evaluate: bool) -
     save = {"save_strategy": "steps", "save_steps": cfg.save_steps} if cfg.save_steps else {
         "save_strategy": "epoch"}
     report_to = [] if cfg.report_to in ("none", "") else cfg.report_to.split(",")
+    try:
+        return _training_arguments(cfg, checkpoint_dir, evaluate, save, report_to)
+    except ValueError as err:  # e.g. an unknown scheduler or tracker name
+        raise SelftuneError(f"invalid training option: {str(err).splitlines()[0]}") from None
+
+
+def _training_arguments(cfg, checkpoint_dir, evaluate, save, report_to) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(checkpoint_dir),
         seed=cfg.seed,
@@ -278,6 +283,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     model = load_for_training(model_path, task, cfg.trust_remote_code)
 
+    args = training_arguments(cfg, output_dir / outputs.CHECKPOINTS, cfg.eval_each_epoch)
     resume_from = open_run_directory(cfg, output_dir)
     logger.info("Task %s from %s: %d train, %d %s examples; model %s", task.name, data.source,
                 len(data.train), len(data.eval_splits[split]), split, model_path)
@@ -286,7 +292,6 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
     if cfg.cls_norm != "none" or cfg.cls_source != "auto":
         add_cls_norm(cfg, model, tokenizer, train_set, output_dir)
 
-    args = training_arguments(cfg, output_dir / outputs.CHECKPOINTS, cfg.eval_each_epoch)
     objective = build_objective(cfg, model, task.is_regression)
     trainer = SelftuneTrainer(
         objective=objective,
