@@ -117,9 +117,12 @@ def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, evaluate: bool) -
         "save_strategy": "epoch"}
     report_to = [] if cfg.report_to in ("none", "") else cfg.report_to.split(",")
     try:
-        return _training_arguments(cfg, checkpoint_dir, evaluate, save, report_to)
+        args = _training_arguments(cfg, checkpoint_dir, evaluate, save, report_to)
     except ValueError as err:  # e.g. an unknown scheduler or tracker name
         raise SelftuneError(f"invalid training option: {str(err).splitlines()[0]}") from None
+    # Sets up the (possibly distributed) process state now, before anything else asks for it.
+    args.world_size  # noqa: B018
+    return args
 
 
 def _training_arguments(cfg, checkpoint_dir, evaluate, save, report_to) -> TrainingArguments:
@@ -142,17 +145,30 @@ def _training_arguments(cfg, checkpoint_dir, evaluate, save, report_to) -> Train
         save_total_limit=1,
         report_to=report_to,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # On a machine without GPU this is what makes torchrun/accelerate launch run
+        # data-parallel on CPU processes (gloo), rather than N independent runs.
+        use_cpu=not torch.cuda.is_available(),
         **save,
     )
 
 
 def open_run_directory(cfg: TrainConfig, output_dir: Path) -> Path | None:
     """Create the run folder (once the inputs are known to be good), start train.log, save
-    run_config.json; return the checkpoint to resume from, if any."""
-    resume_from = outputs.prepare_output_dir(output_dir, cfg.to_dict(), cfg.overwrite_output_dir,
-                                             cfg.resume)
-    setup_logging(output_dir / outputs.LOG_FILE)
-    outputs.write_json_atomic(output_dir / outputs.RUN_CONFIG_FILE, cfg.to_dict())
+    run_config.json; return the checkpoint to resume from, if any.
+
+    Under ``accelerate launch``/``torchrun`` only the main process touches the folder; the
+    others wait for it, then find the same checkpoint.
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        outputs.prepare_output_dir(output_dir, cfg.to_dict(), cfg.overwrite_output_dir,
+                                   cfg.resume)
+        outputs.write_json_atomic(output_dir / outputs.RUN_CONFIG_FILE, cfg.to_dict())
+    state.wait_for_everyone()
+    setup_logging(output_dir / outputs.LOG_FILE if state.is_main_process else None)
+    resume_from = outputs.last_checkpoint(output_dir) if cfg.resume else None
     if resume_from:
         logger.info("Resuming from %s", resume_from)
     return resume_from
