@@ -210,3 +210,67 @@ def test_unknown_scheduler_is_a_clear_error(capsys, tmp_path, files):
                            "--lr-scheduler-type", "zigzag", "--output-dir", str(tmp_path / "o"))
     assert_one_line_error(code, err, "invalid training option", "zigzag")
     assert not (tmp_path / "o").exists()
+
+
+def test_header_only_file(capsys, tmp_path, tiny_model, files):
+    train = files("t.tsv", "text\tlabel\n")
+    code, _, err = run_cli(capsys, *train_args(tmp_path, tiny_model, train, train))
+    assert_one_line_error(code, err, "no data rows")
+
+
+def test_glue_label_outside_the_task(capsys, tmp_path, glue_dir):
+    rte = glue_dir / "glue" / "RTE" / "train.tsv"
+    rte.write_text(rte.read_text() + "99\tthe plot\tthe film\tmaybe\n")
+    code, _, err = run_cli(capsys, "train", "--task", "rte", "--data-dir", str(glue_dir))
+    assert_one_line_error(code, err, "label 'maybe' is not one of", "train.tsv:18")
+
+
+def test_model_directory_without_tokenizer(capsys, tmp_path, tiny_model, files):
+    broken = tmp_path / "no-tokenizer"
+    broken.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (broken / name).write_bytes((tiny_model / name).read_bytes())
+    train = files("t.csv", "text,label\ngood,1\nbad,0\n")
+    code, _, err = run_cli(capsys, "train", "--train-file", train, "--validation-file", train,
+                           "--model", str(broken), "--output-dir", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "no tokenizer files")
+
+
+def test_output_dir_that_cannot_be_a_folder(capsys, tmp_path, tiny_model, sentiment_files):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    train, dev = map(str, sentiment_files)
+    code, _, err = run_cli(capsys, "train", "--train-file", train, "--validation-file", dev,
+                           "--model", str(tiny_model), "--output-dir", str(blocker / "run"))
+    assert_one_line_error(code, err, "cannot write to --output-dir")
+
+
+def test_disk_full_is_explained(capsys, tmp_path, tiny_model, sentiment_files, monkeypatch):
+    import errno
+
+    from selftune import outputs
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs, "write_json_atomic", full)
+    train, dev = map(str, sentiment_files)
+    code, _, err = run_cli(capsys, *train_args(tmp_path, tiny_model, train, dev))
+    assert_one_line_error(code, err, "no space left on the device", "resume")
+
+
+def test_unknown_option_value_is_argparse_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--task", "rte", "--strategy", "magic"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'magic'" in err and "Traceback" not in err
+
+
+def test_very_long_texts_are_truncated_not_refused(capsys, tmp_path, tiny_model, files):
+    long = " ".join(["good"] * 20000)
+    train = files("t.csv", f"text,label\n{long},1\nbad movie,0\n{long},1\ndull plot,0\n")
+    code, out, _ = run_cli(capsys, "train", "--train-file", train, "--validation-file", train,
+                           "--model", str(tiny_model), "--max-seq-length", "32",
+                           "--output-dir", str(tmp_path / "o"), "--num-train-epochs", "1")
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["task"] == "t"
