@@ -91,14 +91,18 @@ class StopAfterFirstSave(TrainerCallback):
         raise KeyboardInterrupt
 
 
-def test_interrupted_run_resumes_to_the_same_result(tiny_model, sentiment_files, tmp_path):
-    reference = train(tiny_config(tiny_model, sentiment_files, tmp_path / "ref"))
+@pytest.mark.parametrize("save_steps", [None, 4, 6])  # epoch end, inside, just before eval
+def test_interrupted_run_resumes_to_the_same_result(save_steps, tiny_model, sentiment_files,
+                                                    tmp_path):
+    reference = train(tiny_config(tiny_model, sentiment_files, tmp_path / "ref",
+                                  save_steps=save_steps))
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(tiny_model, sentiment_files, out), callbacks=[StopAfterFirstSave()])
+        train(tiny_config(tiny_model, sentiment_files, out, save_steps=save_steps),
+              callbacks=[StopAfterFirstSave()])
     assert not (out / "metrics.json").exists()
     assert (out / "checkpoints").is_dir()
-    resumed = train(tiny_config(tiny_model, sentiment_files, out))
+    resumed = train(tiny_config(tiny_model, sentiment_files, out, save_steps=save_steps))
     assert resumed["resumed_from"] is not None
     assert resumed["metrics"] == pytest.approx(reference["metrics"], abs=1e-9)
     texts = ["the movie was good", "it was really dull"]

@@ -68,6 +68,14 @@ class _ObjectiveHooks(TrainerCallback):
         self.trainer.objective.on_epoch_end(self._student(), state.epoch or 0.0)
 
 
+def _rng_untouched():
+    """Evaluation must not change training: a DataLoader draws a seed from the global RNG even
+    without workers, so an evaluation between a checkpoint and the next epoch would give a
+    resumed run another data order than the uninterrupted one."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    return torch.random.fork_rng(devices=devices)
+
+
 class SelftuneTrainer(Trainer):
     """A ``Trainer`` whose training loss comes from an optional ``objective``."""
 
@@ -90,6 +98,14 @@ class SelftuneTrainer(Trainer):
         for name, value in parts.items():
             self._loss_parts.setdefault(name, []).append(float(value.detach()))
         return (loss, outputs) if return_outputs else loss
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        with _rng_untouched():
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any):
+        with _rng_untouched():
+            return super().predict(*args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
