@@ -89,14 +89,13 @@ class SelfDistillation:
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any]
     ) -> tuple[torch.Tensor, Any, dict[str, torch.Tensor]]:
+        if self.kind == "se":  # training is the baseline's: the model's own loss
+            outputs = model(**inputs)
+            return outputs.loss, outputs, {}
         labels = inputs["labels"]
         features = {k: v for k, v in inputs.items() if k != "labels"}
         outputs = model(**features)
         logits = outputs.logits
-        if self.kind == "se":
-            loss, parts = distillation_loss(logits, logits.detach(), labels, 0.0,
-                                            self.is_regression)
-            return loss, outputs, {"task_loss": parts["task_loss"]}
         teacher_logits = self.teacher_logits(features).to(logits.dtype)
         loss, parts = distillation_loss(logits, teacher_logits, labels, self.lam,
                                         self.is_regression)
