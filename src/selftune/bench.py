@@ -304,7 +304,7 @@ def run_grid(
                       f"{out / 'train.log'}; it will be retried on the next 'selftune bench'",
                       flush=True)
                 continue
-        for record in (make_record(run, metrics) if run.command == "train"
+        for record in ([make_record(run, metrics)] if run.command == "train"
                        else bam_records(run, metrics)):
             if (record["run_id"], record["config_hash"]) not in recorded:
                 append_record(results, record)
