@@ -44,45 +44,63 @@ def states_equal(a: dict, b: dict) -> bool:
     return all(torch.equal(a[n], b[n]) for n in a)
 
 
+def snapshot(model) -> dict:
+    return {n: t.clone() for n, t in float_state(model).items()}
+
+
+def mean_of(states: list[dict]) -> dict:
+    return {n: torch.stack([s[n] for s in states]).mean(0) for n in states[0]}
+
+
+def assert_state(actual: dict, expected: dict) -> None:
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-6, atol=1e-6)
+
+
 def test_k1_sda_teacher_is_the_previous_student():
     model = tiny_classifier()
     objective = SelfDistillation(model, kind="sda", k=1)
     objective.on_train_begin(model)
+    assert states_equal(float_state(objective.teacher), float_state(model))  # only θ_0 exists
     for step in range(1, 4):
-        previous = {n: t.clone() for n, t in float_state(model).items()}
+        previous = snapshot(model)
         sgd_step(model)
-        # Before the push the teacher is the student of the previous step...
-        assert states_equal(float_state(objective.teacher), previous)
         objective.on_step_end(model, step)
-        # ...and the push (after the optimizer step) makes it the current one.
-        assert states_equal(float_state(objective.teacher), float_state(model))
+        # The loss at θ_t uses θ̃_t = θ_{t-1}: the student of the previous step.
+        assert states_equal(float_state(objective.teacher), previous)
+        assert not states_equal(float_state(objective.teacher), float_state(model))
 
 
-def test_sda_teacher_averages_the_last_k_states():
+def test_sda_teacher_averages_the_k_states_before_the_student():
     model = tiny_classifier()
     objective = SelfDistillation(model, kind="sda", k=3)
     objective.on_train_begin(model)
-    history = [{n: t.clone() for n, t in float_state(model).items()}]
+    history = [snapshot(model)]
     for step in range(1, 6):
         sgd_step(model)
         objective.on_step_end(model, step)
-        history.append({n: t.clone() for n, t in float_state(model).items()})
-    teacher = float_state(objective.teacher)
-    for name, value in teacher.items():
-        direct = torch.stack([h[name] for h in history[-3:]]).mean(0)
-        torch.testing.assert_close(value, direct, rtol=1e-6, atol=1e-6)
+        history.append(snapshot(model))
+        # θ̃_t = mean(θ_{t-1}, ..., θ_{t-K}), fewer while fewer exist.
+        assert_state(float_state(objective.teacher), mean_of(history[-4:-1]))
     assert not objective.teacher.training  # eval mode: no dropout in the teacher
     assert not any(p.requires_grad for p in objective.teacher.parameters())
 
 
-def test_snapshot_interval():
+def test_snapshot_interval_teacher_never_includes_the_current_student():
     model = tiny_classifier()
-    objective = SelfDistillation(model, kind="sda", k=10, interval=3)
+    objective = SelfDistillation(model, kind="sda", k=2, interval=2)
     objective.on_train_begin(model)
-    for step in range(1, 10):
+    pushed = {0: snapshot(model)}
+    expected = {2: [0], 3: [0, 2], 4: [0, 2], 5: [2, 4], 6: [2, 4], 7: [4, 6]}
+    for step in range(1, 8):
         sgd_step(model)
         objective.on_step_end(model, step)
-    assert len(objective.window) == 1 + 3  # the initial model and steps 3, 6, 9
+        if step % 2 == 0:
+            pushed[step] = snapshot(model)
+        if step in expected:
+            assert_state(float_state(objective.teacher),
+                         mean_of([pushed[s] for s in expected[step]]))
+    assert len(objective.window) == 3  # K + 1 states: 2, 4, 6
 
 
 def test_sdv_k1_equals_sda_k1_on_a_batch():
@@ -104,14 +122,15 @@ def test_sdv_vote_is_the_mean_of_member_logits():
     objective = SelfDistillation(model, kind="sdv", k=3)
     objective.on_train_begin(model)
     members = [tiny_classifier().eval()]
-    for step in range(1, 4):
+    members[0].load_state_dict(model.state_dict())
+    for step in range(1, 5):
         sgd_step(model)
         objective.on_step_end(model, step)
         members.append(tiny_classifier().eval())
         members[-1].load_state_dict(model.state_dict())
     batch = {"input_ids": torch.randint(5, 40, (3, 6))}
-    with torch.no_grad():
-        direct = torch.stack([m(**batch).logits for m in members[-3:]]).mean(0)
+    with torch.no_grad():  # the K states before the current one: θ_1, θ_2, θ_3
+        direct = torch.stack([m(**batch).logits for m in members[-4:-1]]).mean(0)
     torch.testing.assert_close(objective.teacher_logits(batch), direct, rtol=1e-5, atol=1e-6)
 
 

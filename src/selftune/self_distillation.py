@@ -10,7 +10,9 @@ One objective for four strategies, each a small addition to the baseline loss:
   and the pool's parameter average (or output vote) is the final model.
 
 A snapshot is pushed after every ``interval``-th optimizer step (the initial model is the first
-snapshot), so with K = 1 the SDA teacher is the student of the previous step.
+snapshot). The teacher of the student θ_t averages the K states before it, θ_{t−1}…θ_{t−K}
+(methods.md §1.1; fewer while fewer exist), so with K = 1 the SDA teacher is the student of the
+previous step.
 """
 
 from __future__ import annotations
@@ -49,40 +51,74 @@ class SelfDistillation:
     ) -> None:
         if kind not in STRATEGIES:
             raise ValueError(f"unknown self-distillation strategy {kind!r}")
-        self.kind, self.lam, self.interval = kind, lam, interval
+        self.kind, self.k, self.lam, self.interval = kind, k, lam, interval
         self.is_regression, self.se_pool = is_regression, se_pool
         self.teacher = make_teacher_shell(student, dropout=teacher_dropout)
-        self.window = SnapshotWindow(k) if kind != "ema" else None
+        # A distilling window keeps K + 1 states: the K before the student's current state,
+        # plus that current state (pushed after the optimizer step, a teacher one step later).
+        capacity = k if kind == "se" else k + 1
+        self.window = SnapshotWindow(capacity) if kind != "ema" else None
         self.ema = EmaAverage(student) if kind == "ema" else None
         self._started = False
+        self._step = 0  # optimizer updates so far
+        self._pushed_at = -1  # the step whose state is the window's newest snapshot
 
     # ---- events from the Trainer
 
     def on_train_begin(self, model: nn.Module, global_step: int = 0, max_steps: int = 0) -> None:
+        device = next(model.parameters()).device  # the Trainer has placed the student by now
+        self.teacher.to(device)
+        if self.ema is not None:
+            self.ema.average = {n: t.to(device) for n, t in self.ema.average.items()}
         if self._started:  # resumed: the window came from the checkpoint
+            self._refresh_teacher()
             return
         self._started = True
-        if self.window is not None and not (self.kind == "se" and self.se_pool == "epochs"):
+        self._step = global_step
+        if self.window is not None and not self._epoch_pool:
             self._push(model)
+        if self.ema is not None:
+            load_float_state(self.teacher, self.ema.average)
 
     def on_step_end(self, model: nn.Module, global_step: int) -> None:
-        if global_step % self.interval:
-            return
-        if self.ema is not None:
-            self.ema.update(model)
-            load_float_state(self.teacher, self.ema.average)
-        elif not (self.kind == "se" and self.se_pool == "epochs"):
-            self._push(model)
+        self._step = global_step
+        if global_step % self.interval == 0:
+            if self.ema is not None:
+                self.ema.update(model)
+                load_float_state(self.teacher, self.ema.average)
+            elif not self._epoch_pool:
+                self._push(model)
+                return
+        if global_step == self._pushed_at + 1:
+            self._refresh_teacher()  # the newest snapshot is now a past state
 
     def on_epoch_end(self, model: nn.Module, epoch: float) -> None:
-        if self.kind == "se" and self.se_pool == "epochs":
+        if self._epoch_pool:
             self._push(model)
+
+    @property
+    def _epoch_pool(self) -> bool:
+        return self.kind == "se" and self.se_pool == "epochs"
 
     def _push(self, model: nn.Module) -> None:
         assert self.window is not None
         self.window.push(model)
-        if self.kind in ("sda", "se"):
-            load_float_state(self.teacher, self.window.mean())
+        self._pushed_at = self._step
+        self._refresh_teacher()
+
+    def _skip(self) -> str | None:
+        """Which end of the window the teacher leaves out: θ̃_t averages θ_{t−1}…θ_{t−K}, so
+        the student's own current state (just pushed) is not part of its teacher."""
+        assert self.window is not None
+        if self.kind == "se":
+            return None
+        if len(self.window) >= 2 and self._pushed_at == self._step:
+            return "newest"
+        return "oldest" if len(self.window) == self.k + 1 else None
+
+    def _refresh_teacher(self) -> None:
+        if self.kind == "sda":
+            load_float_state(self.teacher, self.window.mean(self._skip()))
 
     # ---- the loss
 
@@ -109,22 +145,22 @@ class SelfDistillation:
 
     def _vote(self, features: dict[str, Any]) -> torch.Tensor:
         # One model shell, K parameter loads: K forward passes without K model copies.
-        assert self.window is not None
+        members = self.members()
         total = None
-        for snapshot in self.window.snapshots():
+        for snapshot in members:
             load_float_state(self.teacher, snapshot)
             logits = self.teacher(**features).logits.float()
             total = logits if total is None else total + logits
-        return total / len(self.window)
+        return total / len(members)
 
     # ---- what the run keeps
 
     def averaged_state(self) -> State:
-        """Parameters of the averaged teacher (window mean or EMA)."""
+        """Parameters of the averaged teacher (window mean or EMA); for se, of the pool."""
         if self.ema is not None:
             return self.ema.average
         assert self.window is not None
-        return self.window.mean()
+        return self.window.mean(self._skip())
 
     def averaged_teacher(self) -> nn.Module:
         """The teacher shell loaded with the averaged parameters (for evaluation and saving)."""
@@ -132,11 +168,17 @@ class SelfDistillation:
         return self.teacher
 
     def members(self) -> list[State]:
-        """The snapshot models whose outputs a vote averages."""
-        return self.window.snapshots() if self.window is not None else []
+        """The snapshot models whose outputs a vote averages (the teacher's K states)."""
+        if self.window is None:
+            return []
+        snapshots = self.window.snapshots()
+        skip = self._skip()
+        if skip == "newest":
+            return snapshots[:-1]
+        return snapshots[1:] if skip == "oldest" else snapshots
 
     def vote_logits(self, predict: Any) -> np.ndarray:
-        """Mean of ``predict(model)`` (logits over a dataset) over the window's members."""
+        """Mean of ``predict(model)`` (logits over a dataset) over the teacher's members."""
         logits = []
         for snapshot in self.members():
             load_float_state(self.teacher, snapshot)
@@ -144,7 +186,8 @@ class SelfDistillation:
         return np.mean(logits, axis=0)
 
     def state_dict(self) -> State:
-        state = {"started": torch.tensor(int(self._started))}
+        state = {"started": torch.tensor(int(self._started)), "step": torch.tensor(self._step),
+                 "pushed_at": torch.tensor(self._pushed_at)}
         if self.window is not None:
             state.update(self.window.state_dict())
         if self.ema is not None:
@@ -153,11 +196,9 @@ class SelfDistillation:
 
     def load_state_dict(self, state: State) -> None:
         self._started = bool(int(state["started"]))
+        self._step, self._pushed_at = int(state["step"]), int(state["pushed_at"])
         if self.window is not None:
-            self.window.load_state_dict({k: v for k, v in state.items()
-                                         if k.startswith("snapshot.")})
-            if self.kind in ("sda", "se") and len(self.window):
-                load_float_state(self.teacher, self.window.mean())
+            self.window.load_state_dict(state)
         if self.ema is not None:
             self.ema.load_state_dict(state)
             load_float_state(self.teacher, self.ema.average)

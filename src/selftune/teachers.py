@@ -78,26 +78,35 @@ class SnapshotWindow:
         """Oldest first."""
         return list(self._snapshots)
 
-    def mean(self) -> State:
+    def mean(self, skip: str | None = None) -> State:
+        """Mean of the window, or of all but its ``"newest"`` or ``"oldest"`` snapshot."""
         if not self._snapshots:
             raise RuntimeError("the snapshot window is empty")
-        count = len(self._snapshots)
-        return {n: (s / count).to(self.storage_dtype) for n, s in self._sum.items()}
+        if skip is None or len(self._snapshots) == 1:
+            count, left_out = len(self._snapshots), None
+        else:
+            count = len(self._snapshots) - 1
+            left_out = self._snapshots[-1] if skip == "newest" else self._snapshots[0]
+        return {n: ((s - left_out[n]) if left_out is not None else s).div(count)
+                .to(self.storage_dtype) for n, s in self._sum.items()}
 
     def state_dict(self) -> State:
-        """Flat tensors for a safetensors checkpoint; the sum is rebuilt on load."""
-        return {f"snapshot.{i}.{name}": t for i, snap in enumerate(self._snapshots)
-                for name, t in snap.items()}
+        """Flat tensors for a safetensors checkpoint, the running sum included, so a resumed
+        window continues with exactly the same rounding."""
+        state = {f"snapshot.{i}.{name}": t for i, snap in enumerate(self._snapshots)
+                 for name, t in snap.items()}
+        state.update({f"sum.{name}": t for name, t in self._sum.items()})
+        return state
 
     def load_state_dict(self, flat: State) -> None:
         by_index: dict[int, State] = {}
         for key, tensor in flat.items():
-            _, index, name = key.split(".", 2)
-            by_index.setdefault(int(index), {})[name] = tensor
-        self._snapshots.clear()
-        self._sum = {}
-        for index in sorted(by_index):
-            self.push(by_index[index])
+            if key.startswith("snapshot."):
+                _, index, name = key.split(".", 2)
+                by_index.setdefault(int(index), {})[name] = tensor
+        self._snapshots = deque(by_index[i] for i in sorted(by_index))
+        self._sum = {key.removeprefix("sum."): t.to(torch.float64) for key, t in flat.items()
+                     if key.startswith("sum.")}
 
 
 class EmaAverage:
