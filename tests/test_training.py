@@ -150,3 +150,16 @@ def test_non_finite_loss_can_skip_updates(tiny_model, sentiment_files, tmp_path)
     result = train(tiny_config(tiny_model, sentiment_files, tmp_path / "run",
                                nan_policy="skip"), callbacks=[PoisonWeights(2)])
     assert result["skipped_steps"] == result["global_steps"] - 2
+
+
+def test_gradient_accumulation_keeps_the_loss_scale(tiny_model, sentiment_files, tmp_path):
+    whole = train(tiny_config(tiny_model, sentiment_files, tmp_path / "a", num_train_epochs=1,
+                              learning_rate=1e-5))
+    accumulated = train(tiny_config(tiny_model, sentiment_files, tmp_path / "b",
+                                    num_train_epochs=1, learning_rate=1e-5,
+                                    per_device_train_batch_size=4,
+                                    gradient_accumulation_steps=2))
+    assert whole["global_steps"] == accumulated["global_steps"] == 6
+    # Both are means over the same examples (a model that barely moves: ~log 2 each); counting
+    # the accumulated micro-batches twice would double it.
+    assert accumulated["train_loss"] == pytest.approx(whole["train_loss"], abs=0.02)

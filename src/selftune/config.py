@@ -126,9 +126,9 @@ class TrainConfig:
     teacher_dropout: bool = opt(False, "Run the teacher with dropout on (default: eval mode).", SD)
     se_pool: str = opt("epochs", "se: pool the states at the end of each epoch (default) or the "
                        "last K step snapshots.", SD, ("epochs", "steps"))
-    se_combine: str = opt("average", "se: combine the pool by parameter average (one model) or "
-                          "also report the output vote of its K models.", SD,
-                          ("average", "vote"))
+    se_combine: str = opt("average", "se: the saved model is the pool's parameter average; "
+                          "'vote' also reports the output vote of its K models (vote_metrics).",
+                          SD, ("average", "vote"))
     report_to: str = opt("none", "Experiment trackers for the Trainer's logs: none, tensorboard, "
                          "wandb, ... (comma-separated).", TRAIN)
     # ---- output

@@ -86,9 +86,13 @@ class SelftuneTrainer(Trainer):
         self.nan_policy = nan_policy  # "stop" the run, or "skip" the update
         self.skipped_steps = 0
         self._loss_parts: dict[str, list[float]] = {}
+        # Every loss here (the model's own for sequence classification, or the objective's) is a
+        # per-batch mean: the Trainer must divide it for gradient accumulation, and must not
+        # rescale it by the number of processes. (It would assume otherwise for models whose
+        # forward takes **kwargs, as BERT's does in transformers 5.)
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
         if objective is not None:
-            # Our loss is a per-batch mean: the Trainer divides it for gradient accumulation.
-            self.loss_is_scaled_for_ga = False
             self.add_callback(_ObjectiveHooks(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -109,7 +113,7 @@ class SelftuneTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss):
+        if not self._all_finite(loss):
             # The backward pass has run, the optimizer step has not: nothing is spoiled yet.
             if self.nan_policy == "skip":
                 self.skipped_steps += 1
@@ -122,6 +126,15 @@ class SelftuneTrainer(Trainer):
                 "lower --learning-rate, check the labels, or pass --nan-policy skip to skip such "
                 "steps (the last checkpoint is kept: rerun to resume)")
         return loss
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether every process's loss is finite: they must all stop, or all skip, together."""
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.args.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bool(bad.item())
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._loss_parts:

@@ -244,15 +244,19 @@ def evaluate_self_distillation(
 
     averaged = metrics_of(predict(objective.averaged_teacher()))
     if cfg.strategy == "se":
-        # The self-ensemble is the run's model; the last iterate is kept for comparison.
-        ensemble = metrics_of(objective.vote_logits(predict)) if cfg.se_combine == "vote" \
-            else averaged
-        return {"metrics": {k: v for k, v in ensemble.items() if k != "score"},
-                "score": ensemble["score"],
-                "ensemble": f"{cfg.se_combine} of {len(objective.members())} {cfg.se_pool} "
+        # The self-ensemble (parameter average, the saved model) is the run's model; the last
+        # iterate, and with --se-combine vote the output vote of the pool, are kept beside it.
+        extra = {}
+        if cfg.se_combine == "vote":
+            vote = metrics_of(objective.vote_logits(predict))
+            extra = {"vote_metrics": {k: v for k, v in vote.items() if k != "score"},
+                     "vote_score": vote["score"]}
+        return {"metrics": {k: v for k, v in averaged.items() if k != "score"},
+                "score": averaged["score"],
+                "ensemble": f"parameter average of {len(objective.members())} {cfg.se_pool} "
                             "snapshots",
                 "last_iterate_metrics": {k: v for k, v in student.items() if k != "score"},
-                "last_iterate_score": student["score"]}
+                "last_iterate_score": student["score"], **extra}
     teacher = metrics_of(objective.vote_logits(predict)) if cfg.strategy == "sdv" else averaged
     return {"teacher_metrics": {k: v for k, v in teacher.items() if k != "score"},
             "teacher_score": teacher["score"],
@@ -371,9 +375,10 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
         # The Trainer also pickles its arguments there; a model directory we hand out holds no
         # pickle (the run's options are in run_config.json).
         (output_dir / "training_args.bin").unlink(missing_ok=True)
+        outputs.write_json_atomic(output_dir / outputs.METRICS_FILE, result)
+        # Only now: a kill before metrics.json must leave the checkpoints to resume from.
         if not cfg.keep_checkpoints:
             shutil.rmtree(output_dir / outputs.CHECKPOINTS, ignore_errors=True)
-        outputs.write_json_atomic(output_dir / outputs.METRICS_FILE, result)
     logger.info("Done: %s %s = %s (score %.2f) in %.0f s; model and metrics in %s", task.name,
                 split, ", ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items()),
                 result["score"], result["wall_time_s"], output_dir)

@@ -245,9 +245,9 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     if trainer.is_world_process_zero():
         for task in tasks:
             model.export_task(task.name, output_dir / "tasks" / task.name, tokenizer)
+        outputs.write_json_atomic(output_dir / outputs.METRICS_FILE, result)
         if not cfg.keep_checkpoints:
             shutil.rmtree(output_dir / outputs.CHECKPOINTS, ignore_errors=True)
-        outputs.write_json_atomic(output_dir / outputs.METRICS_FILE, result)
     logger.info("Done: %s; average %.2f; task models in %s", ", ".join(
         f"{t} {r['score']:.2f}" for t, r in final.items()), result["score"],
         output_dir / "tasks")
