@@ -130,3 +130,14 @@ def test_bam_variants_record_one_line_per_task(tiny_model, glue_dir, tmp_path):
     stsb = next(r for r in records if r.run_id == "stsb__bam__seed0")
     assert set(stsb.metrics) == {"pearson", "spearman"}
     assert run_grid(grid, results, tmp_path / "runs")["done"] == 0
+
+
+def test_yaml_exponent_strings_become_numbers(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("tasks: [rte]\nseeds: 0\nvariants: {fast: {learning_rate: 1e-4}}\n")
+    run = plan_runs(load_grid(path), tmp_path)[0]
+    assert run.config.learning_rate == 1e-4
+    from selftune.config import TrainConfig
+
+    # The run's identity is the same whether read from the grid or from its saved options.
+    assert TrainConfig.from_dict(run.config.to_dict()).hash() == run.config.hash()

@@ -274,3 +274,19 @@ def test_very_long_texts_are_truncated_not_refused(capsys, tmp_path, tiny_model,
                            "--model", str(tiny_model), "--max-seq-length", "32",
                            "--output-dir", str(tmp_path / "o"), "--num-train-epochs", "1")
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["task"] == "t"
+
+
+def test_config_file_values_are_checked_like_flags(capsys, tmp_path, files):
+    config = files("c.yaml", "task: rte\nstrategy: bogus\n")
+    code, _, err = run_cli(capsys, "train", "--config", config)
+    assert_one_line_error(code, err, "'bogus' is not one of baseline")
+    config = files("c2.yaml", "task: rte\nnum_train_epochs: many\n")
+    code, _, err = run_cli(capsys, "train", "--config", config)
+    assert_one_line_error(code, err, "'many' is not a valid float")
+
+
+def test_run_glue_spelling_of_boolean_flags(capsys):
+    from selftune.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--task", "rte", "--overwrite_output_dir"])
+    assert args.overwrite_output_dir is True

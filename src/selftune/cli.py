@@ -332,8 +332,8 @@ def _load_config_file(path: str, config_class: type) -> dict:
         raise SelftuneError(f"--config {path}: cannot parse ({err})") from None
     if not isinstance(values, dict):
         raise SelftuneError(f"--config {path}: expected a mapping of option names to values")
-    config_class.from_dict(values)  # names unknown options before anything runs
-    return values
+    checked = config_class.from_dict(values)  # names, types and choices, before anything runs
+    return {name: getattr(checked, name) for name in values}
 
 
 def _columns(value: str) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from selftune.data.loading import DataOptions
+from selftune.errors import SelftuneError
 
 
 def opt(default: Any, help: str, group: str, choices: tuple | None = None, **kw: Any) -> Any:
@@ -168,13 +169,50 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        """Options from a file or a grid: names, types and choices checked as on the command
+        line (YAML reads ``1e-4`` as a string: it becomes the float the option expects)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
         if unknown:
-            from selftune.errors import SelftuneError
-
             raise SelftuneError(f"unknown option(s) {unknown}; see 'selftune train --help'")
-        return cls(**values)
+        hints = typing.get_type_hints(cls, globalns=vars(sys.modules[cls.__module__]))
+        return cls(**{name: _coerce(fields[name], hints[name], value)
+                      for name, value in values.items()})
+
+
+def _coerce(f: dataclasses.Field, annotation: Any, value: Any) -> Any:
+    kind = _scalar_type(annotation)
+    optional = annotation is not kind
+    where = f"option {f.name!r}"
+    if value is None:
+        if optional:
+            return None
+        raise SelftuneError(f"{where} needs a value")
+    try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+                return value.lower() in ("true", "yes")
+            if not isinstance(value, bool):
+                raise ValueError
+            coerced: Any = value
+        elif kind is int:
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            coerced = int(float(value))
+        elif kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            coerced = float(value)
+        else:
+            if not isinstance(value, str | int | float) or isinstance(value, bool):
+                raise ValueError
+            coerced = str(value)
+    except (TypeError, ValueError):
+        raise SelftuneError(f"{where}: {value!r} is not a valid {kind.__name__}") from None
+    choices = f.metadata.get("choices")
+    if choices and coerced not in choices:
+        raise SelftuneError(f"{where}: {coerced!r} is not one of {', '.join(choices)}")
+    return coerced
 
 
 def _scalar_type(annotation: Any) -> type:
@@ -200,8 +238,8 @@ def add_dataclass_arguments(
         flag = "--" + f.name.replace("_", "-")
         names = [flag, *meta.get("aliases", ())]
         kind = _scalar_type(hints[f.name])
-        if "_" in f.name and kind is not bool:
-            names.append("--" + f.name)
+        if "_" in f.name:
+            names.append("--" + f.name)  # run_glue.py's spelling
         help_text = meta.get("help", "")
         if kind is bool:
             group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
