@@ -30,7 +30,7 @@ def make_tiny_model(path: Path) -> Path:
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=64)
+                        max_position_embeddings=128)
     torch.manual_seed(0)
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -75,3 +75,28 @@ def test_layernorm_cannot_be_folded(tiny_model, sentiment_files, tmp_path):
                       num_train_epochs=1))
     with pytest.raises(SelftuneError, match="cannot be folded"):
         fold_cls_norm(load_finetuned(str(out)))
+
+
+def test_batchnorm_survives_a_last_batch_of_one(tiny_model, sentiment_files, tmp_path):
+    # 48 examples, batch 47: the second batch of every epoch holds one example.
+    result = train(tiny_config(tiny_model, sentiment_files, tmp_path / "bn", cls_norm="batchnorm",
+                               per_device_train_batch_size=47, num_train_epochs=1))
+    assert result["global_steps"] == 2
+
+
+def test_models_that_do_not_read_the_pooler_are_refused():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from selftune.models.heads import install_cls_norm
+
+    roberta = RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64))
+    with pytest.raises(SelftuneError, match="reads the pooled"):
+        install_cls_norm(roberta, "layernorm")
+
+
+def test_sequence_length_beyond_the_model_is_refused(tiny_model, sentiment_files, tmp_path):
+    with pytest.raises(SelftuneError, match="longer than the model.s 128 positions"):
+        train(tiny_config(tiny_model, sentiment_files, tmp_path / "x", max_seq_length=256))
+    assert not (tmp_path / "x").exists()

@@ -18,6 +18,7 @@ Use it in your own script::
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -76,6 +77,17 @@ def _rng_untouched():
     return torch.random.fork_rng(devices=devices)
 
 
+class _SessionStart(TrainerCallback):
+    """Remembers where this session's training began (after a resume, not at step 0)."""
+
+    def __init__(self, trainer: SelftuneTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.session_start_step = state.global_step
+        self.trainer.eval_seconds = 0.0
+
+
 class SelftuneTrainer(Trainer):
     """A ``Trainer`` whose training loss comes from an optional ``objective``."""
 
@@ -92,6 +104,9 @@ class SelftuneTrainer(Trainer):
         # forward takes **kwargs, as BERT's does in transformers 5.)
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
+        self.session_start_step = 0
+        self.eval_seconds = 0.0  # time spent evaluating during this session's training
+        self.add_callback(_SessionStart(self))
         if objective is not None:
             self.add_callback(_ObjectiveHooks(self))
 
@@ -104,12 +119,26 @@ class SelftuneTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        started = time.perf_counter()
         with _rng_untouched():
-            return super().evaluate(*args, **kwargs)
+            result = super().evaluate(*args, **kwargs)
+        self.eval_seconds += time.perf_counter() - started
+        return result
 
     def predict(self, *args: Any, **kwargs: Any):
+        started = time.perf_counter()
         with _rng_untouched():
-            return super().predict(*args, **kwargs)
+            result = super().predict(*args, **kwargs)
+        self.eval_seconds += time.perf_counter() - started
+        return result
+
+    def training_throughput(self, train_runtime: float) -> tuple[float, float]:
+        """(seconds spent training, examples per second) in this session, evaluation excluded."""
+        steps = self.state.global_step - self.session_start_step
+        examples = steps * self.args.per_device_train_batch_size * \
+            self.args.gradient_accumulation_steps * self.args.world_size
+        seconds = max(train_runtime - self.eval_seconds, 1e-9)
+        return seconds, examples / seconds
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

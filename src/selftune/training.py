@@ -152,6 +152,14 @@ def _training_arguments(cfg, checkpoint_dir, evaluate, save, report_to) -> Train
     )
 
 
+def check_sequence_length(max_seq_length: int, model) -> None:
+    """Inputs longer than the model's position table would crash mid-run: refuse them now."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and max_seq_length > limit:
+        raise SelftuneError(f"--max-seq-length {max_seq_length} is longer than the model's "
+                            f"{limit} positions; use at most {limit}")
+
+
 def open_run_directory(cfg: TrainConfig, output_dir: Path) -> Path | None:
     """Create the run folder (once the inputs are known to be good), start train.log, save
     run_config.json; return the checkpoint to resume from, if any.
@@ -302,6 +310,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     model = load_for_training(model_path, task, cfg.trust_remote_code)
+    check_sequence_length(cfg.max_seq_length, model)
 
     args = training_arguments(cfg, output_dir / outputs.CHECKPOINTS, cfg.eval_each_epoch)
     resume_from = open_run_directory(cfg, output_dir)
@@ -330,6 +339,8 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
                     None),
     )
     train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_seconds, examples_per_s = trainer.training_throughput(
+        train_output.metrics.get("train_runtime", 0.0))
     history = history_from_logs(trainer.state.log_history)
     if history and history[-1]["step"] == trainer.state.global_step:
         final = {**history[-1]["metrics"], "score": history[-1]["score"]}
@@ -338,10 +349,6 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
         final = {k.removeprefix("eval_"): v for k, v in final_eval.items()
                  if k.removeprefix("eval_") in (*task.metrics, "score")}
 
-    eval_seconds = sum(e.get("eval_runtime", 0.0) for e in trainer.state.log_history
-                       if "eval_score" in e)
-    train_seconds = max(train_output.metrics.get("train_runtime", 0.0) - eval_seconds, 1e-9)
-    examples_seen = len(train_set) * cfg.num_train_epochs
     result: dict[str, Any] = {
         "task": task.name,
         "strategy": cfg.strategy,
@@ -356,7 +363,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
         "global_steps": trainer.state.global_step,
         "wall_time_s": time.time() - started,
         "train_time_s": train_seconds,
-        "train_examples_per_s": examples_seen / train_seconds,
+        "train_examples_per_s": examples_per_s,
         "peak_memory_mb": peak_memory_mb(),
         "resumed_from": str(resume_from) if resume_from else None,
         "skipped_steps": trainer.skipped_steps,

@@ -196,6 +196,23 @@ class IsoBN(nn.Module):
                 f"beta={self.beta}, init_from_first_batch={self.init_from_first_batch}")
 
 
+class BatchNormNoAffine(nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` without affine (momentum 0.1, eps 1e-5, PyTorch's defaults).
+
+    A training batch of one example has no batch statistics (PyTorch raises): such a batch, e.g.
+    the last one of an epoch, is normalized with the running statistics instead.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__(hidden_size, affine=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and x.shape[0] == 1:
+            return nn.functional.batch_norm(x, self.running_mean, self.running_var,
+                                            training=False, eps=self.eps)
+        return super().forward(x)
+
+
 def make_cls_norm(kind: str, hidden_size: int, stats: ClsStats | None = None) -> nn.Module:
     """Build the [CLS] normalizer ``kind`` (one of :data:`CLS_NORM_KINDS`) of width ``hidden_size``.
 
@@ -209,7 +226,7 @@ def make_cls_norm(kind: str, hidden_size: int, stats: ClsStats | None = None) ->
     if kind == "none":
         return nn.Identity()
     if kind == "batchnorm":
-        return nn.BatchNorm1d(hidden_size, affine=False)  # momentum 0.1, eps 1e-5 (defaults)
+        return BatchNormNoAffine(hidden_size)
     if kind == "layernorm":
         return nn.LayerNorm(hidden_size, elementwise_affine=False)
     if kind == "isobn":

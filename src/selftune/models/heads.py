@@ -20,6 +20,10 @@ from transformers import PreTrainedModel
 from selftune.errors import SelftuneError
 from selftune.models.cls_norm import ClsStats, make_cls_norm
 
+# Architectures whose sequence classifier reads the pooled [CLS] (the pooler output). Others,
+# e.g. RoBERTa, classify from the sequence output with a head of their own, where a normalizer
+# in the pooler would silently do nothing.
+POOLED_HEAD_TYPES = ("bert", "albert", "megatron-bert", "ernie", "nezha", "mobilebert")
 NORM_KEY = "selftune_cls_norm"
 SOURCE_KEY = "selftune_cls_source"
 
@@ -60,10 +64,10 @@ def install_cls_norm(
 ) -> None:
     """Insert the normalizer ``kind`` before the classifier of a BERT-like model (in place)."""
     base = model.base_model
-    if not hasattr(base, "pooler"):
+    if model.config.model_type not in POOLED_HEAD_TYPES or not hasattr(base, "pooler"):
         raise SelftuneError(
-            f"--cls-norm needs an encoder whose classifier reads a pooled [CLS] (BERT-like); "
-            f"{type(model).__name__} has no pooler")
+            f"--cls-norm needs an encoder whose classifier reads the pooled [CLS] (model types "
+            f"{', '.join(POOLED_HEAD_TYPES)}); {type(model).__name__} classifies otherwise")
     if source == "auto":
         source = default_source(model)
     if source not in ("cls", "pooler"):

@@ -223,6 +223,7 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     if cfg.eval_each_epoch:
         trainer.add_callback(curve)
     train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    _, examples_per_s = trainer.training_throughput(train_output.metrics.get("train_runtime", 0.0))
     final = curve.history[-1]["tasks"] if curve.history and \
         curve.history[-1]["step"] == trainer.state.global_step else evaluate()
     result: dict[str, Any] = {
@@ -235,8 +236,7 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
         "with_teachers": teachers is not None,
         "global_steps": trainer.state.global_step,
         "wall_time_s": time.time() - started,
-        "train_examples_per_s": len(sampler) * cfg.per_device_train_batch_size
-        * cfg.num_train_epochs / max(train_output.metrics.get("train_runtime", 1e-9), 1e-9),
+        "train_examples_per_s": examples_per_s,
         "peak_memory_mb": peak_memory_mb(),
         "resumed_from": str(resume_from) if resume_from else None,
         "config_hash": cfg.hash(),
