@@ -162,8 +162,9 @@ class TrainConfig:
         ``CONFIG_VERSION``.
         """
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        values = {k: v for k, v in self.to_dict().items()
-                  if k not in NOT_HASHED and v != defaults[k]}
+        # Typed as the options say (1 and 1.0 epochs are the same run).
+        typed = type(self).from_dict(self.to_dict()).to_dict()
+        values = {k: v for k, v in typed.items() if k not in NOT_HASHED and v != defaults[k]}
         values["_config_version"] = CONFIG_VERSION
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 

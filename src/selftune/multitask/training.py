@@ -113,19 +113,33 @@ def parse_task_paths(value: str | None, what: str) -> dict[str, Path]:
 
 
 class EvaluateTasks(TrainerCallback):
-    """Dev metrics of every task at the end of each epoch (the learning curve)."""
+    """Dev metrics of every task at the end of each epoch (the learning curve), logged into the
+    Trainer's log history so that they survive in checkpoints and come back on resume."""
 
-    def __init__(self, evaluate) -> None:
-        self.evaluate = evaluate
-        self.history: list[dict] = []
+    def __init__(self, evaluate, log) -> None:
+        self.evaluate, self.log = evaluate, log
 
     def on_epoch_end(self, args, state, control, **kwargs):
         results = self.evaluate()
-        self.history.append({"epoch": state.epoch, "step": state.global_step,
-                             "tasks": results,
-                             "score": float(np.mean([r["score"] for r in results.values()]))})
+        flat = {"multitask_eval": 1.0}
+        for task, result in results.items():
+            flat[f"{task}/score"] = result["score"]
+            flat.update({f"{task}/{m}": v for m, v in result["metrics"].items()})
+        self.log(flat)
         logger.info("epoch %.2f: %s", state.epoch, ", ".join(
             f"{t} {r['score']:.2f}" for t, r in results.items()))
+
+
+def history_from_logs(log_history: list[dict], tasks: list[TaskSpec]) -> list[dict]:
+    history = []
+    for entry in log_history:
+        if "multitask_eval" not in entry:
+            continue
+        results = {t.name: {"metrics": {m: entry[f"{t.name}/{m}"] for m in t.metrics},
+                            "score": entry[f"{t.name}/score"]} for t in tasks}
+        history.append({"epoch": entry.get("epoch"), "step": entry.get("step"), "tasks": results,
+                        "score": float(np.mean([r["score"] for r in results.values()]))})
+    return history
 
 
 class MultiTaskTrainer(SelftuneTrainer):
@@ -219,17 +233,17 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
                                   "score": metrics["score"]}
         return results
 
-    curve = EvaluateTasks(evaluate)
     if cfg.eval_each_epoch:
-        trainer.add_callback(curve)
+        trainer.add_callback(EvaluateTasks(evaluate, trainer.log))
     train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     _, examples_per_s = trainer.training_throughput(train_output.metrics.get("train_runtime", 0.0))
-    final = curve.history[-1]["tasks"] if curve.history and \
-        curve.history[-1]["step"] == trainer.state.global_step else evaluate()
+    history = history_from_logs(trainer.state.log_history, tasks)
+    final = history[-1]["tasks"] if history and history[-1]["step"] == \
+        trainer.state.global_step else evaluate()
     result: dict[str, Any] = {
         "tasks": final,
         "score": float(np.mean([r["score"] for r in final.values()])),
-        "history": curve.history,
+        "history": history,
         "train_loss": train_output.metrics.get("train_loss"),
         "num_train_examples": data.sizes,
         "task_shares": shares,
