@@ -208,3 +208,19 @@ def test_teacher_predictions_must_cover_the_student_data(tiny_model, glue_dir, t
                             output_dir=str(tmp_path / "mt2"), teacher_predictions=f"cola={cache}")
     with pytest.raises(SelftuneError, match="predictions for task 'rte', not 'cola'"):
         train_multitask(wrong)
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"distill_weight": 2.0}, "--distill-weight"),
+    ({"warmup_ratio": 1.5}, "--warmup-ratio"),
+    ({"teacher_epochs": 0}, "--teacher-epochs"),
+    ({"tasks": "rte,nope"}, "unknown task 'nope'"),
+    ({"teachers": "rte"}, "--teachers expects task=PATH"),
+])
+def test_bam_options_are_checked_before_any_training(option, message, tiny_model, glue_dir,
+                                                     tmp_path):
+    cfg = BamConfig(**{"tasks": "rte", "model": str(tiny_model), "data_dir": str(glue_dir),
+                       "output_dir": str(tmp_path / "bam"), **option})
+    with pytest.raises(SelftuneError, match=message):
+        run_bam(cfg)
+    assert not (tmp_path / "bam").exists()

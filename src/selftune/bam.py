@@ -24,7 +24,7 @@ from typing import Any
 from selftune import outputs
 from selftune.config import opt
 from selftune.data.loading import load_task_data
-from selftune.data.tasks import TaskSpec, get_task
+from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
 from selftune.multitask.data import UNORDERED_TASKS, with_swapped_pairs
 from selftune.multitask.teacher_cache import write_predictions
@@ -86,9 +86,15 @@ def _check_same_options(run_dir: Path, expected) -> None:
 
 def run_bam(cfg: BamConfig) -> dict[str, Any]:
     from selftune.config import TrainConfig
+    from selftune.multitask.training import check_multitask_options
     from selftune.training import train
 
-    tasks = [get_task(t.strip()) for t in cfg.tasks.split(",") if t.strip()]
+    tasks = check_multitask_options(cfg)  # before hours of teacher training, not after
+    if min(cfg.teacher_learning_rate, cfg.teacher_epochs, cfg.teacher_batch_size) <= 0:
+        raise SelftuneError("--teacher-learning-rate, --teacher-epochs and --teacher-batch-size "
+                            "must be positive")
+    if cfg.teachers not in ("auto", "none"):
+        parse_task_paths(cfg.teachers, "--teachers")
     root = Path(cfg.output_dir or Path("runs") / "bam" / f"seed{cfg.seed}")
     if cfg.overwrite_output_dir and root.exists():
         shutil.rmtree(root)

@@ -316,6 +316,14 @@ def run_grid(
 
 
 def _holds_other_config(out: Path, run: PlannedRun) -> bool:
+    if run.command == "bam":  # a BAM! folder records its options' hash in bam.json
+        summary = out / "bam.json"
+        if not summary.is_file():
+            return False
+        try:
+            return json.loads(summary.read_text()).get("config_hash") != run.config.hash()
+        except json.JSONDecodeError:
+            return True
     saved = out / "run_config.json"
     if not saved.is_file():
         return False

@@ -46,6 +46,19 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.output_dir is None:
         name = cfg.task or Path(cfg.train_file or "custom").stem
         cfg.output_dir = str(Path("runs") / name / f"{cfg.strategy}-seed{cfg.seed}")
+    validate_options(cfg)
+    if cfg.strategy == "baseline":
+        defaults = TrainConfig()
+        changed = [name for name in SD_OPTIONS if getattr(cfg, name) != getattr(defaults, name)]
+        if changed:
+            flags = ", ".join("--" + n.replace("_", "-") for n in changed)
+            raise SelftuneError(f"{flags} only apply to --strategy se/sda/sdv/ema; add "
+                                "--strategy or drop the option")
+    return cfg
+
+
+def validate_options(cfg: TrainConfig) -> None:
+    """Ranges of the numeric options (types and choices are checked when they are read)."""
     checks = [
         (cfg.num_train_epochs > 0, "--num-train-epochs must be positive"),
         (cfg.learning_rate > 0, "--learning-rate must be positive"),
@@ -66,14 +79,6 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     for ok, message in checks:
         if not ok:
             raise SelftuneError(message)
-    if cfg.strategy == "baseline":
-        defaults = TrainConfig()
-        changed = [name for name in SD_OPTIONS if getattr(cfg, name) != getattr(defaults, name)]
-        if changed:
-            flags = ", ".join("--" + n.replace("_", "-") for n in changed)
-            raise SelftuneError(f"{flags} only apply to --strategy se/sda/sdv/ema; add "
-                                "--strategy or drop the option")
-    return cfg
 
 
 class LogToFile(TrainerCallback):

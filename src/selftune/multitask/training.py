@@ -83,7 +83,11 @@ class MultiTaskConfig(TrainConfig):
     double_unordered: bool = opt(True, "Train MRPC, STS-B and QQP on both sentence orders.", MT)
 
 
-def _check(cfg: MultiTaskConfig) -> list[TaskSpec]:
+def check_multitask_options(cfg: MultiTaskConfig) -> list[TaskSpec]:
+    """Every option of a multi-task run, checked before any work; returns the tasks."""
+    from selftune.training import validate_options
+
+    validate_options(cfg)
     tasks = [get_task(t.strip()) for t in cfg.tasks.split(",") if t.strip()]
     if len(tasks) < 1 or len({t.name for t in tasks}) != len(tasks):
         raise SelftuneError("--tasks: give distinct task names, e.g. rte,mrpc,stsb,cola")
@@ -95,6 +99,8 @@ def _check(cfg: MultiTaskConfig) -> list[TaskSpec]:
                             "use them in single-task runs")
     if not 0 <= cfg.distill_weight <= 1:
         raise SelftuneError("--distill-weight must be in [0, 1]")
+    if not 0 < cfg.sampling_alpha <= 1:
+        raise SelftuneError("--sampling-alpha must be in (0, 1]")
     if cfg.output_dir is None:
         cfg.output_dir = str(Path("runs") / "multitask" / f"seed{cfg.seed}")
     return tasks
@@ -165,7 +171,7 @@ class _SamplerEpoch(TrainerCallback):
 
 def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     """Train one multi-task model; return the content of its ``metrics.json``."""
-    tasks = _check(cfg)
+    tasks = check_multitask_options(cfg)
     output_dir = Path(cfg.output_dir)
     setup_logging(None)
     outputs.check_output_dir(output_dir, cfg.to_dict(), cfg.overwrite_output_dir, cfg.resume)
