@@ -266,8 +266,8 @@ def evaluate_self_distillation(
                      "vote_score": vote["score"]}
         return {"metrics": {k: v for k, v in averaged.items() if k != "score"},
                 "score": averaged["score"],
-                "ensemble": f"parameter average of {len(objective.members())} {cfg.se_pool} "
-                            "snapshots",
+                "ensemble": f"parameter average of {len(objective.members())} snapshots "
+                            f"({cfg.se_pool} pool)",
                 "last_iterate_metrics": {k: v for k, v in student.items() if k != "score"},
                 "last_iterate_score": student["score"], **extra}
     teacher = metrics_of(objective.vote_logits(predict)) if cfg.strategy == "sdv" else averaged
