@@ -62,7 +62,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--min-delay", type=float, default=10.0,
                         help="Earliest kill, seconds after the start (model loading included).")
-    parser.add_argument("--max-delay", type=float, default=60.0)
+    parser.add_argument("--max-delay", type=float,
+                        help="Latest kill (default: 90%% of the uninterrupted run's duration, so "
+                             "every trial is killed while training).")
     parser.add_argument("--atol", type=float, default=1e-6)
     parser.add_argument("--work-dir", default="runs/kill_resume")
     args = parser.parse_args()
@@ -71,7 +73,11 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     rng = random.Random(args.seed)
     reference = work / "reference"
+    reference_started = time.time()
     subprocess.run(train_command(args, reference), check=True, capture_output=True)
+    max_delay = args.max_delay or 0.9 * (time.time() - reference_started)
+    print(f"uninterrupted run: {time.time() - reference_started:.1f}s; kills drawn from "
+          f"[{args.min_delay:.0f}s, {max_delay:.0f}s]", flush=True)
     ref_metrics = json.loads((reference / "metrics.json").read_text())
     texts = ["A man is playing a guitar.", "The cat sat on the mat.", "Nobody came.",
              "It rained all day in the city."]
@@ -81,7 +87,7 @@ def main() -> None:
     matches = 0
     for trial in range(1, args.trials + 1):
         out = work / f"trial-{trial}"
-        delay = rng.uniform(args.min_delay, args.max_delay)
+        delay = rng.uniform(args.min_delay, max_delay)
         proc = subprocess.Popen(train_command(args, out), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         time.sleep(delay)

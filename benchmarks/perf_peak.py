@@ -9,6 +9,10 @@
    --seq-len, so the count is exact), fp32 and bf16 autocast.
 
     python benchmarks/perf_peak.py --seq-len 128 --batch-size 32 --steps 10
+    python benchmarks/perf_peak.py --seq-len 32,64,128,256,512   # scaling with length
+
+With several lengths it also prints a Markdown table: time per step and per example, the
+attention share of the FLOPs (the term quadratic in the length) and the fraction of peak.
 """
 
 from __future__ import annotations
@@ -66,26 +70,49 @@ def step_times(model, batch: int, seq: int, steps: int, bf16: bool) -> list[floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seq-len", default="128",
+                        help="One length or a comma-separated list, e.g. 32,64,128,256,512.")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
+    lengths = [int(v) for v in args.seq_len.split(",")]
 
     model = AutoModelForSequenceClassification.from_pretrained(
         resolve_model_path(args.model), num_labels=2)
-    flops = step_flops(model.config, args.batch_size, args.seq_len)
-    result = {"threads": torch.get_num_threads(), "seq_len": args.seq_len,
-              "batch_size": args.batch_size, "step_gflop": flops / 1e9}
-    for name, dtype, bf16 in (("fp32", torch.float32, False), ("bf16", torch.bfloat16, True)):
-        peak = matmul_peak(args.matmul_size, dtype, args.repeats)
-        median = statistics.median(step_times(model, args.batch_size, args.seq_len, args.steps,
-                                              bf16))
-        result[name] = {"peak_gflops": peak / 1e9, "step_s": median,
-                        "achieved_gflops": flops / median / 1e9,
-                        "fraction_of_peak": flops / median / peak}
-    print(json.dumps(result, indent=2))
+    peaks = {"fp32": matmul_peak(args.matmul_size, torch.float32, args.repeats),
+             "bf16": matmul_peak(args.matmul_size, torch.bfloat16, args.repeats)}
+    results = []
+    for seq in lengths:
+        flops = step_flops(model.config, args.batch_size, seq)
+        result = {"threads": torch.get_num_threads(), "seq_len": seq,
+                  "batch_size": args.batch_size, "step_gflop": flops / 1e9,
+                  "attention_flop_share": attention_share(model.config, seq)}
+        for name, peak in peaks.items():
+            median = statistics.median(step_times(model, args.batch_size, seq, args.steps,
+                                                  bf16=name == "bf16"))
+            result[name] = {"peak_gflops": peak / 1e9, "step_s": median,
+                            "achieved_gflops": flops / median / 1e9,
+                            "fraction_of_peak": flops / median / peak}
+        results.append(result)
+        print(json.dumps(result, indent=2), flush=True)
+    if len(results) > 1:
+        print("\n| length | attention share of FLOPs | fp32 step (s) | fp32 ms/example | "
+              "fp32 % of peak | bf16 step (s) | bf16 % of peak |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for r in results:
+            print(f"| {r['seq_len']} | {100 * r['attention_flop_share']:.1f}% | "
+                  f"{r['fp32']['step_s']:.3f} | {1000 * r['fp32']['step_s'] / r['batch_size']:.1f} "
+                  f"| {100 * r['fp32']['fraction_of_peak']:.0f}% | {r['bf16']['step_s']:.3f} | "
+                  f"{100 * r['bf16']['fraction_of_peak']:.0f}% |")
+
+
+def attention_share(config, seq: int) -> float:
+    """Share of a layer's FLOPs in the two products whose cost grows with the length squared."""
+    h, f = config.hidden_size, config.intermediate_size
+    attention = 2 * 2 * seq * h
+    return attention / (2 * (4 * h * h + 2 * h * f) + attention)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ POSITIVE = {"good", "great", "fine", "wonderful"}
 NEGATIVE = {"bad", "awful", "boring", "dull"}
 
 
-def make_tiny_model(path: Path) -> Path:
+def make_tiny_model(path: Path, **config_overrides) -> Path:
     """Save a randomly initialised 2-layer BERT of width 32 with a word-level tokenizer."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizer
@@ -30,7 +30,7 @@ def make_tiny_model(path: Path) -> Path:
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=128)
+                        max_position_embeddings=128, **config_overrides)
     torch.manual_seed(0)
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -40,6 +40,13 @@ def make_tiny_model(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_without_dropout(tmp_path_factory) -> Path:
+    """For runs that must agree to rounding: dropout masks depend on how work is split."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-bert-no-dropout"),
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def sentiment_rows(n: int, seed: int) -> list[tuple[str, int]]:

@@ -290,3 +290,34 @@ def test_run_glue_spelling_of_boolean_flags(capsys):
 
     args = build_parser().parse_args(["train", "--task", "rte", "--overwrite_output_dir"])
     assert args.overwrite_output_dir is True
+
+
+def test_unwritable_output_dir(capsys, tmp_path, tiny_model, sentiment_files, monkeypatch):
+    import errno
+    import pathlib
+
+    # Simulated: permission bits do not stop root, which CI may be.
+    out = tmp_path / "read-only" / "run"
+    original = pathlib.Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == out:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    train, dev = map(str, sentiment_files)
+    code, _, err = run_cli(capsys, "train", "--train-file", train, "--validation-file", dev,
+                           "--model", str(tiny_model), "--output-dir", str(out))
+    assert_one_line_error(code, err, "cannot write to --output-dir", "Permission denied")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option", [["--label-type", "classification"],
+                                    ["--text-columns", "sentence1,sentence2"]])
+def test_user_file_option_with_a_registry_task(capsys, tmp_path, glue_dir, option):
+    code, _, err = run_cli(capsys, "train", "--task", "stsb", "--data-dir", str(glue_dir),
+                           "--output-dir", str(tmp_path / "o"), *option)
+    assert_one_line_error(code, err, option[0], "only apply to your own files",
+                          "stsb is a regression task")
+    assert not (tmp_path / "o").exists()

@@ -1,4 +1,5 @@
-"""Two CPU processes through torchrun (gloo): data-parallel, one writer, a teacher per rank."""
+"""Two CPU processes through torchrun (gloo): data-parallel, one writer, a teacher per rank, and
+the same result as one process with the same global batch."""
 
 from __future__ import annotations
 
@@ -6,27 +7,74 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+
+_ports = iter(range(29500 + os.getpid() % 500, 65000))
+
+
+def selftune(args: list[str], processes: int, timeout: int = 300) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "selftune"] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
+        "--master-port", str(next(_ports)), "-m", "selftune"]
+    proc = subprocess.run(launcher + args, capture_output=True, text=True, env=env,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def final_logits(model_dir: Path) -> np.ndarray:
+    from transformers import AutoTokenizer
+
+    from selftune.models.loading import load_finetuned
+
+    model = load_finetuned(str(model_dir)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = ["the movie was good", "it was really dull", "the plot is not great"]
+    with torch.no_grad():
+        return model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.numpy()
 
 
 @pytest.mark.parametrize("strategy", ["baseline", "sda"])
-def test_two_process_run(strategy, tiny_model, sentiment_files, tmp_path):
+def test_two_processes_match_one_with_the_same_global_batch(
+        strategy, tiny_model_without_dropout, sentiment_files, tmp_path):
     train, dev = map(str, sentiment_files)
-    out = tmp_path / strategy
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-port", str(29500 + os.getpid() % 1000 + (strategy == "sda")),
-         "-m", "selftune", "train", "--train-file", train, "--validation-file", dev,
-         "--model", str(tiny_model), "--output-dir", str(out), "--strategy", strategy,
-         "--per-device-train-batch-size", "8", "--num-train-epochs", "2",
-         "--learning-rate", "1e-2"],
-        capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
-    # 48 examples, 2 processes x 8 per step: 3 optimizer steps per epoch, not 6.
-    assert metrics["global_steps"] == 6
-    assert (out / "model.safetensors").is_file()
-    assert ("teacher_metrics" in metrics) == (strategy == "sda")
-    assert not list(out.glob("checkpoints"))
+    common = ["train", "--train-file", train, "--validation-file", dev,
+              "--model", str(tiny_model_without_dropout), "--strategy", strategy,
+              "--num-train-epochs", "2", "--learning-rate", "1e-2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    selftune(common + ["--output-dir", str(one), "--per-device-train-batch-size", "16"], 1)
+    selftune(common + ["--output-dir", str(two), "--per-device-train-batch-size", "8"], 2)
+
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    # 48 examples, a global batch of 16 either way: 3 optimizer steps per epoch.
+    assert m1["global_steps"] == m2["global_steps"] == 6
+    assert m2["metrics"] == pytest.approx(m1["metrics"], abs=1e-6)
+    np.testing.assert_allclose(final_logits(two), final_logits(one), atol=1e-4)
+    assert ("teacher_metrics" in m2) == (strategy == "sda")
+    if strategy == "sda":  # each rank built the same teacher from the same student states
+        np.testing.assert_allclose(final_logits(two / "teacher"), final_logits(one / "teacher"),
+                                   atol=1e-4)
+    assert (two / "model.safetensors").is_file()
+    assert not list(two.glob("checkpoints"))
+
+
+def test_two_process_bam_student(tiny_model, glue_dir, tmp_path):
+    out = tmp_path / "bam"
+    selftune(["bam", "--tasks", "rte,stsb", "--model", str(tiny_model), "--data-dir",
+              str(glue_dir), "--output-dir", str(out), "--num-train-epochs", "2",
+              "--per-device-train-batch-size", "4", "--learning-rate", "1e-3",
+              "--teacher-epochs", "1", "--teacher-batch-size", "4"], 2)
+    summary = json.loads((out / "bam.json").read_text())
+    assert set(summary["student"]) == {"rte", "stsb"}
+    student = json.loads((out / "student" / "metrics.json").read_text())
+    assert student["with_teachers"]
+    # 16 RTE + 4 STS-B (both orders) examples, 5 batches of 4, shared by two ranks: 3 steps.
+    assert student["global_steps"] == 2 * 3
+    for task in ("rte", "stsb"):
+        assert (out / "student" / "tasks" / task / "model.safetensors").is_file()
+        assert (out / "teachers" / task / "model.safetensors").is_file()
+    assert not list(out.rglob(".*.tmp"))

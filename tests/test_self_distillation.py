@@ -40,6 +40,15 @@ def sgd_step(model: torch.nn.Module) -> None:
             p.grad = None
 
 
+def optimizer_step(model: torch.nn.Module, step: int, *objectives: SelfDistillation) -> None:
+    """Update ``step`` as the Trainer runs it, with the objectives' hooks around it."""
+    for objective in objectives:
+        objective.before_optimizer_step(model, step - 1)
+    sgd_step(model)
+    for objective in objectives:
+        objective.on_step_end(model, step)
+
+
 def states_equal(a: dict, b: dict) -> bool:
     return all(torch.equal(a[n], b[n]) for n in a)
 
@@ -64,8 +73,7 @@ def test_k1_sda_teacher_is_the_previous_student():
     assert states_equal(float_state(objective.teacher), float_state(model))  # only θ_0 exists
     for step in range(1, 4):
         previous = snapshot(model)
-        sgd_step(model)
-        objective.on_step_end(model, step)
+        optimizer_step(model, step, objective)
         # The loss at θ_t uses θ̃_t = θ_{t-1}: the student of the previous step.
         assert states_equal(float_state(objective.teacher), previous)
         assert not states_equal(float_state(objective.teacher), float_state(model))
@@ -77,8 +85,7 @@ def test_sda_teacher_averages_the_k_states_before_the_student():
     objective.on_train_begin(model)
     history = [snapshot(model)]
     for step in range(1, 6):
-        sgd_step(model)
-        objective.on_step_end(model, step)
+        optimizer_step(model, step, objective)
         history.append(snapshot(model))
         # θ̃_t = mean(θ_{t-1}, ..., θ_{t-K}), fewer while fewer exist.
         assert_state(float_state(objective.teacher), mean_of(history[-4:-1]))
@@ -93,14 +100,13 @@ def test_snapshot_interval_teacher_never_includes_the_current_student():
     pushed = {0: snapshot(model)}
     expected = {2: [0], 3: [0, 2], 4: [0, 2], 5: [2, 4], 6: [2, 4], 7: [4, 6]}
     for step in range(1, 8):
-        sgd_step(model)
-        objective.on_step_end(model, step)
+        optimizer_step(model, step, objective)
         if step % 2 == 0:
             pushed[step] = snapshot(model)
         if step in expected:
             assert_state(float_state(objective.teacher),
                          mean_of([pushed[s] for s in expected[step]]))
-    assert len(objective.window) == 3  # K + 1 states: 2, 4, 6
+    assert len(objective.window) == 2  # exactly the teacher's K states: 4, 6
 
 
 def test_sdv_k1_equals_sda_k1_on_a_batch():
@@ -110,9 +116,7 @@ def test_sdv_k1_equals_sda_k1_on_a_batch():
     for objective in (sda, sdv):
         objective.on_train_begin(model)
     for step in range(1, 3):
-        sgd_step(model)
-        sda.on_step_end(model, step)
-        sdv.on_step_end(model, step)
+        optimizer_step(model, step, sda, sdv)
     batch = {"input_ids": torch.randint(5, 40, (3, 6))}
     torch.testing.assert_close(sda.teacher_logits(batch), sdv.teacher_logits(batch))
 
@@ -124,8 +128,7 @@ def test_sdv_vote_is_the_mean_of_member_logits():
     members = [tiny_classifier().eval()]
     members[0].load_state_dict(model.state_dict())
     for step in range(1, 5):
-        sgd_step(model)
-        objective.on_step_end(model, step)
+        optimizer_step(model, step, objective)
         members.append(tiny_classifier().eval())
         members[-1].load_state_dict(model.state_dict())
     batch = {"input_ids": torch.randint(5, 40, (3, 6))}

@@ -28,6 +28,23 @@ def test_window_mean_equals_direct_mean_after_many_evictions():
     assert window.mean()["b"].abs().mean() > 10
 
 
+def test_average_into_a_model_is_the_direct_mean_and_memory_is_reused():
+    model = torch.nn.Linear(5, 7)
+    window = SnapshotWindow(k=3)
+    states = []
+    for i in range(6):
+        state = {"weight": random_state(i)["w"], "bias": torch.randn(7) + 50}
+        states.append(state)
+        window.push(state)
+        if i == 2:  # full: from now on a push reuses the evicted snapshot's tensors
+            pointers = {t.data_ptr() for snap in window.snapshots() for t in snap.values()}
+    assert {t.data_ptr() for snap in window.snapshots() for t in snap.values()} == pointers
+    window.average_into(model)
+    for name, tensor in float_state(model).items():
+        direct = torch.stack([s[name] for s in states[-3:]]).double().mean(0).float()
+        torch.testing.assert_close(tensor, direct, rtol=1e-6, atol=1e-6)
+
+
 def test_window_copies_and_keeps_snapshots_oldest_first():
     window = SnapshotWindow(k=2)
     state = random_state(0)

@@ -38,7 +38,8 @@ BAM = "BAM! recipe"
 class BamConfig(MultiTaskConfig):
     teachers: str = opt("auto", "auto: train (or reuse) a single-task teacher per task in "
                         "<output-dir>/teachers; none: no teachers (plain multi-task, the "
-                        "paper's 'Multi'); or task=MODEL_DIR,... for teachers you trained.", BAM)
+                        "paper's 'Multi'); or task=MODEL_DIR,... for teachers you trained "
+                        "('{seed}' in a path becomes the seed: rte=runs/rte-seed{seed}).", BAM)
     teacher_learning_rate: float = opt(5e-5, "Learning rate of the single-task teachers.", BAM)
     teacher_epochs: float = opt(3.0, "Epochs of the single-task teachers.", BAM)
     teacher_batch_size: int = opt(32, "Batch size of the single-task teachers.", BAM)
@@ -85,6 +86,8 @@ def _check_same_options(run_dir: Path, expected) -> None:
 
 
 def run_bam(cfg: BamConfig) -> dict[str, Any]:
+    from accelerate import PartialState
+
     from selftune.config import TrainConfig
     from selftune.multitask.training import check_multitask_options
     from selftune.training import train
@@ -93,11 +96,17 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
     if min(cfg.teacher_learning_rate, cfg.teacher_epochs, cfg.teacher_batch_size) <= 0:
         raise SelftuneError("--teacher-learning-rate, --teacher-epochs and --teacher-batch-size "
                             "must be positive")
+    given_teachers = cfg.teachers.replace("{seed}", str(cfg.seed))
     if cfg.teachers not in ("auto", "none"):
-        parse_task_paths(cfg.teachers, "--teachers")
+        for task, path in parse_task_paths(given_teachers, "--teachers").items():
+            if not (path / "config.json").is_file():
+                raise SelftuneError(f"--teachers: the {task} teacher {path} is not a model "
+                                    "directory (no config.json)")
     root = Path(cfg.output_dir or Path("runs") / "bam" / f"seed{cfg.seed}")
-    if cfg.overwrite_output_dir and root.exists():
+    state = PartialState()
+    if cfg.overwrite_output_dir and root.exists() and state.is_main_process:
         shutil.rmtree(root)
+    state.wait_for_everyone()
     summary: dict[str, Any] = {"tasks": [t.name for t in tasks], "config_hash": cfg.hash()}
     single_task = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
     single_task.update(learning_rate=cfg.teacher_learning_rate,
@@ -108,7 +117,7 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
 
     predictions: dict[str, Path] = {}
     if cfg.teachers != "none":
-        given = {} if cfg.teachers == "auto" else parse_task_paths(cfg.teachers, "--teachers")
+        given = {} if cfg.teachers == "auto" else parse_task_paths(given_teachers, "--teachers")
         teachers_root = Path(cfg.teachers_root.format(seed=cfg.seed)) if cfg.teachers_root \
             else root / "teachers"
         summary["teachers"] = {}
@@ -126,10 +135,13 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
             both = cfg.double_unordered and task.name in UNORDERED_TASKS
             cache = teacher_dir / ("train_predictions.both-orders.jsonl" if both
                                    else "train_predictions.jsonl")
-            if not cache.is_file():
-                logger.info("Teacher predictions for %s → %s", task.name, cache)
-                compute_teacher_predictions(teacher_dir, task, cfg.data_options(), cache, both,
-                                            cfg.max_seq_length, cfg.per_device_eval_batch_size)
+            # Under torchrun the main process writes the cache; the others then read it.
+            with state.main_process_first():
+                if not cache.is_file():
+                    logger.info("Teacher predictions for %s → %s", task.name, cache)
+                    compute_teacher_predictions(teacher_dir, task, cfg.data_options(), cache,
+                                                both, cfg.max_seq_length,
+                                                cfg.per_device_eval_batch_size)
             predictions[task.name] = cache
             metrics_file = teacher_dir / outputs.METRICS_FILE
             if metrics_file.is_file():
@@ -163,5 +175,6 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
             summary["finetuned"][task.name] = result["score"]
         scores = list(summary["finetuned"].values())
         summary["finetuned_average"] = sum(scores) / len(scores)
-    outputs.write_json_atomic(root / "bam.json", summary)
+    if state.is_main_process:
+        outputs.write_json_atomic(root / "bam.json", summary)
     return summary

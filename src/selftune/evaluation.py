@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import DataCollatorWithPadding, PreTrainedModel, Trainer, TrainingArguments
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import DataCollatorWithPadding, PreTrainedModel
 
 from selftune.data.features import tokenize_records
 from selftune.data.loading import DataOptions, load_task_data
@@ -31,15 +32,26 @@ def predict_logits(
 
 
 def dataset_logits(model: PreTrainedModel, tokenizer, dataset, batch_size: int) -> np.ndarray:
-    """Logits for an already tokenized dataset (eval mode, no_grad, dynamic padding)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=batch_size,
-                                 report_to=[], disable_tqdm=len(dataset) < 2000,
-                                 dataloader_pin_memory=torch.cuda.is_available())
-        trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer))
-        output = trainer.predict(dataset)
-    logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-    return np.asarray(logits, dtype=np.float64)
+    """Logits for an already tokenized dataset (eval mode, no_grad, dynamic padding).
+
+    A plain loop on purpose: inside a ``torchrun`` job a ``Trainer`` would shard and gather the
+    predictions across processes, but these are one process's own (e.g. the main process
+    caching a teacher's predictions while the others wait).
+    """
+    collate = DataCollatorWithPadding(tokenizer)
+    columns = [c for c in dataset.column_names if c in tokenizer.model_input_names]
+    loader = DataLoader(dataset.select_columns(columns), batch_size=batch_size,
+                        collate_fn=collate)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    outputs = []
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="Predicting", disable=len(dataset) < 2000):
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+            outputs.append(logits.float().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(outputs).astype(np.float64)
 
 
 def _check_task_matches(task: TaskSpec, labels: tuple[str, ...] | None, model_dir: str) -> None:

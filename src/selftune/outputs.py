@@ -51,8 +51,17 @@ def last_checkpoint(output_dir: Path) -> Path | None:
     if not folder.is_dir():
         return None
     done = [p for p in folder.glob("checkpoint-*")
-            if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+            if p.name.split("-")[-1].isdigit() and _complete(p)]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _complete(checkpoint: Path) -> bool:
+    """The Trainer writes trainer_state.json last, but not atomically: it must also parse."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def check_output_dir(

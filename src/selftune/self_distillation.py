@@ -9,10 +9,14 @@ One objective for four strategies, each a small addition to the baseline loss:
 - ``se``: no distillation; snapshots are pooled (every ``interval`` steps, or at each epoch's end)
   and the pool's parameter average (or output vote) is the final model.
 
-A snapshot is pushed after every ``interval``-th optimizer step (the initial model is the first
-snapshot). The teacher of the student θ_t averages the K states before it, θ_{t−1}…θ_{t−K}
-(methods.md §1.1; fewer while fewer exist), so with K = 1 the SDA teacher is the student of the
-previous step.
+The teacher of the student θ_t averages the K states before it, θ_{t−1}…θ_{t−K} (methods.md
+§1.1; fewer while fewer exist, the initial model alone at the start), so with K = 1 the SDA
+teacher is the student of the previous step. A state enters the window when the student leaves
+it: just before the optimizer step that would overwrite it (every ``interval``-th state). The
+window therefore holds exactly the teacher's K states, and sda/sdv keep K + 1 model copies in
+all: the K snapshots and one teacher model whose tensors receive their average. The ``se`` pool
+instead takes the state after the step (every ``interval`` steps, or at each epoch's end), so
+the final model is part of it.
 """
 
 from __future__ import annotations
@@ -23,16 +27,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from selftune.errors import SelftuneError
 from selftune.losses import distillation_loss
 from selftune.teachers import (
     EmaAverage,
     SnapshotWindow,
     State,
+    float_state,
     load_float_state,
     make_teacher_shell,
 )
 
 STRATEGIES = ("sda", "sdv", "ema", "se")
+# Version of the state saved in checkpoints (1: a window of K + 1 states with a running sum).
+STATE_FORMAT = 2
 
 
 class SelfDistillation:
@@ -54,14 +62,9 @@ class SelfDistillation:
         self.kind, self.k, self.lam, self.interval = kind, k, lam, interval
         self.is_regression, self.se_pool = is_regression, se_pool
         self.teacher = make_teacher_shell(student, dropout=teacher_dropout)
-        # A distilling window keeps K + 1 states: the K before the student's current state,
-        # plus that current state (pushed after the optimizer step, a teacher one step later).
-        capacity = k if kind == "se" else k + 1
-        self.window = SnapshotWindow(capacity) if kind != "ema" else None
+        self.window = SnapshotWindow(k) if kind != "ema" else None
         self.ema = EmaAverage(student) if kind == "ema" else None
         self._started = False
-        self._step = 0  # optimizer updates so far
-        self._pushed_at = -1  # the step whose state is the window's newest snapshot
 
     # ---- events from the Trainer
 
@@ -74,51 +77,35 @@ class SelfDistillation:
             self._refresh_teacher()
             return
         self._started = True
-        self._step = global_step
-        if self.window is not None and not self._epoch_pool:
-            self._push(model)
-        if self.ema is not None:
-            load_float_state(self.teacher, self.ema.average)
+        if self.kind == "se" and self.se_pool == "steps":
+            self.window.push(model)
+        # Until a first state is pushed, the teacher is the initial model itself.
+        load_float_state(self.teacher, float_state(model))
+
+    def before_optimizer_step(self, model: nn.Module, global_step: int) -> None:
+        """The student still holds θ_t (t = ``global_step``), about to be overwritten."""
+        if self.kind in ("sda", "sdv") and global_step % self.interval == 0:
+            self.window.push(model)
+            self._refresh_teacher()
 
     def on_step_end(self, model: nn.Module, global_step: int) -> None:
-        self._step = global_step
-        if global_step % self.interval == 0:
-            if self.ema is not None:
-                self.ema.update(model)
-                load_float_state(self.teacher, self.ema.average)
-            elif not self._epoch_pool:
-                self._push(model)
-                return
-        if global_step == self._pushed_at + 1:
-            self._refresh_teacher()  # the newest snapshot is now a past state
+        if global_step % self.interval:
+            return
+        if self.ema is not None:
+            self.ema.update(model)
+            load_float_state(self.teacher, self.ema.average)
+        elif self.kind == "se" and self.se_pool == "steps":
+            self.window.push(model)
 
     def on_epoch_end(self, model: nn.Module, epoch: float) -> None:
-        if self._epoch_pool:
-            self._push(model)
-
-    @property
-    def _epoch_pool(self) -> bool:
-        return self.kind == "se" and self.se_pool == "epochs"
-
-    def _push(self, model: nn.Module) -> None:
-        assert self.window is not None
-        self.window.push(model)
-        self._pushed_at = self._step
-        self._refresh_teacher()
-
-    def _skip(self) -> str | None:
-        """Which end of the window the teacher leaves out: θ̃_t averages θ_{t−1}…θ_{t−K}, so
-        the student's own current state (just pushed) is not part of its teacher."""
-        assert self.window is not None
-        if self.kind == "se":
-            return None
-        if len(self.window) >= 2 and self._pushed_at == self._step:
-            return "newest"
-        return "oldest" if len(self.window) == self.k + 1 else None
+        if self.kind == "se" and self.se_pool == "epochs":
+            self.window.push(model)
 
     def _refresh_teacher(self) -> None:
-        if self.kind == "sda":
-            load_float_state(self.teacher, self.window.mean(self._skip()))
+        if self.kind == "sda" and len(self.window):
+            self.window.average_into(self.teacher)
+        elif self.ema is not None:
+            load_float_state(self.teacher, self.ema.average)
 
     # ---- the loss
 
@@ -146,6 +133,8 @@ class SelfDistillation:
     def _vote(self, features: dict[str, Any]) -> torch.Tensor:
         # One model shell, K parameter loads: K forward passes without K model copies.
         members = self.members()
+        if not members:  # nothing pushed yet: the teacher shell holds the initial model
+            return self.teacher(**features).logits.float()
         total = None
         for snapshot in members:
             load_float_state(self.teacher, snapshot)
@@ -155,27 +144,18 @@ class SelfDistillation:
 
     # ---- what the run keeps
 
-    def averaged_state(self) -> State:
-        """Parameters of the averaged teacher (window mean or EMA); for se, of the pool."""
-        if self.ema is not None:
-            return self.ema.average
-        assert self.window is not None
-        return self.window.mean(self._skip())
-
     def averaged_teacher(self) -> nn.Module:
-        """The teacher shell loaded with the averaged parameters (for evaluation and saving)."""
-        load_float_state(self.teacher, self.averaged_state())
+        """The teacher model loaded with the averaged parameters (window mean or EMA; for se,
+        the pool's), for evaluation and saving."""
+        if self.ema is not None:
+            load_float_state(self.teacher, self.ema.average)
+        elif len(self.window):
+            self.window.average_into(self.teacher)
         return self.teacher
 
     def members(self) -> list[State]:
         """The snapshot models whose outputs a vote averages (the teacher's K states)."""
-        if self.window is None:
-            return []
-        snapshots = self.window.snapshots()
-        skip = self._skip()
-        if skip == "newest":
-            return snapshots[:-1]
-        return snapshots[1:] if skip == "oldest" else snapshots
+        return self.window.snapshots() if self.window is not None else []
 
     def vote_logits(self, predict: Any) -> np.ndarray:
         """Mean of ``predict(model)`` (logits over a dataset) over the teacher's members."""
@@ -186,8 +166,7 @@ class SelfDistillation:
         return np.mean(logits, axis=0)
 
     def state_dict(self) -> State:
-        state = {"started": torch.tensor(int(self._started)), "step": torch.tensor(self._step),
-                 "pushed_at": torch.tensor(self._pushed_at)}
+        state = {"format": torch.tensor(STATE_FORMAT), "started": torch.tensor(int(self._started))}
         if self.window is not None:
             state.update(self.window.state_dict())
         if self.ema is not None:
@@ -195,10 +174,12 @@ class SelfDistillation:
         return state
 
     def load_state_dict(self, state: State) -> None:
+        if int(state.get("format", 1)) != STATE_FORMAT:
+            raise SelftuneError("this checkpoint's teacher state was written by an older "
+                                "selftune; rerun with --overwrite-output-dir to start over")
         self._started = bool(int(state["started"]))
-        self._step, self._pushed_at = int(state["step"]), int(state["pushed_at"])
         if self.window is not None:
             self.window.load_state_dict(state)
         if self.ema is not None:
             self.ema.load_state_dict(state)
-            load_float_state(self.teacher, self.ema.average)
+        self._refresh_teacher()

@@ -39,12 +39,13 @@ def make_teacher_shell(student: nn.Module, dropout: bool = False) -> nn.Module:
 
 
 class SnapshotWindow:
-    """The last ``k`` snapshots of a model, with their exact running mean.
+    """The last ``k`` snapshots of a model, oldest first, and their average.
 
-    ``push`` copies the model's floating-point state to the CPU. The mean is kept as a float64
-    running sum, updated as sum += new − evicted, so it equals the direct average of the window
-    (up to float64 rounding) however many pushes and evictions came before. While fewer than
-    ``k`` snapshots exist, the mean is over those there are.
+    ``push`` copies the model's floating-point state to the CPU; once the window is full, the
+    oldest snapshot's memory is reused, so the window never holds more than ``k`` copies. The
+    average is always the direct mean of the snapshots there are (no running sum that could
+    drift: one public reimplementation's running update ends with a near-zero teacher), and
+    ``average_into`` accumulates it in the teacher's own tensors, without another copy.
     """
 
     def __init__(self, k: int, storage_dtype: torch.dtype = torch.float32) -> None:
@@ -53,7 +54,6 @@ class SnapshotWindow:
         self.k = k  # number of snapshots kept
         self.storage_dtype = storage_dtype  # dtype of the CPU copies
         self._snapshots: deque[State] = deque()
-        self._sum: State = {}
 
     def __len__(self) -> int:
         return len(self._snapshots)
@@ -61,42 +61,54 @@ class SnapshotWindow:
     @torch.no_grad()
     def push(self, model_or_state: nn.Module | State) -> None:
         state = model_or_state if isinstance(model_or_state, dict) else float_state(model_or_state)
-        snapshot = {n: t.detach().to("cpu", self.storage_dtype, copy=True)
-                    for n, t in state.items()}
-        if not self._sum:
-            self._sum = {n: t.to(torch.float64, copy=True) for n, t in snapshot.items()}
-        else:
+        if len(self._snapshots) == self.k:
+            snapshot = self._snapshots.popleft()
             names = list(snapshot)
-            torch._foreach_add_([self._sum[n] for n in names], [snapshot[n] for n in names])
+            targets, sources = [snapshot[n] for n in names], [state[n] for n in names]
+            if sources[0].device == targets[0].device:
+                torch._foreach_copy_(targets, sources)
+            else:  # a GPU student, CPU snapshots
+                for target, source in zip(targets, sources, strict=True):
+                    target.copy_(source)
+        else:
+            snapshot = {n: t.detach().to("cpu", self.storage_dtype, copy=True)
+                        for n, t in state.items()}
         self._snapshots.append(snapshot)
-        if len(self._snapshots) > self.k:
-            evicted = self._snapshots.popleft()
-            names = list(evicted)
-            torch._foreach_sub_([self._sum[n] for n in names], [evicted[n] for n in names])
 
     def snapshots(self) -> list[State]:
         """Oldest first."""
         return list(self._snapshots)
 
-    def mean(self, skip: str | None = None) -> State:
-        """Mean of the window, or of all but its ``"newest"`` or ``"oldest"`` snapshot."""
+    @torch.no_grad()
+    def average_into(self, model: nn.Module) -> None:
+        """Load the mean of the window into ``model``'s tensors, in place."""
         if not self._snapshots:
             raise RuntimeError("the snapshot window is empty")
-        if skip is None or len(self._snapshots) == 1:
-            count, left_out = len(self._snapshots), None
-        else:
-            count = len(self._snapshots) - 1
-            left_out = self._snapshots[-1] if skip == "newest" else self._snapshots[0]
-        return {n: ((s - left_out[n]) if left_out is not None else s).div(count)
-                .to(self.storage_dtype) for n, s in self._sum.items()}
+        targets = model.state_dict()
+        names = list(self._snapshots[0])
+        total = [targets[n] for n in names]
+        device = total[0].device
+
+        def tensors(snapshot: State) -> list[torch.Tensor]:
+            return [snapshot[n].to(device, non_blocking=True) for n in names]
+
+        torch._foreach_copy_(total, tensors(self._snapshots[0]))
+        for snapshot in list(self._snapshots)[1:]:
+            torch._foreach_add_(total, tensors(snapshot))
+        if len(self._snapshots) > 1:
+            torch._foreach_div_(total, float(len(self._snapshots)))
+
+    def mean(self) -> State:
+        """The mean of the window as new tensors (computed in float64)."""
+        if not self._snapshots:
+            raise RuntimeError("the snapshot window is empty")
+        return {n: torch.stack([s[n].double() for s in self._snapshots]).mean(0)
+                .to(self.storage_dtype) for n in self._snapshots[0]}
 
     def state_dict(self) -> State:
-        """Flat tensors for a safetensors checkpoint, the running sum included, so a resumed
-        window continues with exactly the same rounding."""
-        state = {f"snapshot.{i}.{name}": t for i, snap in enumerate(self._snapshots)
-                 for name, t in snap.items()}
-        state.update({f"sum.{name}": t for name, t in self._sum.items()})
-        return state
+        """Flat tensors for a safetensors checkpoint."""
+        return {f"snapshot.{i}.{name}": t for i, snap in enumerate(self._snapshots)
+                for name, t in snap.items()}
 
     def load_state_dict(self, flat: State) -> None:
         by_index: dict[int, State] = {}
@@ -105,8 +117,6 @@ class SnapshotWindow:
                 _, index, name = key.split(".", 2)
                 by_index.setdefault(int(index), {})[name] = tensor
         self._snapshots = deque(by_index[i] for i in sorted(by_index))
-        self._sum = {key.removeprefix("sum."): t.to(torch.float64) for key, t in flat.items()
-                     if key.startswith("sum.")}
 
 
 class EmaAverage:

@@ -41,6 +41,10 @@ class Objective(Protocol):
     def on_train_begin(self, model: torch.nn.Module, global_step: int, max_steps: int) -> None:
         """Training starts (or resumes at ``global_step``) and will end at ``max_steps``."""
 
+    def before_optimizer_step(self, model: torch.nn.Module, global_step: int) -> None:
+        """The model still holds the state after ``global_step`` updates; the next overwrites
+        it."""
+
     def on_step_end(self, model: torch.nn.Module, global_step: int) -> None: ...
 
     def on_epoch_end(self, model: torch.nn.Module, epoch: float) -> None: ...
@@ -55,6 +59,7 @@ class _ObjectiveHooks(TrainerCallback):
 
     def __init__(self, trainer: SelftuneTrainer) -> None:
         self.trainer = trainer
+        self._ended_epoch: float | None = None
 
     def _student(self) -> torch.nn.Module:
         return self.trainer.accelerator.unwrap_model(self.trainer.model)
@@ -62,11 +67,23 @@ class _ObjectiveHooks(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer.objective.on_train_begin(self._student(), state.global_step, state.max_steps)
 
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.objective.before_optimizer_step(self._student(), state.global_step)
+
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.objective.on_step_end(self._student(), state.global_step)
+        # A step checkpoint due at an epoch's last step is written before the Trainer's
+        # on_epoch_end; ending the epoch here puts its effect (e.g. se's epoch pool) in it.
+        if state.epoch and float(state.epoch).is_integer():
+            self._end_epoch(state.epoch)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        self.trainer.objective.on_epoch_end(self._student(), state.epoch or 0.0)
+        self._end_epoch(state.epoch or 0.0)
+
+    def _end_epoch(self, epoch: float) -> None:
+        if epoch != self._ended_epoch:
+            self._ended_epoch = epoch
+            self.trainer.objective.on_epoch_end(self._student(), epoch)
 
 
 def _rng_untouched():

@@ -286,10 +286,10 @@ def save_self_distillation(
     """se: the saved model is the pool's parameter average. Others: the averaged teacher is
     saved beside the student, in teacher/, as a second standard model directory."""
     if cfg.strategy == "se":
-        from selftune.teachers import load_float_state
+        from selftune.teachers import float_state, load_float_state
 
         load_float_state(trainer.accelerator.unwrap_model(trainer.model),
-                         objective.averaged_state())
+                         float_state(objective.averaged_teacher()))
         return
     teacher_dir = output_dir / "teacher"
     objective.averaged_teacher().save_pretrained(teacher_dir)

@@ -68,6 +68,7 @@ def load_task_data(opts: DataOptions, include_train: bool = True) -> TaskData:
             raise SelftuneError("give --task NAME, or your own data with --train-file and "
                                 "--validation-file")
         task = get_task(opts.task)
+        _refuse_user_file_options(opts, task)
         data_dir = resolve_data_dir(opts.data_dir)
         if data_dir is not None:
             data = _load_local(task, data_dir, opts, include_train)
@@ -78,6 +79,21 @@ def load_task_data(opts: DataOptions, include_train: bool = True) -> TaskData:
             data = TaskData(task, train, evals, source=f"hub:{task.hub[0] if task.hub else '?'}")
         data = _to_label_ids(data)
     return _subsample(data, opts)
+
+
+def _refuse_user_file_options(opts: DataOptions, task: TaskSpec) -> None:
+    """Column and label-type options describe the user's own files; a registry task knows its
+    own, and silently ignoring e.g. ``--label-type classification`` on STS-B would mislead."""
+    defaults = DataOptions()
+    given = [flag for flag, name in (("--label-type", "label_type"),
+                                     ("--text-columns", "text_columns"),
+                                     ("--label-column", "label_column"),
+                                     ("--id-column", "id_column"))
+             if getattr(opts, name) != getattr(defaults, name)]
+    if given:
+        kind = "a regression task" if task.is_regression else "a classification task"
+        raise SelftuneError(f"{', '.join(given)} only apply to your own files (--train-file); "
+                            f"{task.name} is {kind} with its own columns: drop the option")
 
 
 def _load_local(

@@ -37,6 +37,9 @@ class TeacherAnnealing:
     def on_train_begin(self, model: nn.Module, global_step: int, max_steps: int) -> None:
         self.step, self.max_steps = global_step, max(1, max_steps)
 
+    def before_optimizer_step(self, model: nn.Module, global_step: int) -> None:
+        pass
+
     def on_step_end(self, model: nn.Module, global_step: int) -> None:
         self.step = global_step
 
