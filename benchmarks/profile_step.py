@@ -85,6 +85,7 @@ def profile(strategy: str, args: argparse.Namespace) -> dict[str, float]:
         timers.wrap(DataCollatorWithPadding, "__call__", "collate"),
         timers.wrap(SelftuneTrainer, "training_step", "step"),
         timers.wrap(SelfDistillation, "teacher_logits", "teacher forward"),
+        timers.wrap(SelfDistillation, "before_optimizer_step", "snapshot / average"),
         timers.wrap(SelfDistillation, "on_step_end", "snapshot / average"),
         timers.wrap(SelfDistillation, "on_epoch_end", "snapshot / average"),
         timers.wrap(Trainer, "evaluate", "evaluation"),
