@@ -109,9 +109,10 @@ def test_undecodable_bytes_name_the_line(tmp_path):
         read_user_file(path, ["text"], "label")
 
 
-def test_nan_regression_label_is_refused(tmp_path):
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-Infinity"])
+def test_nan_regression_label_is_refused(tmp_path, bad):
     path = tmp_path / "r.jsonl"
-    path.write_text('{"text": "a", "label": 0.5}\n{"text": "b", "label": NaN}\n')
+    path.write_text(f'{{"text": "a", "label": 0.5}}\n{{"text": "b", "label": {bad}}}\n')
     with pytest.raises(SelftuneError, match="NaN or infinite"):
         load_task_data(DataOptions(train_file=str(path), validation_file=str(path)))
 
