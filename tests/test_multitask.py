@@ -224,3 +224,34 @@ def test_bam_options_are_checked_before_any_training(option, message, tiny_model
     with pytest.raises(SelftuneError, match=message):
         run_bam(cfg)
     assert not (tmp_path / "bam").exists()
+
+
+@pytest.mark.parametrize("norm", ["standardize", "isobn"])
+def test_multitask_cls_norm_is_shared_and_exported(norm, tiny_model, glue_dir, tmp_path):
+    from selftune.models.heads import NormalizedPooler
+    from selftune.models.loading import load_finetuned
+
+    out = tmp_path / "mt"
+    result = train_multitask(mt_config(tiny_model, glue_dir, out, num_train_epochs=1,
+                                       cls_norm=norm))
+    if norm == "standardize":  # fixed statistics of the pre-trained [CLS] over all tasks
+        assert (out / "cls_stats.safetensors").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(out / "tasks" / "rte")
+    encoded = tokenizer(["the movie was good", "it was dull"], ["the film was good", "bad"],
+                        padding=True, return_tensors="pt")
+    models = {t: load_finetuned(str(out / "tasks" / t)).eval() for t in ("rte", "stsb")}
+    for model in models.values():
+        assert model.config.selftune_cls_norm == norm
+        assert isinstance(model.base_model.pooler, NormalizedPooler)
+    # One normalizer on the shared encoder: both task models carry the same one.
+    rte_norm = models["rte"].base_model.pooler.cls_norm.state_dict()
+    stsb_norm = models["stsb"].base_model.pooler.cls_norm.state_dict()
+    for name, tensor in rte_norm.items():
+        torch.testing.assert_close(tensor, stsb_norm[name])
+    # The reloaded task model reproduces the run's own dev metrics.
+    from selftune.data.loading import DataOptions
+    from selftune.evaluation import evaluate_model
+
+    reloaded = evaluate_model(str(out / "tasks" / "rte"),
+                              DataOptions(task="rte", data_dir=str(glue_dir)), None, 128, 16)
+    assert reloaded["score"] == pytest.approx(result["tasks"]["rte"]["score"], abs=1e-6)

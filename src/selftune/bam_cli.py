@@ -11,8 +11,8 @@ from selftune.config import SD_OPTIONS, add_dataclass_arguments, dataclass_from_
 
 # Single-task options that mean nothing to a multi-task run.
 NOT_FOR_MULTITASK = ("task", "train_file", "validation_file", "text_columns", "label_column",
-                     "id_column", "label_type", "eval_split", "strategy", "cls_norm",
-                     "cls_source", "teacher_predictions", *SD_OPTIONS)
+                     "id_column", "label_type", "eval_split", "strategy",
+                     "teacher_predictions", *SD_OPTIONS)
 
 BAM_EPILOG = """\
 examples:
@@ -24,8 +24,9 @@ Stages: single-task teachers (teachers/<task>, reused when finished), their pred
 training sets (cached beside each teacher), the multi-task student (student/, with each task as a
 standard model directory in student/tasks/<task>), optionally single-task fine-tuning
 (finetuned/<task>). Run the same command again after an interruption: finished stages are kept,
-the interrupted one resumes from its checkpoint. Not supported in multi-task runs yet: --strategy
-(self-distillation) and --cls-norm.
+the interrupted one resumes from its checkpoint. --cls-norm puts one normalizer on the shared
+encoder's [CLS] (statistics over all tasks' training examples; the teachers get their own).
+Not supported in multi-task runs yet: --strategy (self-distillation).
 """
 
 

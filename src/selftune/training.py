@@ -213,6 +213,7 @@ def history_from_logs(log_history: list[dict]) -> list[dict]:
 def add_cls_norm(cfg: TrainConfig, model, tokenizer, train_set, output_dir: Path) -> None:
     """Insert the [CLS] normalizer; center/standardize get the pre-trained model's statistics
     over the training set, computed once here and saved with the run (cls_stats.safetensors)."""
+    from accelerate import PartialState
     from safetensors.torch import save_file
 
     from selftune.models.cls_norm import compute_cls_stats
@@ -221,12 +222,14 @@ def add_cls_norm(cfg: TrainConfig, model, tokenizer, train_set, output_dir: Path
     source = default_source(model) if cfg.cls_source == "auto" else cfg.cls_source
     stats = None
     if cfg.cls_norm in ("center", "standardize"):
-        features = train_set.remove_columns(["example_id", "labels"])
+        features = train_set.select_columns(
+            [c for c in train_set.column_names if c in tokenizer.model_input_names])
         loader = torch.utils.data.DataLoader(features, batch_size=cfg.per_device_eval_batch_size,
                                              collate_fn=DataCollatorWithPadding(tokenizer))
         stats = compute_cls_stats(model, loader, source=source)
-        save_file({"mean": stats.mean.contiguous(), "std": stats.std.contiguous()},
-                  str(output_dir / "cls_stats.safetensors"))
+        if PartialState().is_main_process:
+            save_file({"mean": stats.mean.contiguous(), "std": stats.std.contiguous()},
+                      str(output_dir / "cls_stats.safetensors"))
     install_cls_norm(model, cfg.cls_norm, source, stats)
     logger.info("[CLS] normalization %s on the %s representation", cfg.cls_norm, source)
 

@@ -16,6 +16,8 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from selftune.data.tasks import TaskSpec
+from selftune.models.cls_norm import ClsStats
+from selftune.models.heads import NORM_KEY, SOURCE_KEY, install_cls_norm
 
 # STS-B is trained on y/5 (as BAM!); exported heads are scaled back to the 0-5 range.
 REGRESSION_SCALE = {"stsb": 5.0}
@@ -56,11 +58,27 @@ class MultiTaskModel(nn.Module):
             logits[rows, : head_logits.shape[1]] = head_logits
         return SequenceClassifierOutput(logits=logits)
 
+    def add_cls_norm(self, install) -> None:
+        """Put a [CLS] normalizer on the shared encoder: ``install(head_model)`` inserts it
+        through one task's model (they share the encoder); every task's config records it."""
+        first = self.heads[self.task_names[0]]
+        install(first)
+        for head in self.heads.values():
+            for key in (NORM_KEY, SOURCE_KEY):
+                setattr(head.config, key, getattr(first.config, key))
+
     def export_task(self, task: str, out_dir: Path, tokenizer=None) -> None:
         """Save task ``task`` as a standard sequence-classification model directory."""
         head = self.heads[task]
         spec = self.tasks[task]
         standalone = AutoModelForSequenceClassification.from_config(head.config)
+        if getattr(head.config, NORM_KEY, "none") != "none" or \
+                getattr(head.config, SOURCE_KEY, "pooler") != "pooler":
+            # The same normalizer module; its statistics come with the encoder's state below.
+            hidden = head.config.hidden_size
+            install_cls_norm(standalone, getattr(head.config, NORM_KEY),
+                             getattr(head.config, SOURCE_KEY),
+                             ClsStats(torch.zeros(hidden), torch.ones(hidden)))
         standalone.base_model.load_state_dict(self.encoder.state_dict())
         missing = standalone.load_state_dict(head.state_dict(), strict=False)
         assert not missing.unexpected_keys, missing.unexpected_keys

@@ -44,7 +44,13 @@ from selftune.multitask.teacher_cache import check_coverage, read_predictions
 from selftune.optim import make_optimizer
 from selftune.runinfo import environment_info, peak_memory_mb
 from selftune.trainer import SelftuneTrainer
-from selftune.training import LogToFile, open_run_directory, setup_logging, training_arguments
+from selftune.training import (
+    LogToFile,
+    add_cls_norm,
+    open_run_directory,
+    setup_logging,
+    training_arguments,
+)
 
 logger = logging.getLogger("selftune")
 MT = "multi-task"
@@ -94,9 +100,9 @@ def check_multitask_options(cfg: MultiTaskConfig) -> list[TaskSpec]:
     if cfg.train_file or cfg.validation_file:
         raise SelftuneError("multi-task runs use registry tasks (--tasks); --train-file is "
                             "for single-task runs")
-    if cfg.strategy != "baseline" or cfg.cls_norm != "none":
-        raise SelftuneError("multi-task runs support neither --strategy nor --cls-norm yet; "
-                            "use them in single-task runs")
+    if cfg.strategy != "baseline":
+        raise SelftuneError("multi-task runs do not support --strategy (self-distillation) "
+                            "yet; use it in single-task runs")
     if not 0 <= cfg.distill_weight <= 1:
         raise SelftuneError("--distill-weight must be in [0, 1]")
     if not 0 < cfg.sampling_alpha <= 1:
@@ -206,6 +212,11 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     resume_from = open_run_directory(cfg, output_dir)
     data = build_train_set(tasks, records, tokenizer, cfg.max_seq_length, teachers,
                            model.max_labels)
+    if cfg.cls_norm != "none" or cfg.cls_source != "auto":
+        # One normalizer on the shared encoder's [CLS]; its statistics are over every task's
+        # training examples, as the encoder sees them.
+        model.add_cls_norm(lambda head: add_cls_norm(cfg, head, tokenizer, data.train,
+                                                     output_dir))
     shares = task_shares(data.sizes, cfg.task_sampling, cfg.sampling_alpha)
     logger.info("Multi-task run on %s: %s examples, shares %s, %s", cfg.tasks, data.sizes,
                 {t: round(s, 3) for t, s in shares.items()},
