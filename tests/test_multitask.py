@@ -236,9 +236,6 @@ def test_multitask_cls_norm_is_shared_and_exported(norm, tiny_model, glue_dir, t
                                        cls_norm=norm))
     if norm == "standardize":  # fixed statistics of the pre-trained [CLS] over all tasks
         assert (out / "cls_stats.safetensors").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(out / "tasks" / "rte")
-    encoded = tokenizer(["the movie was good", "it was dull"], ["the film was good", "bad"],
-                        padding=True, return_tensors="pt")
     models = {t: load_finetuned(str(out / "tasks" / t)).eval() for t in ("rte", "stsb")}
     for model in models.values():
         assert model.config.selftune_cls_norm == norm
