@@ -92,18 +92,22 @@ class StopAfterFirstSave(TrainerCallback):
         raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("save_steps", [None, 4, 6])  # epoch end, inside, just before eval
-def test_interrupted_run_resumes_to_the_same_result(save_steps, tiny_model, sentiment_files,
-                                                    tmp_path):
+@pytest.mark.parametrize("save_steps,options", [
+    (None, {}), (4, {}), (6, {}),  # epoch end, inside, just before eval
+    # Inside the second epoch, whose length-grouped order must not depend on the global RNG.
+    (8, {"group_by_length": True})])
+def test_interrupted_run_resumes_to_the_same_result(save_steps, options, tiny_model,
+                                                    sentiment_files, tmp_path):
     reference = train(tiny_config(tiny_model, sentiment_files, tmp_path / "ref",
-                                  save_steps=save_steps))
+                                  save_steps=save_steps, **options))
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(tiny_model, sentiment_files, out, save_steps=save_steps),
+        train(tiny_config(tiny_model, sentiment_files, out, save_steps=save_steps, **options),
               callbacks=[StopAfterFirstSave()])
     assert not (out / "metrics.json").exists()
     assert (out / "checkpoints").is_dir()
-    resumed = train(tiny_config(tiny_model, sentiment_files, out, save_steps=save_steps))
+    resumed = train(tiny_config(tiny_model, sentiment_files, out, save_steps=save_steps,
+                                **options))
     assert resumed["resumed_from"] is not None
     assert resumed["metrics"] == pytest.approx(reference["metrics"], abs=1e-9)
     texts = ["the movie was good", "it was really dull"]

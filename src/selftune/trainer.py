@@ -22,10 +22,13 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+import datasets
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from selftune.data.length_grouping import EpochSeededLengthGroupedSampler
 
 OBJECTIVE_STATE_FILE = "selftune_objective.safetensors"
 
@@ -126,6 +129,18 @@ class SelftuneTrainer(Trainer):
         self.add_callback(_SessionStart(self))
         if objective is not None:
             self.add_callback(_ObjectiveHooks(self))
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or not isinstance(
+                dataset, datasets.Dataset) or "input_ids" not in dataset.column_names:
+            return super()._get_train_sampler(train_dataset)
+        # The Trainer's own LengthGroupedSampler draws its order from the global RNG, which a
+        # resumed run does not share with the uninterrupted one.
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        return EpochSeededLengthGroupedSampler(
+            lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
+            self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.objective is None or not model.training:

@@ -144,6 +144,7 @@ def _training_arguments(cfg, checkpoint_dir, evaluate, save, report_to) -> Train
         max_grad_norm=cfg.max_grad_norm,
         lr_scheduler_type=cfg.lr_scheduler_type,
         bf16=cfg.bf16,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         eval_strategy="epoch" if evaluate else "no",
         logging_strategy="steps",
         logging_steps=cfg.logging_steps,

@@ -103,6 +103,9 @@ def check_multitask_options(cfg: MultiTaskConfig) -> list[TaskSpec]:
     if cfg.strategy != "baseline":
         raise SelftuneError("multi-task runs do not support --strategy (self-distillation) "
                             "yet; use it in single-task runs")
+    if cfg.group_by_length:
+        raise SelftuneError("--group-by-length applies to single-task runs; multi-task batches "
+                            "come from the task sampler")
     if not 0 <= cfg.distill_weight <= 1:
         raise SelftuneError("--distill-weight must be in [0, 1]")
     if not 0 < cfg.sampling_alpha <= 1:
