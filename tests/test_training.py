@@ -132,6 +132,18 @@ def test_unfinished_run_with_other_options_is_refused(tiny_model, sentiment_file
         train(tiny_config(tiny_model, sentiment_files, out, learning_rate=2e-3))
 
 
+def test_run_started_before_an_option_existed_resumes(tiny_model, sentiment_files, tmp_path):
+    """A run_config.json written by an older selftune lacks the newer options: they count as
+    their defaults, so the same command still resumes the run."""
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_model, sentiment_files, out), callbacks=[StopAfterFirstSave()])
+    saved = json.loads((out / "run_config.json").read_text())
+    del saved["group_by_length"]
+    (out / "run_config.json").write_text(json.dumps(saved))
+    assert train(tiny_config(tiny_model, sentiment_files, out))["resumed_from"] is not None
+
+
 class PoisonWeights(TrainerCallback):
     """Make the model produce NaN from the given step on."""
 

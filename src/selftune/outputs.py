@@ -65,12 +65,15 @@ def _complete(checkpoint: Path) -> bool:
 
 
 def check_output_dir(
-    output_dir: Path, config: dict[str, Any], overwrite: bool, resume: bool
+    output_dir: Path, config: dict[str, Any], overwrite: bool, resume: bool,
+    defaults: dict[str, Any] | None = None,
 ) -> None:
     """Refuse, before any work, an output folder this run must not touch.
 
     A finished run is refused unless ``overwrite``. An unfinished run with other options is
     refused too: resuming it under a second configuration would make its results meaningless.
+    An option the saved configuration lacks (added to selftune since the run started) counts
+    as its value in ``defaults``, which keeps the old behaviour.
     """
     if output_dir.exists() and not output_dir.is_dir():
         raise SelftuneError(f"--output-dir {output_dir} exists and is not a folder")
@@ -83,7 +86,7 @@ def check_output_dir(
     saved_config = output_dir / RUN_CONFIG_FILE
     if resume and saved_config.is_file():
         try:
-            previous = json.loads(saved_config.read_text())
+            previous = {**(defaults or {}), **json.loads(saved_config.read_text())}
         except json.JSONDecodeError:
             previous = {}
         ignore = {"overwrite_output_dir", "resume", "keep_checkpoints", "report_to"}
@@ -96,10 +99,11 @@ def check_output_dir(
 
 
 def prepare_output_dir(
-    output_dir: Path, config: dict[str, Any], overwrite: bool, resume: bool
+    output_dir: Path, config: dict[str, Any], overwrite: bool, resume: bool,
+    defaults: dict[str, Any] | None = None,
 ) -> Path | None:
     """Make the folder ready; return the checkpoint to resume from, if any."""
-    check_output_dir(output_dir, config, overwrite, resume)
+    check_output_dir(output_dir, config, overwrite, resume, defaults)
     if overwrite and output_dir.exists():
         shutil.rmtree(output_dir)
     checkpoint = last_checkpoint(output_dir) if resume else None

@@ -178,7 +178,7 @@ def open_run_directory(cfg: TrainConfig, output_dir: Path) -> Path | None:
     state = PartialState()
     if state.is_main_process:
         outputs.prepare_output_dir(output_dir, cfg.to_dict(), cfg.overwrite_output_dir,
-                                   cfg.resume)
+                                   cfg.resume, type(cfg)().to_dict())
         outputs.write_json_atomic(output_dir / outputs.RUN_CONFIG_FILE, cfg.to_dict())
     state.wait_for_everyone()
     setup_logging(output_dir / outputs.LOG_FILE if state.is_main_process else None)
@@ -308,7 +308,8 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
     cfg = resolve_config(cfg)
     output_dir = Path(cfg.output_dir)
     setup_logging(None)
-    outputs.check_output_dir(output_dir, cfg.to_dict(), cfg.overwrite_output_dir, cfg.resume)
+    outputs.check_output_dir(output_dir, cfg.to_dict(), cfg.overwrite_output_dir,
+                             cfg.resume, type(cfg)().to_dict())
     started = time.time()
 
     # Data and model are loaded before anything is written, so a bad input leaves no trace.

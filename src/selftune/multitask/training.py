@@ -183,7 +183,8 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     tasks = check_multitask_options(cfg)
     output_dir = Path(cfg.output_dir)
     setup_logging(None)
-    outputs.check_output_dir(output_dir, cfg.to_dict(), cfg.overwrite_output_dir, cfg.resume)
+    outputs.check_output_dir(output_dir, cfg.to_dict(), cfg.overwrite_output_dir,
+                             cfg.resume, type(cfg)().to_dict())
     started = time.time()
     transformers.set_seed(cfg.seed)
 
