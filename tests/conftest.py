@@ -76,6 +76,16 @@ def sentiment_files(tmp_path) -> tuple[Path, Path]:
     return train, dev
 
 
+@pytest.fixture()
+def varied_length_files(tmp_path) -> tuple[Path, Path]:
+    """As sentiment_files, with sentences of five lengths (for length-grouped batches)."""
+    rows = [(" ".join(["really"] * (i % 5) + [text]), label)
+            for i, (text, label) in enumerate(sentiment_rows(48, 0))]
+    train = write_csv(tmp_path / "train.csv", ["text", "label"], rows)
+    dev = write_csv(tmp_path / "dev.csv", ["text", "label"], sentiment_rows(16, 1))
+    return train, dev
+
+
 def write_glue_folder(root: Path) -> Path:
     """A miniature glue_data folder with the quirks of the real files (quotes, BOM, no header)."""
     glue = root / "glue"

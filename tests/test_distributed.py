@@ -38,13 +38,14 @@ def final_logits(model_dir: Path) -> np.ndarray:
         return model(**tokenizer(texts, padding=True, return_tensors="pt")).logits.numpy()
 
 
-@pytest.mark.parametrize("strategy", ["baseline", "sda"])
+@pytest.mark.parametrize("strategy,options", [
+    ("baseline", []), ("sda", []), ("baseline", ["--group-by-length"])])
 def test_two_processes_match_one_with_the_same_global_batch(
-        strategy, tiny_model_without_dropout, sentiment_files, tmp_path):
-    train, dev = map(str, sentiment_files)
+        strategy, options, tiny_model_without_dropout, varied_length_files, tmp_path):
+    train, dev = map(str, varied_length_files)
     common = ["train", "--train-file", train, "--validation-file", dev,
               "--model", str(tiny_model_without_dropout), "--strategy", strategy,
-              "--num-train-epochs", "2", "--learning-rate", "1e-2"]
+              "--num-train-epochs", "2", "--learning-rate", "1e-2", *options]
     one, two = tmp_path / "one", tmp_path / "two"
     selftune(common + ["--output-dir", str(one), "--per-device-train-batch-size", "16"], 1)
     selftune(common + ["--output-dir", str(two), "--per-device-train-batch-size", "8"], 2)

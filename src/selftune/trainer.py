@@ -136,11 +136,13 @@ class SelftuneTrainer(Trainer):
                 dataset, datasets.Dataset) or "input_ids" not in dataset.column_names:
             return super()._get_train_sampler(train_dataset)
         # The Trainer's own LengthGroupedSampler draws its order from the global RNG, which a
-        # resumed run does not share with the uninterrupted one.
+        # resumed run does not share with the uninterrupted one. Grouped by the global batch:
+        # Accelerate deals consecutive per-process batches to the processes, so N processes
+        # see the same global batches as one.
         lengths = [len(ids) for ids in dataset["input_ids"]]
-        return EpochSeededLengthGroupedSampler(
-            lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
-            self.args.seed)
+        global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * \
+            self.args.world_size
+        return EpochSeededLengthGroupedSampler(lengths, global_batch, self.args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.objective is None or not model.training:
