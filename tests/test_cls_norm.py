@@ -10,6 +10,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel
 from selftune.errors import SelftuneError
 from selftune.models.cls_norm import (
     CLS_NORM_KINDS,
+    STANDARDIZE_EPS,
     ClsStats,
     IsoBN,
     compute_cls_stats,
@@ -52,9 +53,23 @@ def test_center_gives_zero_mean_over_the_stats_data(gen):
 
 def test_standardize_gives_zero_mean_unit_variance(gen):
     x = correlated_batch(gen)
-    out = make_cls_norm("standardize", H, population_stats(x))(x)
+    stats = population_stats(x)
+    out = make_cls_norm("standardize", H, stats)(x)
     torch.testing.assert_close(out.mean(0), torch.zeros(H), atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.std(0, unbiased=False), torch.ones(H), atol=1e-5, rtol=0)
+    # Unit variance up to the eps under the square root: std / sqrt(std² + eps).
+    expected = stats.std / torch.sqrt(stats.std**2 + STANDARDIZE_EPS)
+    assert expected.min() > 0.999
+    torch.testing.assert_close(out.std(0, unbiased=False), expected, atol=1e-5, rtol=0)
+
+
+def test_standardize_bounds_the_gain_of_constant_dimensions(gen):
+    x = correlated_batch(gen)
+    x[:, 0] = 3.0  # a dimension the pre-trained model never varies
+    norm = make_cls_norm("standardize", H, population_stats(x))
+    moved = x.clone().requires_grad_(True)
+    norm(moved).sum().backward()
+    # At most 1/sqrt(eps) (~316), never the 1/std of a dimension whose std is ~0.
+    assert moved.grad[:, 0].abs().max() <= STANDARDIZE_EPS ** -0.5 * (1 + 1e-6)
 
 
 def test_batchnorm_batch_stats_in_training_running_stats_in_eval(gen):
@@ -251,7 +266,8 @@ def test_cls_stats_match_a_direct_computation_and_ignore_padding(tiny_bert, sour
 
     standardized = make_cls_norm("standardize", 32, stats)(reps)
     torch.testing.assert_close(standardized.mean(0), torch.zeros(32), atol=1e-4, rtol=0)
-    torch.testing.assert_close(standardized.std(0, unbiased=False), torch.ones(32), atol=1e-4,
+    torch.testing.assert_close(standardized.std(0, unbiased=False),
+                               stats.std / torch.sqrt(stats.std**2 + STANDARDIZE_EPS), atol=1e-4,
                                rtol=0)
 
 

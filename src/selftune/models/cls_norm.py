@@ -7,7 +7,7 @@ an ``nn.Module`` mapping a batch ``x`` of shape ``(batch, hidden)`` to the same 
 
 * ``none``: identity (the baseline);
 * ``center``: subtract a fixed per-dimension mean (computed once with :func:`compute_cls_stats`);
-* ``standardize``: ``(x - mean) / (std + 1e-6)`` with fixed statistics;
+* ``standardize``: ``(x - mean) / sqrt(std² + 1e-5)`` with fixed statistics;
 * ``batchnorm``: ``nn.BatchNorm1d`` without affine (PyTorch defaults: momentum 0.1, eps 1e-5);
   batch statistics in training, running statistics in evaluation;
 * ``layernorm``: per-example ``nn.LayerNorm`` without affine (eps 1e-5);
@@ -31,7 +31,7 @@ CLS_NORM_KINDS: tuple[str, ...] = (
     "none", "center", "standardize", "batchnorm", "layernorm", "isobn",
 )
 CLS_SOURCES: tuple[str, ...] = ("cls", "pooler")
-STANDARDIZE_EPS = 1e-6
+STANDARDIZE_EPS = 1e-5
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
@@ -73,10 +73,12 @@ class CenterNorm(nn.Module):
 
 
 class StandardizeNorm(nn.Module):
-    """``(x - mean) / (std + eps)`` with fixed per-dimension statistics (buffers).
+    """``(x - mean) / sqrt(std² + eps)`` with fixed per-dimension statistics (buffers).
 
-    ``eps`` (default 1e-6) only guards dimensions whose std is zero; it is negligible next to the
-    std of real [CLS] dimensions, so the output has unit variance over the statistics' data.
+    ``eps`` (1e-5, BatchNorm's) bounds the gain of dimensions that barely vary: the last-layer
+    [CLS] of the default model has three constant dimensions (std < 1e-8), which a plain
+    division would amplify a million-fold as soon as fine-tuning moves them. Next to the std of
+    the other dimensions (0.1 and more) it is negligible.
     """
 
     def __init__(self, mean: Tensor, std: Tensor, eps: float = STANDARDIZE_EPS) -> None:
@@ -85,8 +87,12 @@ class StandardizeNorm(nn.Module):
         self.register_buffer("mean", mean.detach().clone().float())
         self.register_buffer("std", std.detach().clone().float())
 
+    def scale(self) -> Tensor:
+        """The per-dimension factor applied after centring."""
+        return torch.rsqrt(self.std.float() ** 2 + self.eps)
+
     def forward(self, x: Tensor) -> Tensor:
-        return (x - self.mean.to(x.dtype)) / (self.std.to(x.dtype) + self.eps)
+        return (x - self.mean.to(x.dtype)) * self.scale().to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.mean.shape[0]}, eps={self.eps}"

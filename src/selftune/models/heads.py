@@ -128,7 +128,7 @@ def fold_cls_norm(model: PreTrainedModel) -> PreTrainedModel:
         elif isinstance(norm, CenterNorm):
             a, c = torch.ones(hidden), -norm.mean.float()
         elif isinstance(norm, StandardizeNorm):
-            a = 1.0 / (norm.std.float() + norm.eps)
+            a = norm.scale()
             c = -norm.mean.float() * a
         elif isinstance(norm, nn.BatchNorm1d):
             a = 1.0 / torch.sqrt(norm.running_var.float() + norm.eps)
