@@ -103,6 +103,65 @@ def test_lambda_one_is_plain_multitask_and_zero_is_pure_distillation(mt_model):
     torch.testing.assert_close(summed.compute_loss(mt_model, dict(inputs))[0], 6 * loss_plain)
 
 
+def test_self_distilled_annealing_adds_the_masked_mse_to_the_averaged_past(mt_model):
+    from selftune.multitask.objective import SelfDistilledAnnealing
+    from selftune.self_distillation import SelfDistillation
+
+    mt_model.eval()
+    inputs = batch()
+    annealing = TeacherAnnealing(TASKS, with_teachers=True)
+    sd = SelfDistillation(mt_model, kind="sda", k=1, lam=0.7)
+    sd.on_train_begin(mt_model, 0, 10)
+    objective = SelfDistilledAnnealing(annealing, sd)
+    # The teacher starts as the initial model itself: nothing to distill yet.
+    loss, _, parts = objective.compute_loss(mt_model, dict(inputs))
+    torch.testing.assert_close(loss, annealing.compute_loss(mt_model, dict(inputs))[0])
+    assert float(parts["distill_loss"]) == pytest.approx(0.0, abs=1e-10)
+
+    # After an update the teacher is the previous state (K = 1); the MSE only counts each
+    # example's own task outputs (STS-B: one column, RTE/CoLA: two).
+    sd.before_optimizer_step(mt_model, 0)
+    with torch.no_grad():
+        for p in mt_model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    features = {k: v for k, v in inputs.items() if k not in ("labels", "teacher_logits")}
+    with torch.no_grad():
+        student = mt_model(**features).logits
+        teacher = sd.teacher(**features).logits
+    widths = [TASKS[t].num_labels for t in inputs["task_ids"].tolist()]
+    expected = torch.stack([((student[i, :w] - teacher[i, :w]) ** 2).mean()
+                            for i, w in enumerate(widths)]).mean()
+    assert expected > 1e-6
+    loss, _, parts = objective.compute_loss(mt_model, dict(inputs))
+    torch.testing.assert_close(parts["distill_loss"], expected)
+    torch.testing.assert_close(loss, annealing.compute_loss(mt_model, dict(inputs))[0]
+                               + 0.7 * expected)
+
+
+def test_multitask_student_with_sda_exports_its_teacher(tiny_model, glue_dir, tmp_path):
+    out = tmp_path / "mt"
+    result = train_multitask(mt_config(tiny_model, glue_dir, out, strategy="sda", sd_k=2))
+    assert set(result["teacher_tasks"]) == {"rte", "stsb", "cola"}
+    assert result["teacher_score"] == pytest.approx(
+        np.mean([r["score"] for r in result["teacher_tasks"].values()]))
+    for task in ("rte", "stsb", "cola"):
+        assert (out / "teacher" / "tasks" / task / "model.safetensors").is_file()
+    student = AutoModelForSequenceClassification.from_pretrained(out / "tasks" / "rte")
+    teacher = AutoModelForSequenceClassification.from_pretrained(out / "teacher" / "tasks" / "rte")
+    assert not torch.equal(student.classifier.weight, teacher.classifier.weight)
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"strategy": "se"}, "single-task runs"),
+    ({"sd_k": 5}, "--sd-k only apply to --strategy sda/sdv/ema"),
+    ({"strategy": "sda", "se_pool": "steps"}, "--se-pool"),
+])
+def test_multitask_strategy_options_are_checked(option, message, tiny_model, glue_dir, tmp_path):
+    with pytest.raises(SelftuneError, match=message):
+        train_multitask(mt_config(tiny_model, glue_dir, tmp_path / "mt", **option))
+    assert not (tmp_path / "mt").exists()
+
+
 def mt_config(tiny_model, glue_dir, out, **kw):
     values = dict(tasks="rte,stsb,cola", model=str(tiny_model), data_dir=str(glue_dir),
                   output_dir=str(out), num_train_epochs=2, per_device_train_batch_size=4,
@@ -153,8 +212,9 @@ def test_multitask_run_uses_layerwise_learning_rates(tiny_model, glue_dir, tmp_p
     assert seen["lrs"] == pytest.approx([1e-3 * 0.5 ** k for k in (4, 3, 2, 1, 0)])
 
 
-def test_multitask_resume_is_exact(tiny_model, glue_dir, tmp_path):
-    reference = train_multitask(mt_config(tiny_model, glue_dir, tmp_path / "ref"))
+@pytest.mark.parametrize("options", [{}, {"strategy": "sda"}])
+def test_multitask_resume_is_exact(options, tiny_model, glue_dir, tmp_path):
+    reference = train_multitask(mt_config(tiny_model, glue_dir, tmp_path / "ref", **options))
     out = tmp_path / "resumed"
     from selftune.multitask import training as mt_training
 
@@ -162,12 +222,13 @@ def test_multitask_resume_is_exact(tiny_model, glue_dir, tmp_path):
     mt_training.LogToFile = StopAfterFirstSave
     try:
         with pytest.raises(KeyboardInterrupt):
-            train_multitask(mt_config(tiny_model, glue_dir, out))
+            train_multitask(mt_config(tiny_model, glue_dir, out, **options))
     finally:
         mt_training.LogToFile = original
-    resumed = train_multitask(mt_config(tiny_model, glue_dir, out))
+    resumed = train_multitask(mt_config(tiny_model, glue_dir, out, **options))
     assert resumed["resumed_from"]
     assert resumed["tasks"] == reference["tasks"]
+    assert resumed.get("teacher_tasks") == reference.get("teacher_tasks")
     # The learning curve includes the epoch evaluated before the interruption.
     assert [h["tasks"] for h in resumed["history"]] == [h["tasks"] for h in reference["history"]]
 
@@ -190,6 +251,21 @@ def test_bam_pipeline_stages_and_reuse(tiny_model, glue_dir, tmp_path):
     again = run_bam(cfg)  # every stage is finished: nothing is retrained
     assert again["student"] == summary["student"]
     assert {p: p.stat().st_mtime for p in root.rglob("metrics.json")} == stamps
+
+
+def test_bam_student_self_distills_while_its_teachers_stay_plain(tiny_model, glue_dir,
+                                                                 tmp_path):
+    cfg = BamConfig(tasks="rte", model=str(tiny_model), data_dir=str(glue_dir),
+                    output_dir=str(tmp_path / "bam"), num_train_epochs=1,
+                    per_device_train_batch_size=4, teacher_epochs=1, teacher_batch_size=4,
+                    strategy="ema", group_by_length=True)
+    run_bam(cfg)
+    root = tmp_path / "bam"
+    teacher_config = json.loads((root / "teachers" / "rte" / "run_config.json").read_text())
+    assert teacher_config["strategy"] == "baseline" and teacher_config["group_by_length"]
+    student = json.loads((root / "student" / "metrics.json").read_text())
+    assert "rte" in student["teacher_tasks"] and student["teacher"] == "exponential moving average"
+    assert not json.loads((root / "student" / "run_config.json").read_text())["group_by_length"]
 
 
 def test_teacher_predictions_must_cover_the_student_data(tiny_model, glue_dir, tmp_path):

@@ -88,11 +88,12 @@ def _check_same_options(run_dir: Path, expected) -> None:
 def run_bam(cfg: BamConfig) -> dict[str, Any]:
     from accelerate import PartialState
 
-    from selftune.config import TrainConfig
+    from selftune.config import SD_OPTIONS, TrainConfig
     from selftune.multitask.training import check_multitask_options
     from selftune.training import train
 
-    tasks = check_multitask_options(cfg)  # before hours of teacher training, not after
+    # Before hours of teacher training, not after (grouping is for the teachers only).
+    tasks = check_multitask_options(dataclasses.replace(cfg, group_by_length=False))
     if min(cfg.teacher_learning_rate, cfg.teacher_epochs, cfg.teacher_batch_size) <= 0:
         raise SelftuneError("--teacher-learning-rate, --teacher-epochs and --teacher-batch-size "
                             "must be positive")
@@ -114,6 +115,9 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
                        per_device_train_batch_size=cfg.teacher_batch_size,
                        layerwise_lr_decay=cfg.teacher_layerwise_lr_decay,
                        overwrite_output_dir=False, output_dir=None)
+    # --strategy and its options are the student's: the teachers are plain single-task runs.
+    defaults = TrainConfig()
+    single_task.update({name: getattr(defaults, name) for name in ("strategy", *SD_OPTIONS)})
 
     predictions: dict[str, Path] = {}
     if cfg.teachers != "none":
@@ -151,6 +155,7 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
     student_cfg = MultiTaskConfig(**{
         **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(MultiTaskConfig)},
         "output_dir": str(student_dir),
+        "group_by_length": False,  # the student's batches come from the task sampler
         "teacher_predictions": ",".join(f"{t}={p}" for t, p in predictions.items()) or None,
         "overwrite_output_dir": False})
     if outputs.is_finished(student_dir):

@@ -7,12 +7,12 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from selftune.config import SD_OPTIONS, add_dataclass_arguments, dataclass_from_namespace
+from selftune.config import add_dataclass_arguments, dataclass_from_namespace
 
 # Single-task options that mean nothing to a multi-task run.
 NOT_FOR_MULTITASK = ("task", "train_file", "validation_file", "text_columns", "label_column",
-                     "id_column", "label_type", "eval_split", "strategy",
-                     "teacher_predictions", *SD_OPTIONS)
+                     "id_column", "label_type", "eval_split", "teacher_predictions",
+                     "se_pool", "se_combine")
 
 BAM_EPILOG = """\
 examples:
@@ -26,7 +26,11 @@ standard model directory in student/tasks/<task>), optionally single-task fine-t
 (finetuned/<task>). Run the same command again after an interruption: finished stages are kept,
 the interrupted one resumes from its checkpoint. --cls-norm puts one normalizer on the shared
 encoder's [CLS] (statistics over all tasks' training examples; the teachers get their own).
-Not supported in multi-task runs yet: --strategy (self-distillation).
+--strategy sda/sdv/ema makes the student also distill from its own averaged past (Xu et al.
+2020): loss = teacher-annealing loss + λ·MSE(student, averaged student); the teachers stay plain
+single-task runs. The averaged student is exported beside it (student/teacher/tasks/<task>).
+--group-by-length applies to the single-task stages (teachers, --finetune-after); the student's
+batches come from the task sampler.
 """
 
 

@@ -47,14 +47,20 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         name = cfg.task or Path(cfg.train_file or "custom").stem
         cfg.output_dir = str(Path("runs") / name / f"{cfg.strategy}-seed{cfg.seed}")
     validate_options(cfg)
-    if cfg.strategy == "baseline":
-        defaults = TrainConfig()
-        changed = [name for name in SD_OPTIONS if getattr(cfg, name) != getattr(defaults, name)]
-        if changed:
-            flags = ", ".join("--" + n.replace("_", "-") for n in changed)
-            raise SelftuneError(f"{flags} only apply to --strategy se/sda/sdv/ema; add "
-                                "--strategy or drop the option")
+    check_strategy_options(cfg)
     return cfg
+
+
+def check_strategy_options(cfg: TrainConfig, strategies: str = "se/sda/sdv/ema") -> None:
+    """Self-distillation options given without a strategy would be silently ignored."""
+    if cfg.strategy != "baseline":
+        return
+    defaults = TrainConfig()
+    changed = [name for name in SD_OPTIONS if getattr(cfg, name) != getattr(defaults, name)]
+    if changed:
+        flags = ", ".join("--" + n.replace("_", "-") for n in changed)
+        raise SelftuneError(f"{flags} only apply to --strategy {strategies}; add --strategy or "
+                            "drop the option")
 
 
 def validate_options(cfg: TrainConfig) -> None:

@@ -84,3 +84,53 @@ class TeacherAnnealing:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         pass
+
+
+class SelfDistilledAnnealing:
+    """A multi-task student that also self-distills (sda/sdv/ema, Xu et al. 2020).
+
+    loss = the teacher-annealing loss above + λ · MSE(student logits, logits of the student's
+    own averaged past), the MSE taken per example over its task's outputs only (the other
+    columns of a multi-task batch are padding), then reduced over the batch as the annealing
+    loss is. The snapshot window, the EMA and the teacher model are the single-task ones: the
+    teacher is a frozen copy of the whole multi-task model (shared encoder and every head).
+    """
+
+    def __init__(self, annealing: TeacherAnnealing, self_distillation: Any) -> None:
+        if self_distillation.kind == "se":
+            raise ValueError("se has no distillation loss to add to a multi-task run")
+        self.annealing, self.self_distillation = annealing, self_distillation
+        self._widths = torch.tensor([t.num_labels for t in annealing.tasks])
+
+    def on_train_begin(self, model: nn.Module, global_step: int, max_steps: int) -> None:
+        self.annealing.on_train_begin(model, global_step, max_steps)
+        self.self_distillation.on_train_begin(model, global_step, max_steps)
+
+    def before_optimizer_step(self, model: nn.Module, global_step: int) -> None:
+        self.self_distillation.before_optimizer_step(model, global_step)
+
+    def on_step_end(self, model: nn.Module, global_step: int) -> None:
+        self.annealing.on_step_end(model, global_step)
+        self.self_distillation.on_step_end(model, global_step)
+
+    def on_epoch_end(self, model: nn.Module, epoch: float) -> None:
+        self.self_distillation.on_epoch_end(model, epoch)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any]):
+        loss, outputs, parts = self.annealing.compute_loss(model, inputs)
+        features = {k: v for k, v in inputs.items() if k not in ("labels", "teacher_logits")}
+        teacher = self.self_distillation.teacher_logits(features).to(outputs.logits.dtype)
+        widths = self._widths.to(inputs["task_ids"].device)[inputs["task_ids"]]
+        columns = torch.arange(outputs.logits.shape[1], device=widths.device)
+        valid = (columns.unsqueeze(0) < widths.unsqueeze(1)).to(outputs.logits.dtype)
+        squared = (outputs.logits.float() - teacher.detach().float()).pow(2) * valid
+        per_example = squared.sum(dim=1) / widths.to(squared.dtype)
+        distill = per_example.mean() if self.annealing.reduction == "mean" else per_example.sum()
+        lam = self.self_distillation.lam
+        return loss + lam * distill, outputs, {**parts, "distill_loss": distill.detach()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.self_distillation.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.self_distillation.load_state_dict(state)

@@ -38,7 +38,7 @@ from selftune.multitask.data import (
     with_swapped_pairs,
 )
 from selftune.multitask.model import build_multitask_model
-from selftune.multitask.objective import TeacherAnnealing
+from selftune.multitask.objective import SelfDistilledAnnealing, TeacherAnnealing
 from selftune.multitask.sampling import MultiTaskBatchSampler, task_shares
 from selftune.multitask.teacher_cache import check_coverage, read_predictions
 from selftune.optim import make_optimizer
@@ -47,6 +47,7 @@ from selftune.trainer import SelftuneTrainer
 from selftune.training import (
     LogToFile,
     add_cls_norm,
+    build_objective,
     open_run_directory,
     setup_logging,
     training_arguments,
@@ -91,18 +92,22 @@ class MultiTaskConfig(TrainConfig):
 
 def check_multitask_options(cfg: MultiTaskConfig) -> list[TaskSpec]:
     """Every option of a multi-task run, checked before any work; returns the tasks."""
-    from selftune.training import validate_options
+    from selftune.training import check_strategy_options, validate_options
 
     validate_options(cfg)
+    check_strategy_options(cfg, strategies="sda/sdv/ema")
     tasks = [get_task(t.strip()) for t in cfg.tasks.split(",") if t.strip()]
     if len(tasks) < 1 or len({t.name for t in tasks}) != len(tasks):
         raise SelftuneError("--tasks: give distinct task names, e.g. rte,mrpc,stsb,cola")
     if cfg.train_file or cfg.validation_file:
         raise SelftuneError("multi-task runs use registry tasks (--tasks); --train-file is "
                             "for single-task runs")
-    if cfg.strategy != "baseline":
-        raise SelftuneError("multi-task runs do not support --strategy (self-distillation) "
-                            "yet; use it in single-task runs")
+    if cfg.strategy == "se":
+        raise SelftuneError("--strategy se (a self-ensemble of the final weights) is for "
+                            "single-task runs; a multi-task student takes sda, sdv or ema")
+    if cfg.se_pool != "epochs" or cfg.se_combine != "average":
+        raise SelftuneError("--se-pool and --se-combine apply to --strategy se, which is for "
+                            "single-task runs")
     if cfg.group_by_length:
         raise SelftuneError("--group-by-length applies to single-task runs; multi-task batches "
                             "come from the task sampler")
@@ -178,6 +183,29 @@ class _SamplerEpoch(TrainerCallback):
         self.sampler.set_epoch(int(round(state.epoch or 0)))
 
 
+def evaluate_multitask_teacher(cfg: MultiTaskConfig, self_distillation, tasks: list[TaskSpec],
+                               tokenizer, teacher_dir: Path) -> dict[str, Any]:
+    """Export the self-distillation teacher (the averaged multi-task model) task by task, as
+    the student, into ``teacher/tasks/<task>``, and evaluate each on its dev split."""
+    from selftune.evaluation import evaluate_model
+
+    teacher = self_distillation.averaged_teacher()
+    results = {}
+    for task in tasks:
+        task_dir = teacher_dir / "tasks" / task.name
+        teacher.export_task(task.name, task_dir, tokenizer)
+        opts = dataclasses.replace(cfg.data_options(), task=task.name)
+        evaluated = evaluate_model(str(task_dir), opts, None, cfg.max_seq_length,
+                                   cfg.per_device_eval_batch_size)
+        results[task.name] = {"metrics": evaluated["metrics"], "score": evaluated["score"]}
+    return {"teacher_tasks": results,
+            "teacher_score": float(np.mean([r["score"] for r in results.values()])),
+            "teacher": {"sda": "parameter average of the last K snapshots",
+                        "sdv": "parameter average of the last K snapshots (the vote is used "
+                               "in training only)",
+                        "ema": "exponential moving average"}[cfg.strategy]}
+
+
 def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     """Train one multi-task model; return the content of its ``metrics.json``."""
     tasks = check_multitask_options(cfg)
@@ -234,6 +262,8 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     args.remove_unused_columns = False  # the model takes task_ids and **inputs
     objective = TeacherAnnealing(tasks, teachers is not None, cfg.teacher_annealing,
                                  cfg.distill_weight, cfg.loss_reduction)
+    if cfg.strategy != "baseline":  # the student also distills from its own averaged past
+        objective = SelfDistilledAnnealing(objective, build_objective(cfg, model, False))
     trainer = MultiTaskTrainer(
         model=model, args=args, train_dataset=data.train, processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer), objective=objective,
@@ -280,6 +310,9 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     if trainer.is_world_process_zero():
         for task in tasks:
             model.export_task(task.name, output_dir / "tasks" / task.name, tokenizer)
+        if cfg.strategy != "baseline":
+            result.update(evaluate_multitask_teacher(cfg, objective.self_distillation, tasks,
+                                                     tokenizer, output_dir / "teacher"))
         outputs.write_json_atomic(output_dir / outputs.METRICS_FILE, result)
         if not cfg.keep_checkpoints:
             shutil.rmtree(output_dir / outputs.CHECKPOINTS, ignore_errors=True)
