@@ -132,6 +132,18 @@ def test_bam_variants_record_one_line_per_task(tiny_model, glue_dir, tmp_path):
     assert run_grid(grid, results, tmp_path / "runs")["done"] == 0
 
 
+def test_pipeline_in_common_makes_every_variant_a_bam_run(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("tasks: [rte, stsb]\nseeds: 0-1\n"
+                    "common: {pipeline: bam, teachers_root: 'runs/t-seed{seed}'}\n"
+                    "variants: {a: {layerwise_lr_decay: 1.0}, b: {task_sampling: uniform}}\n")
+    runs = plan_runs(load_grid(path), tmp_path)
+    assert [(r.run_id, r.command) for r in runs] == [
+        ("a__seed0", "bam"), ("b__seed0", "bam"), ("a__seed1", "bam"), ("b__seed1", "bam")]
+    assert runs[0].config.tasks == "rte,stsb" and runs[0].config.layerwise_lr_decay == 1.0
+    assert runs[1].config.teachers_root == "runs/t-seed{seed}"
+
+
 def test_yaml_exponent_strings_become_numbers(tmp_path):
     path = tmp_path / "g.yaml"
     path.write_text("tasks: [rte]\nseeds: 0\nvariants: {fast: {learning_rate: 1e-4}}\n")

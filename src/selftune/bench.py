@@ -140,14 +140,17 @@ def plan_runs(grid: Grid, runs_dir: Path) -> list[PlannedRun]:
     """Seed-major order: an interrupted grid has whole seeds for every task and variant."""
     from selftune.data.tasks import get_task
 
+    def is_bam(options: dict | None) -> bool:  # "pipeline: bam" in the variant or in common
+        return {**grid.common, **(options or {})}.get("pipeline") == "bam"
+
     runs = []
     for seed in grid.seeds:
         for variant, options in grid.variants.items():
-            if (options or {}).get("pipeline") == "bam":
-                runs.append(_plan_bam(grid, variant, options, seed, runs_dir))
+            if is_bam(options):
+                runs.append(_plan_bam(grid, variant, options or {}, seed, runs_dir))
         for task in grid.tasks:
             for variant, options in grid.variants.items():
-                if (options or {}).get("pipeline") == "bam":
+                if is_bam(options):
                     continue
                 values = {**grid.common, **grid.task_options.get(task, {}), **(options or {}),
                           "task": task, "seed": seed}
@@ -170,7 +173,7 @@ def _plan_bam(grid: Grid, variant: str, options: dict, seed: int, runs_dir: Path
 
     for task in grid.tasks:
         get_task(task)
-    values = {**grid.common, **{k: v for k, v in options.items() if k != "pipeline"},
+    values = {**{k: v for k, v in {**grid.common, **options}.items() if k != "pipeline"},
               "tasks": ",".join(grid.tasks), "seed": seed,
               "output_dir": str(runs_dir / f"{variant}__seed{seed}")}
     try:
