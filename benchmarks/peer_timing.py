@@ -29,7 +29,7 @@ def command(runner: str, task: str, out: Path, args: argparse.Namespace) -> list
         return [sys.executable, "-m", "selftune", "train", "--task", task, "--data-dir",
                 args.data_dir, "--seed", "0", "--max-train-samples",
                 str(args.max_train_samples), "--num-train-epochs", str(args.epochs),
-                "--output-dir", str(out), "--overwrite-output-dir"]
+                "--output-dir", str(out), "--overwrite-output-dir", *args.selftune_args.split()]
     return [sys.executable, str(HERE / "peer_run_glue.py"), "--task", task, "--data-dir",
             args.data_dir, "--seed", "0", "--max-train-samples", str(args.max_train_samples),
             "--epochs", str(args.epochs), "--output-dir", str(out)]
@@ -54,10 +54,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work-dir", default="runs/peer_timing")
+    parser.add_argument("--selftune-args", default="",
+                        help="Extra options of the selftune runs, e.g. '--group-by-length'.")
     args = parser.parse_args()
 
     print(f"{args.max_train_samples} training examples, {args.epochs:g} epoch(s), batch 32, "
-          f"seed 0; medians over {args.repeats} alternating repeats\n")
+          f"seed 0; medians over {args.repeats} alternating repeats; selftune options: "
+          f"{args.selftune_args or 'defaults'}\n")
     print("| task | selftune train (s) | peer train (s) | train-time ratio | selftune wall (s) "
           "| peer wall (s) | wall ratio | examples/s selftune / peer | peak MB selftune / peer |")
     print("|---|---:|---:|---:|---:|---:|---:|---|---|")

@@ -100,7 +100,8 @@ def profile(strategy: str, args: argparse.Namespace) -> dict[str, float]:
                               strategy=strategy, seed=0, output_dir=out,
                               max_train_samples=args.max_train_samples,
                               num_train_epochs=args.epochs,
-                              per_device_train_batch_size=args.batch_size),
+                              per_device_train_batch_size=args.batch_size,
+                              group_by_length=args.group_by_length),
                   callbacks=[clock])
     finally:
         for restore in undo:
@@ -133,12 +134,15 @@ def main() -> None:
     parser.add_argument("--max-train-samples", type=int, default=512)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--group-by-length", action="store_true",
+                        help="Length-grouped batches (selftune train --group-by-length).")
     args = parser.parse_args()
 
     results = {name: profile(name, args) for name in args.strategies.split(",")}
     names = list(results)
     print(f"\n{args.task}, {args.max_train_samples} training examples, batch {args.batch_size}, "
-          f"{args.epochs:g} epoch(s); ms per optimizer step (% of the run)\n")
+          f"{args.epochs:g} epoch(s), {'length-grouped' if args.group_by_length else 'random'} "
+          "batches; ms per optimizer step (% of the run)\n")
     print("| phase | " + " | ".join(names) + " |")
     print("|---|" + "---:|" * len(names))
     for phase in PHASES:
