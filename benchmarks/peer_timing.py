@@ -8,7 +8,7 @@ of each, and their ratio. Finished runs are kept in --work-dir and skipped on a 
 alone on the machine.
 
     python benchmarks/peer_timing.py --tasks rte,mrpc,stsb,cola,sst2 --data-dir ../shared/data \
-        --max-train-samples 1000 --epochs 1 --repeats 3
+        --max-train-samples 1000 --epochs 1 --repeats 3 --selftune-args=--group-by-length
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work-dir", default="runs/peer_timing")
     parser.add_argument("--selftune-args", default="",
-                        help="Extra options of the selftune runs, e.g. '--group-by-length'.")
+                        help="Extra options of the selftune runs, given with '=': "
+                             "--selftune-args=--group-by-length.")
     args = parser.parse_args()
 
     print(f"{args.max_train_samples} training examples, {args.epochs:g} epoch(s), batch 32, "

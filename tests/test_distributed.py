@@ -79,3 +79,32 @@ def test_two_process_bam_student(tiny_model, glue_dir, tmp_path):
         assert (out / "student" / "tasks" / task / "model.safetensors").is_file()
         assert (out / "teachers" / task / "model.safetensors").is_file()
     assert not list(out.rglob(".*.tmp"))
+
+
+def test_two_process_bam_student_matches_one_with_the_same_global_batch(
+        tiny_model_without_dropout, glue_dir, tmp_path):
+    model = str(tiny_model_without_dropout)
+    teachers = []
+    for task in ("rte", "stsb"):  # trained once, by one process, for both students
+        selftune(["train", "--task", task, "--data-dir", str(glue_dir), "--model", model,
+                  "--output-dir", str(tmp_path / task), "--num-train-epochs", "1",
+                  "--per-device-train-batch-size", "4"], 1)
+        teachers.append(f"{task}={tmp_path / task}")
+    common = ["bam", "--tasks", "rte,stsb", "--model", model, "--data-dir", str(glue_dir),
+              "--teachers", ",".join(teachers), "--num-train-epochs", "2",
+              "--learning-rate", "1e-3", "--strategy", "sda"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    selftune(common + ["--output-dir", str(one), "--per-device-train-batch-size", "8"], 1)
+    selftune(common + ["--output-dir", str(two), "--per-device-train-batch-size", "4"], 2)
+    m1, m2 = (json.loads((d / "student" / "metrics.json").read_text()) for d in (one, two))
+    # 16 RTE + 4 STS-B (both orders) examples in global batches of 8: 3 steps per epoch.
+    assert m1["global_steps"] == m2["global_steps"] == 6
+    for task in ("rte", "stsb"):
+        assert m2["tasks"][task]["metrics"] == pytest.approx(m1["tasks"][task]["metrics"],
+                                                             abs=1e-6)
+        np.testing.assert_allclose(final_logits(two / "student" / "tasks" / task),
+                                   final_logits(one / "student" / "tasks" / task), atol=1e-4)
+        # The self-distillation teacher of every rank saw the same student states.
+        np.testing.assert_allclose(
+            final_logits(two / "student" / "teacher" / "tasks" / task),
+            final_logits(one / "student" / "teacher" / "tasks" / task), atol=1e-4)

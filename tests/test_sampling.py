@@ -142,3 +142,20 @@ def test_sampler_errors(kwargs) -> None:
             "shares": {"a": 0.5, "b": 0.5}, "num_batches": None, "seed": 0, **kwargs}
     with pytest.raises(SelftuneError):
         MultiTaskBatchSampler(**args)
+
+
+def test_process_chunks_deal_each_global_batch_to_the_processes():
+    from selftune.multitask.sampling import ProcessChunks
+
+    batches = MultiTaskBatchSampler({"a": range(0, 30), "b": range(30, 40)}, batch_size=6,
+                                    shares={"a": 0.5, "b": 0.5}, seed=3)
+    batches.set_epoch(1)
+    chunks = ProcessChunks(batches, processes=3)
+    assert len(chunks) == 3 * len(batches) and chunks.batch_size == 2
+    chunks.set_epoch(1)
+    dealt = list(chunks)
+    # Accelerate gives chunk i to process i mod 3: together they are the global batch.
+    for k, batch in enumerate(batches):
+        assert [i for r in range(3) for i in dealt[3 * k + r]] == batch
+    with pytest.raises(SelftuneError, match="cannot be split"):
+        ProcessChunks(batches, processes=4)

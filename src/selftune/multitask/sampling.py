@@ -156,3 +156,33 @@ class MultiTaskBatchSampler(Sampler[list[int]]):
                   for k in range(first, last + 1)]
         begin = start - first * idx.size
         return np.concatenate(passes)[begin:begin + count]
+
+
+class ProcessChunks(Sampler[list[int]]):
+    """Each global batch of ``batches`` as ``processes`` consecutive per-process chunks.
+
+    Accelerate deals the batches of a batch sampler to the processes in turn (batch i to
+    process i mod N), so process r gets chunk r of every global batch: N processes with a
+    per-process batch B train on the same global batches as one process with batch N·B.
+    With one process this is ``batches`` itself.
+    """
+
+    def __init__(self, batches: MultiTaskBatchSampler, processes: int) -> None:
+        super().__init__()
+        if batches.batch_size % processes:
+            raise SelftuneError(f"a global batch of {batches.batch_size} cannot be split "
+                                f"between {processes} processes")
+        self.batches, self.processes = batches, processes
+        self.batch_size = batches.batch_size // processes  # what Accelerate checks batches by
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches) * self.processes
+
+    def __iter__(self) -> Iterator[list[int]]:
+        size = self.batch_size
+        for batch in self.batches:
+            for rank in range(self.processes):
+                yield batch[rank * size:(rank + 1) * size]

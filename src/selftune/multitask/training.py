@@ -39,7 +39,7 @@ from selftune.multitask.data import (
 )
 from selftune.multitask.model import build_multitask_model
 from selftune.multitask.objective import SelfDistilledAnnealing, TeacherAnnealing
-from selftune.multitask.sampling import MultiTaskBatchSampler, task_shares
+from selftune.multitask.sampling import MultiTaskBatchSampler, ProcessChunks, task_shares
 from selftune.multitask.teacher_cache import check_coverage, read_predictions
 from selftune.optim import make_optimizer
 from selftune.runinfo import environment_info, peak_memory_mb
@@ -165,7 +165,7 @@ def history_from_logs(log_history: list[dict], tasks: list[TaskSpec]) -> list[di
 class MultiTaskTrainer(SelftuneTrainer):
     """Draws batches from a task-mixing batch sampler."""
 
-    def __init__(self, *args: Any, batch_sampler: MultiTaskBatchSampler, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, batch_sampler: ProcessChunks, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.batch_sampler = batch_sampler
 
@@ -253,12 +253,14 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     logger.info("Multi-task run on %s: %s examples, shares %s, %s", cfg.tasks, data.sizes,
                 {t: round(s, 3) for t, s in shares.items()},
                 "with teachers" if teachers else "without teachers")
-    sampler = MultiTaskBatchSampler(data.task_indices, cfg.per_device_train_batch_size, shares,
-                                    num_batches=None, seed=cfg.seed, mix=cfg.mix_tasks)
     evals = {t.name: eval_set(i, dev_records[t.name], tokenizer, cfg.max_seq_length)
              for i, t in enumerate(tasks)}
 
     args = training_arguments(cfg, output_dir / outputs.CHECKPOINTS, evaluate=False)
+    # The sampler draws global batches; each process trains on its own chunk of every one.
+    sampler = MultiTaskBatchSampler(data.task_indices,
+                                    cfg.per_device_train_batch_size * args.world_size, shares,
+                                    num_batches=None, seed=cfg.seed, mix=cfg.mix_tasks)
     args.remove_unused_columns = False  # the model takes task_ids and **inputs
     objective = TeacherAnnealing(tasks, teachers is not None, cfg.teacher_annealing,
                                  cfg.distill_weight, cfg.loss_reduction)
@@ -267,7 +269,7 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     trainer = MultiTaskTrainer(
         model=model, args=args, train_dataset=data.train, processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer), objective=objective,
-        batch_sampler=sampler, nan_policy=cfg.nan_policy,
+        batch_sampler=ProcessChunks(sampler, args.world_size), nan_policy=cfg.nan_policy,
         callbacks=[LogToFile(), _SamplerEpoch(sampler)],
         optimizers=(make_optimizer(model, cfg.learning_rate, cfg.weight_decay,
                                    cfg.layerwise_lr_decay or 1.0), None),
