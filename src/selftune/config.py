@@ -110,9 +110,11 @@ class TrainConfig:
     bf16: bool = opt(False, "Mixed precision with bfloat16 autocast (CPU or GPU).", TRAIN)
     group_by_length: bool = opt(False, "Batch training examples of similar length together: "
                                 "with dynamic padding a batch then holds ~1.05x the tokens of "
-                                "its examples instead of 1.5-3x on GLUE tasks. The order is "
-                                "fixed by the seed and the epoch (a resumed run is exact). "
-                                "Single-task runs only.", TRAIN)
+                                "its examples instead of 1.5-3x on GLUE tasks (1.3-1.5x faster "
+                                "steps). Measured cost: STS-B -2.5 points over 5 seeds (within "
+                                "noise on RTE, MRPC, CoLA). The order is fixed by the seed and "
+                                "the epoch (a resumed run is exact). Single-task runs only.",
+                                TRAIN)
     logging_steps: int = opt(50, "Log the training loss every N optimizer steps.", TRAIN)
     eval_each_epoch: bool = opt(True, "Evaluate on the dev split after every epoch (the "
                                 "learning curve in metrics.json).", TRAIN)
