@@ -8,13 +8,16 @@ multi-task training. Each example's loss is computed by its own task's head.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from selftune.data.tasks import TaskSpec
 from selftune.losses import annealed_loss, teacher_lambda
+
+if TYPE_CHECKING:
+    from selftune.self_distillation import SelfDistillation
 
 SCHEDULES = ("linear", "fixed")
 REDUCTIONS = ("mean", "sum")
@@ -96,7 +99,7 @@ class SelfDistilledAnnealing:
     teacher is a frozen copy of the whole multi-task model (shared encoder and every head).
     """
 
-    def __init__(self, annealing: TeacherAnnealing, self_distillation: Any) -> None:
+    def __init__(self, annealing: TeacherAnnealing, self_distillation: SelfDistillation) -> None:
         if self_distillation.kind == "se":
             raise ValueError("se has no distillation loss to add to a multi-task run")
         self.annealing, self.self_distillation = annealing, self_distillation
