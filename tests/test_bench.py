@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
+import sys
+import threading
 
 import pytest
 
-from selftune.bench import Grid, append_record, load_grid, parse_seeds, plan_runs, run_grid
+from selftune.bench import (
+    Grid,
+    _claim,
+    append_record,
+    load_grid,
+    parse_seeds,
+    plan_runs,
+    run_grid,
+)
 from selftune.errors import SelftuneError
 from selftune.report import load_results
 
@@ -29,7 +39,7 @@ def test_interrupted_grid_runs_only_the_rest(grid, tmp_path):
     assert recorded == ["custom__base__seed0", "custom__fast__seed0"]  # seed-major order
     mtime = (runs / "custom__base__seed0" / "metrics.json").stat().st_mtime
     second = run_grid(grid, results, runs)
-    assert second == {"planned": 4, "done": 2, "failed": 0, "skipped": 2}
+    assert second == {"planned": 4, "done": 2, "failed": 0, "busy": 0, "skipped": 2}
     records, problems = load_results(results)
     assert not problems
     assert sorted(r.run_id for r in records) == sorted(r.run_id for r in plan_runs(grid, runs))
@@ -57,6 +67,42 @@ def test_changed_options_rerun(grid, tmp_path):
     grid.common["num_train_epochs"] = 2
     assert run_grid(grid, results, runs)["done"] == 1  # a new configuration is a new run
     assert len(results.read_text().splitlines()) == 2
+
+
+def test_a_run_claimed_by_another_worker_is_left_to_it(grid, tmp_path):
+    results, runs = tmp_path / "results.jsonl", tmp_path / "runs"
+    grid.seeds = [0]
+    taken = plan_runs(grid, runs)[0]
+    with _claim(runs / taken.run_id) as claimed:  # another worker is training this run
+        assert claimed
+        counts = run_grid(grid, results, runs)
+    assert counts["busy"] == 1 and counts["done"] == 1
+    assert taken.run_id not in results.read_text()
+    assert not (runs / taken.run_id).exists()
+    # The worker died (its lock with it): the next invocation takes the run over.
+    assert run_grid(grid, results, runs)["done"] == 1
+
+
+def test_two_workers_share_a_grid_and_train_each_run_once(grid, tmp_path):
+    results, runs, log = tmp_path / "results.jsonl", tmp_path / "runs", tmp_path / "calls.log"
+    wrapper = tmp_path / "train_and_log.py"
+    wrapper.write_text(
+        "import os, sys\n"
+        f"open({str(log)!r}, 'a').write(sys.argv[-1] + '\\n')\n"
+        "os.execv(sys.executable, [sys.executable, '-m', 'selftune', *sys.argv[1:]])\n")
+    command = [sys.executable, str(wrapper), "train"]
+    counts: list[dict] = []
+    workers = [threading.Thread(target=lambda: counts.append(
+        run_grid(grid, results, runs, train_command=command))) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    calls = log.read_text().splitlines()
+    assert len(calls) == len(set(calls)) == 4  # every run trained exactly once
+    lines = [json.loads(line)["run_id"] for line in results.read_text().splitlines()]
+    assert sorted(lines) == sorted(r.run_id for r in plan_runs(grid, runs))
+    assert sum(c["done"] for c in counts) == 4 and not any(c["failed"] for c in counts)
 
 
 def test_truncated_last_line_is_kept_and_reported(tmp_path):

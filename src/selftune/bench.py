@@ -15,16 +15,23 @@ Every run is an ordinary ``selftune train`` in its own process and output direct
 finishes, one JSON line is appended to the results file. A restart skips the runs already
 recorded with the same configuration, and resumes an interrupted run from its checkpoint: a kill
 loses at most the work since that run's last checkpoint.
+
+Several ``selftune bench`` processes may work on one grid at the same time (on a machine where
+two 1-thread processes outrun one 2-thread process): each run is claimed with an advisory lock
+next to its output directory, a claimed run is left to its owner, and the lock dies with the
+process that holds it, so a killed worker's run is picked up by the next one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,7 +287,7 @@ def run_grid(
         for run in todo:
             print(f"  would run {run.run_id}")
         return {"planned": len(runs), "done": 0, "failed": 0, "skipped": len(runs) - len(todo)}
-    done = failed = 0
+    done = failed = busy = 0
     durations: list[float] = []
     for index, run in enumerate(todo[:max_runs] if max_runs else todo, start=1):
         remaining = len(todo) - index + 1
@@ -288,34 +295,72 @@ def run_grid(
             if durations else ""
         print(f"[{index}/{len(todo)}] {run.run_id}{eta}", flush=True)
         out = Path(run.config.output_dir or "")
-        metrics = _finished_metrics(out, run)
-        if metrics is None:
-            if _holds_other_config(out, run):
-                # The grid changed since this folder was written: its old run is stale.
-                run.config.overwrite_output_dir = True
-            started = time.time()
-            out.mkdir(parents=True, exist_ok=True)
-            config_file = out / "bench_run.json"
-            write_json_atomic(config_file, run.config.to_dict())
-            command = train_command or [sys.executable, "-m", "selftune", run.command]
-            proc = subprocess.run([*command, "--config", str(config_file)])
-            durations.append(time.time() - started)
-            metrics = _finished_metrics(out, run)
-            if proc.returncode != 0 or metrics is None:
-                failed += 1
-                print(f"  run {run.run_id} failed (exit {proc.returncode}); see "
-                      f"{out / 'train.log'}; it will be retried on the next 'selftune bench'",
+        with _claim(out) as claimed:
+            if not claimed:
+                busy += 1
+                print(f"  {run.run_id} is being run by another 'selftune bench'; left to it",
                       flush=True)
                 continue
-        for record in ([make_record(run, metrics)] if run.command == "train"
-                       else bam_records(run, metrics)):
-            if (record["run_id"], record["config_hash"]) not in recorded:
-                append_record(results, record)
-        done += 1
-        score = metrics.get("score", metrics.get("student_average"))
-        print(f"  {run.run_id}: score {score:.2f}", flush=True)
-    return {"planned": len(runs), "done": done, "failed": failed,
+            outcome = _run_claimed(run, out, results, train_command, durations)
+        if outcome is None:
+            failed += 1
+        elif outcome:
+            done += 1
+    return {"planned": len(runs), "done": done, "failed": failed, "busy": busy,
             "skipped": len(runs) - len(todo)}
+
+
+@contextlib.contextmanager
+def _claim(out: Path) -> Iterator[bool]:
+    """Hold an exclusive advisory lock on the run for this process; yield False if another
+    process holds it. The lock sits beside (not inside) the output directory, which a stale
+    run may have to replace."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _run_claimed(run: PlannedRun, out: Path, results: Path, train_command: list[str] | None,
+                 durations: list[float]) -> bool | None:
+    """Run (or find finished) one claimed run and record it: True when recorded here, False
+    when another worker had already recorded it, None when it failed."""
+    recorded = read_recorded(results)  # another worker may have recorded it since we planned
+    if all((rid, run.config.hash()) in recorded for rid in run.record_ids()):
+        print(f"  {run.run_id}: recorded meanwhile by another 'selftune bench'", flush=True)
+        return False
+    metrics = _finished_metrics(out, run)
+    if metrics is None:
+        if _holds_other_config(out, run):
+            # The grid changed since this folder was written: its old run is stale.
+            run.config.overwrite_output_dir = True
+        started = time.time()
+        out.mkdir(parents=True, exist_ok=True)
+        config_file = out / "bench_run.json"
+        write_json_atomic(config_file, run.config.to_dict())
+        command = train_command or [sys.executable, "-m", "selftune", run.command]
+        proc = subprocess.run([*command, "--config", str(config_file)])
+        durations.append(time.time() - started)
+        metrics = _finished_metrics(out, run)
+        if proc.returncode != 0 or metrics is None:
+            print(f"  run {run.run_id} failed (exit {proc.returncode}); see "
+                  f"{out / 'train.log'}; it will be retried on the next 'selftune bench'",
+                  flush=True)
+            return None
+    for record in ([make_record(run, metrics)] if run.command == "train"
+                   else bam_records(run, metrics)):
+        if (record["run_id"], record["config_hash"]) not in recorded:
+            append_record(results, record)
+    score = metrics.get("score", metrics.get("student_average"))
+    print(f"  {run.run_id}: score {score:.2f}", flush=True)
+    return True
 
 
 def _holds_other_config(out: Path, run: PlannedRun) -> bool:

