@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
-from selftune.bench import (
-    Grid,
-    _claim,
-    append_record,
-    load_grid,
-    parse_seeds,
-    plan_runs,
-    run_grid,
-)
+from selftune.bench import Grid, append_record, load_grid, parse_seeds, plan_runs, run_grid
 from selftune.errors import SelftuneError
+from selftune.outputs import directory_lock
 from selftune.report import load_results
 
 
@@ -73,14 +69,47 @@ def test_a_run_claimed_by_another_worker_is_left_to_it(grid, tmp_path):
     results, runs = tmp_path / "results.jsonl", tmp_path / "runs"
     grid.seeds = [0]
     taken = plan_runs(grid, runs)[0]
-    with _claim(runs / taken.run_id) as claimed:  # another worker is training this run
-        assert claimed
+    # Another worker is training this run:
+    with directory_lock(runs / taken.run_id, wait=False) as lock:
+        assert lock is not None
         counts = run_grid(grid, results, runs)
     assert counts["busy"] == 1 and counts["done"] == 1
     assert taken.run_id not in results.read_text()
     assert not (runs / taken.run_id).exists()
     # The worker died (its lock with it): the next invocation takes the run over.
     assert run_grid(grid, results, runs)["done"] == 1
+
+
+def test_a_killed_workers_training_keeps_its_claim_until_it_ends(grid, tmp_path):
+    results, runs = tmp_path / "results.jsonl", tmp_path / "runs"
+    grid.seeds, grid.variants = [0], {"base": {}}
+    started, release = tmp_path / "started", tmp_path / "release"
+    slow_start = tmp_path / "slow_start.py"  # a training that waits for the test's signal
+    slow_start.write_text(
+        "import os, pathlib, sys, time\n"
+        f"pathlib.Path({str(started)!r}).touch()\n"
+        f"while not pathlib.Path({str(release)!r}).exists(): time.sleep(0.1)\n"
+        "os.execv(sys.executable, [sys.executable, '-m', 'selftune', *sys.argv[1:]])\n")
+    worker_script = (
+        "import json, sys\nfrom pathlib import Path\nfrom selftune.bench import Grid, run_grid\n"
+        f"grid = Grid(**json.loads({json.dumps(json.dumps(dataclasses.asdict(grid)))}))\n"
+        f"run_grid(grid, Path({str(results)!r}), Path({str(runs)!r}), "
+        f"train_command=[sys.executable, {str(slow_start)!r}, 'train'])\n")
+    worker = subprocess.Popen([sys.executable, "-c", worker_script])
+    deadline = time.time() + 120
+    while not started.exists():
+        assert time.time() < deadline and worker.poll() is None
+        time.sleep(0.1)
+    worker.kill()  # the worker only: its training goes on
+    worker.wait()
+    assert run_grid(grid, results, runs)["busy"] == 1
+    release.touch()
+    (run,) = plan_runs(grid, runs)
+    with directory_lock(runs / run.run_id, wait=True):  # the orphaned training has ended
+        pass
+    counts = run_grid(grid, results, runs, train_command=["false"])  # recorded, not retrained
+    assert counts["done"] == 1 and counts["failed"] == 0
+    assert run.run_id in results.read_text()
 
 
 def test_two_workers_share_a_grid_and_train_each_run_once(grid, tmp_path):

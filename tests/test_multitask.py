@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +20,7 @@ from selftune.errors import SelftuneError
 from selftune.multitask.model import build_multitask_model
 from selftune.multitask.objective import TeacherAnnealing
 from selftune.multitask.training import MultiTaskConfig, train_multitask
+from selftune.outputs import directory_lock
 
 from .test_training import StopAfterFirstSave
 
@@ -251,6 +256,35 @@ def test_bam_pipeline_stages_and_reuse(tiny_model, glue_dir, tmp_path):
     again = run_bam(cfg)  # every stage is finished: nothing is retrained
     assert again["student"] == summary["student"]
     assert {p: p.stat().st_mtime for p in root.rglob("metrics.json")} == stamps
+
+
+def test_bam_runs_sharing_a_teachers_root_train_each_teacher_once(tiny_model, glue_dir,
+                                                                 tmp_path):
+    shared = tmp_path / "teachers"
+
+    def bam_process(name: str) -> tuple[subprocess.Popen, Path]:
+        log = tmp_path / f"{name}.log"
+        command = [sys.executable, "-m", "selftune", "bam", "--tasks", "rte", "--model",
+                   str(tiny_model), "--data-dir", str(glue_dir), "--num-train-epochs", "1",
+                   "--teacher-epochs", "1", "--per-device-train-batch-size", "4",
+                   "--teacher-batch-size", "4", "--teachers-root", str(shared),
+                   "--output-dir", str(tmp_path / name)]
+        return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT), log
+
+    # Both runs reach the teacher while a third process holds it, so both must wait for it.
+    with directory_lock(shared / "rte", wait=False) as lock:
+        assert lock is not None
+        runs = [bam_process("a"), bam_process("b")]
+        deadline = time.time() + 300
+        while not all("waiting for it" in log.read_text() for _, log in runs):
+            assert time.time() < deadline and all(p.poll() is None for p, _ in runs), \
+                [log.read_text()[-2000:] for _, log in runs]
+            time.sleep(0.5)
+    assert [p.wait(timeout=600) for p, _ in runs] == [0, 0]
+    logs = [log.read_text() for _, log in runs]
+    assert sum("Teacher for rte: training in" in log for log in logs) == 1
+    assert sum("Teacher for rte: reusing" in log for log in logs) == 1
+    assert (shared / "rte" / "train_predictions.jsonl").is_file()
 
 
 def test_bam_student_self_distills_while_its_teachers_stay_plain(tiny_model, glue_dir,

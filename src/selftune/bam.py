@@ -13,10 +13,12 @@ directories), ``finetuned/<task>/``, and ``bam.json`` with every stage's dev sco
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,13 +87,42 @@ def _check_same_options(run_dir: Path, expected) -> None:
                             "--output-dir, or --overwrite-output-dir to redo every stage")
 
 
+@contextlib.contextmanager
+def _shared_teacher_lock(teacher_dir: Path, is_main_process: bool) -> Iterator[None]:
+    """Only the main process of a (possibly distributed) run takes the lock; its other
+    processes follow it through the training's own collectives."""
+    if not is_main_process:
+        yield
+        return
+    with outputs.directory_lock(teacher_dir, wait=False) as lock:
+        if lock is not None:
+            yield
+            return
+    logger.info("Teacher %s is being written by another process: waiting for it", teacher_dir)
+    with outputs.directory_lock(teacher_dir, wait=True):
+        yield
+
+
+def _train_or_reuse_teacher(teacher_dir: Path, expected) -> None:
+    from selftune.training import setup_logging, train
+
+    if outputs.is_finished(teacher_dir):
+        _check_same_options(teacher_dir, expected)
+        logger.info("Teacher for %s: reusing %s", expected.task, teacher_dir)
+    else:
+        logger.info("Teacher for %s: training in %s", expected.task, teacher_dir)
+        train(expected)
+        setup_logging(None)  # the teacher's run logged to its own train.log
+
+
 def run_bam(cfg: BamConfig) -> dict[str, Any]:
     from accelerate import PartialState
 
     from selftune.config import SD_OPTIONS, TrainConfig
     from selftune.multitask.training import check_multitask_options
-    from selftune.training import train
+    from selftune.training import setup_logging, train
 
+    setup_logging(None)  # the stage messages below reach the console from the start
     # Before hours of teacher training, not after (grouping is for the teachers only).
     tasks = check_multitask_options(dataclasses.replace(cfg, group_by_length=False))
     if min(cfg.teacher_learning_rate, cfg.teacher_epochs, cfg.teacher_batch_size) <= 0:
@@ -127,25 +158,22 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
         summary["teachers"] = {}
         for task in tasks:
             teacher_dir = given.get(task.name) or teachers_root / task.name
-            if task.name not in given:
-                expected = TrainConfig(**{**single_task, "task": task.name,
-                                          "output_dir": str(teacher_dir)})
-                if outputs.is_finished(teacher_dir):
-                    _check_same_options(teacher_dir, expected)
-                    logger.info("Teacher for %s: reusing %s", task.name, teacher_dir)
-                else:
-                    logger.info("Teacher for %s: training in %s", task.name, teacher_dir)
-                    train(expected)
             both = cfg.double_unordered and task.name in UNORDERED_TASKS
             cache = teacher_dir / ("train_predictions.both-orders.jsonl" if both
                                    else "train_predictions.jsonl")
-            # Under torchrun the main process writes the cache; the others then read it.
-            with state.main_process_first():
-                if not cache.is_file():
-                    logger.info("Teacher predictions for %s → %s", task.name, cache)
-                    compute_teacher_predictions(teacher_dir, task, cfg.data_options(), cache,
-                                                both, cfg.max_seq_length,
-                                                cfg.per_device_eval_batch_size)
+            # A --teachers-root may be shared by BAM runs in other processes (e.g. two bench
+            # workers on one seed): one of them trains a teacher, the others wait and reuse it.
+            with _shared_teacher_lock(teacher_dir, state.is_main_process):
+                if task.name not in given:
+                    _train_or_reuse_teacher(teacher_dir, TrainConfig(**{
+                        **single_task, "task": task.name, "output_dir": str(teacher_dir)}))
+                # Under torchrun the main process writes the cache; the others then read it.
+                with state.main_process_first():
+                    if not cache.is_file():
+                        logger.info("Teacher predictions for %s → %s", task.name, cache)
+                        compute_teacher_predictions(teacher_dir, task, cfg.data_options(),
+                                                    cache, both, cfg.max_seq_length,
+                                                    cfg.per_device_eval_batch_size)
             predictions[task.name] = cache
             metrics_file = teacher_dir / outputs.METRICS_FILE
             if metrics_file.is_file():

@@ -18,27 +18,27 @@ loses at most the work since that run's last checkpoint.
 
 Several ``selftune bench`` processes may work on one grid at the same time (on a machine where
 two 1-thread processes outrun one 2-thread process): each run is claimed with an advisory lock
-next to its output directory, a claimed run is left to its owner, and the lock dies with the
-process that holds it, so a killed worker's run is picked up by the next one.
+next to its output directory, held by the worker and by the training process it starts, and a
+claimed run is left to its owner. A killed worker's training goes on to its end (a later worker
+records it); a run whose worker and training both died is free again and resumes from its
+checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from selftune.config import TrainConfig
 from selftune.errors import SelftuneError
-from selftune.outputs import METRICS_FILE, write_json_atomic
+from selftune.outputs import METRICS_FILE, directory_lock, write_json_atomic
 
 RESULTS_SCHEMA = 1
 
@@ -295,13 +295,13 @@ def run_grid(
             if durations else ""
         print(f"[{index}/{len(todo)}] {run.run_id}{eta}", flush=True)
         out = Path(run.config.output_dir or "")
-        with _claim(out) as claimed:
-            if not claimed:
+        with directory_lock(out, wait=False) as lock:
+            if lock is None:
                 busy += 1
                 print(f"  {run.run_id} is being run by another 'selftune bench'; left to it",
                       flush=True)
                 continue
-            outcome = _run_claimed(run, out, results, train_command, durations)
+            outcome = _run_claimed(run, out, results, train_command, durations, lock.fileno())
         if outcome is None:
             failed += 1
         elif outcome:
@@ -310,26 +310,8 @@ def run_grid(
             "skipped": len(runs) - len(todo)}
 
 
-@contextlib.contextmanager
-def _claim(out: Path) -> Iterator[bool]:
-    """Hold an exclusive advisory lock on the run for this process; yield False if another
-    process holds it. The lock sits beside (not inside) the output directory, which a stale
-    run may have to replace."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _run_claimed(run: PlannedRun, out: Path, results: Path, train_command: list[str] | None,
-                 durations: list[float]) -> bool | None:
+                 durations: list[float], lock_fd: int) -> bool | None:
     """Run (or find finished) one claimed run and record it: True when recorded here, False
     when another worker had already recorded it, None when it failed."""
     recorded = read_recorded(results)  # another worker may have recorded it since we planned
@@ -346,7 +328,9 @@ def _run_claimed(run: PlannedRun, out: Path, results: Path, train_command: list[
         config_file = out / "bench_run.json"
         write_json_atomic(config_file, run.config.to_dict())
         command = train_command or [sys.executable, "-m", "selftune", run.command]
-        proc = subprocess.run([*command, "--config", str(config_file)])
+        # The run holds the claim too: if this worker is killed, the run it started goes on
+        # training, and no other worker starts it a second time.
+        proc = subprocess.run([*command, "--config", str(config_file)], pass_fds=(lock_fd,))
         durations.append(time.time() - started)
         metrics = _finished_metrics(out, run)
         if proc.returncode != 0 or metrics is None:

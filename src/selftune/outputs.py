@@ -11,12 +11,15 @@ Layout of ``--output-dir``::
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from selftune.errors import SelftuneError
 
@@ -40,6 +43,24 @@ def write_json_atomic(path: Path, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def directory_lock(output_dir: Path, wait: bool) -> Iterator[IO | None]:
+    """Hold an exclusive advisory lock on a run directory, so that two independent processes
+    never write one run. Yields the open lock file once held (pass its descriptor to a child
+    process, ``pass_fds``, to keep the run locked for as long as the child lives); with
+    ``wait=False`` yields None at once if another process holds it. The lock file sits beside
+    (not inside) the directory, which may have to be replaced, and the lock dies with the last
+    process holding it."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(output_dir.parent / f".{output_dir.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield None
+            return
+        yield lock  # closing the file releases the lock
 
 
 def is_finished(output_dir: Path) -> bool:

@@ -289,7 +289,8 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     if cfg.eval_each_epoch:
         trainer.add_callback(EvaluateTasks(evaluate, trainer.log))
     train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    _, examples_per_s = trainer.training_throughput(train_output.metrics.get("train_runtime", 0.0))
+    train_seconds, examples_per_s = trainer.training_throughput(
+        train_output.metrics.get("train_runtime", 0.0))
     history = history_from_logs(trainer.state.log_history, tasks)
     final = history[-1]["tasks"] if history and history[-1]["step"] == \
         trainer.state.global_step else evaluate()
@@ -303,6 +304,7 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
         "with_teachers": teachers is not None,
         "global_steps": trainer.state.global_step,
         "wall_time_s": time.time() - started,
+        "train_time_s": train_seconds,
         "train_examples_per_s": examples_per_s,
         "peak_memory_mb": peak_memory_mb(),
         "resumed_from": str(resume_from) if resume_from else None,
