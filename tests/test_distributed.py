@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +22,17 @@ def selftune(args: list[str], processes: int, timeout: int = 300) -> None:
     launcher = [sys.executable, "-m", "selftune"] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
         "--master-port", str(next(_ports)), "-m", "selftune"]
-    proc = subprocess.run(launcher + args, capture_output=True, text=True, env=env,
-                          timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # In a session of its own: on a timeout the launcher and every rank it started are killed,
+    # not only the launcher (orphaned ranks would hold on to memory and locks).
+    proc = subprocess.Popen(launcher + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {stderr[-3000:]}") from None
+    assert proc.returncode == 0, stderr[-3000:]
 
 
 def final_logits(model_dir: Path) -> np.ndarray:

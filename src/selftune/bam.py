@@ -116,11 +116,9 @@ def _train_or_reuse_teacher(teacher_dir: Path, expected) -> None:
 
 
 def run_bam(cfg: BamConfig) -> dict[str, Any]:
-    from accelerate import PartialState
-
     from selftune.config import SD_OPTIONS, TrainConfig
     from selftune.multitask.training import check_multitask_options
-    from selftune.training import setup_logging, train
+    from selftune.training import process_state, setup_logging, train
 
     setup_logging(None)  # the stage messages below reach the console from the start
     # Before hours of teacher training, not after (grouping is for the teachers only).
@@ -135,7 +133,7 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
                 raise SelftuneError(f"--teachers: the {task} teacher {path} is not a model "
                                     "directory (no config.json)")
     root = Path(cfg.output_dir or Path("runs") / "bam" / f"seed{cfg.seed}")
-    state = PartialState()
+    state = process_state()
     if cfg.overwrite_output_dir and root.exists() and state.is_main_process:
         shutil.rmtree(root)
     state.wait_for_everyone()

@@ -172,6 +172,15 @@ def check_sequence_length(max_seq_length: int, model) -> None:
                             f"{limit} positions; use at most {limit}")
 
 
+def process_state():
+    """Accelerate's (possibly distributed) process state. Without a GPU, processes started by
+    torchrun are data-parallel CPU processes only if Accelerate is told so (``cpu=True``);
+    otherwise, until a ``TrainingArguments`` exists, each of them believes it is the main one."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def open_run_directory(cfg: TrainConfig, output_dir: Path) -> Path | None:
     """Create the run folder (once the inputs are known to be good), start train.log, save
     run_config.json; return the checkpoint to resume from, if any.
@@ -179,9 +188,7 @@ def open_run_directory(cfg: TrainConfig, output_dir: Path) -> Path | None:
     Under ``accelerate launch``/``torchrun`` only the main process touches the folder; the
     others wait for it, then find the same checkpoint.
     """
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     if state.is_main_process:
         outputs.prepare_output_dir(output_dir, cfg.to_dict(), cfg.overwrite_output_dir,
                                    cfg.resume, type(cfg)().to_dict())
@@ -220,7 +227,6 @@ def history_from_logs(log_history: list[dict]) -> list[dict]:
 def add_cls_norm(cfg: TrainConfig, model, tokenizer, train_set, output_dir: Path) -> None:
     """Insert the [CLS] normalizer; center/standardize get the pre-trained model's statistics
     over the training set, computed once here and saved with the run (cls_stats.safetensors)."""
-    from accelerate import PartialState
     from safetensors.torch import save_file
 
     from selftune.models.cls_norm import compute_cls_stats
@@ -234,7 +240,7 @@ def add_cls_norm(cfg: TrainConfig, model, tokenizer, train_set, output_dir: Path
         loader = torch.utils.data.DataLoader(features, batch_size=cfg.per_device_eval_batch_size,
                                              collate_fn=DataCollatorWithPadding(tokenizer))
         stats = compute_cls_stats(model, loader, source=source)
-        if PartialState().is_main_process:
+        if process_state().is_main_process:
             save_file({"mean": stats.mean.contiguous(), "std": stats.std.contiguous()},
                       str(output_dir / "cls_stats.safetensors"))
     install_cls_norm(model, cfg.cls_norm, source, stats)
