@@ -88,10 +88,11 @@ def _check_same_options(run_dir: Path, expected) -> None:
 
 
 @contextlib.contextmanager
-def _shared_teacher_lock(teacher_dir: Path, is_main_process: bool) -> Iterator[None]:
-    """Only the main process of a (possibly distributed) run takes the lock; its other
-    processes follow it through the training's own collectives."""
-    if not is_main_process:
+def _shared_teacher_lock(teacher_dir: Path, take: bool) -> Iterator[None]:
+    """Taken by the main process of a (possibly distributed) run only, its other processes
+    follow it through the training's own collectives; and only for a teacher this recipe
+    trains (a user's --teachers folder may sit where nothing else can be written)."""
+    if not take:
         yield
         return
     with outputs.directory_lock(teacher_dir, wait=False) as lock:
@@ -161,7 +162,8 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
                                    else "train_predictions.jsonl")
             # A --teachers-root may be shared by BAM runs in other processes (e.g. two bench
             # workers on one seed): one of them trains a teacher, the others wait and reuse it.
-            with _shared_teacher_lock(teacher_dir, state.is_main_process):
+            with _shared_teacher_lock(teacher_dir,
+                                      state.is_main_process and task.name not in given):
                 if task.name not in given:
                     _train_or_reuse_teacher(teacher_dir, TrainConfig(**{
                         **single_task, "task": task.name, "output_dir": str(teacher_dir)}))

@@ -22,7 +22,9 @@ runs on the same machine; metrics are comparable everywhere).
 
 Several workers may run one grid at once: start the same command twice (e.g. with
 OMP_NUM_THREADS=1 each on a 2-core machine, 1.2x the throughput of one 2-thread worker here).
-Each run is claimed by one worker; a killed worker's run is taken by the next one to reach it.
+Each run is claimed by one worker and by the training it starts: if a worker is killed, its
+training goes on and a later worker records it; a run whose training died too is resumed by
+the next worker to reach it.
 """
 
 
