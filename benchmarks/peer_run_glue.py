@@ -4,6 +4,9 @@ Every batch is padded to max_seq_length (run_glue's default `pad_to_max_length=T
 length grouping, fp32, the Trainer's own optimizer and schedule. Same data (selftune's readers,
 so the examples are identical), same model, hyper-parameters and seed as `selftune train`.
 Writes one JSON object (dev metrics in percent, wall time, train examples/s, peak memory).
+An interrupted run resumes from the Trainer's last checkpoint when started again with the
+same --output-dir (`--save-steps`); the times of a resumed run cover its last part only and
+say so (`"resumed": true`).
 
     python benchmarks/peer_run_glue.py --task rte --data-dir ../shared/data --seed 0 \
         --output-dir runs/peer/rte-seed0
@@ -25,6 +28,7 @@ from transformers import (
     TrainingArguments,
     default_data_collator,
 )
+from transformers.trainer_utils import get_last_checkpoint
 
 from selftune.data.loading import DataOptions, load_task_data
 from selftune.metrics import trainer_metrics_fn
@@ -45,6 +49,8 @@ def main() -> None:
     parser.add_argument("--max-seq-length", type=int, default=128)
     parser.add_argument("--max-train-samples", type=int)
     parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--save-steps", type=int, default=100,
+                        help="Trainer checkpoint interval, so a killed run can resume")
     args = parser.parse_args()
 
     started = time.time()
@@ -74,12 +80,14 @@ def main() -> None:
         output_dir=str(Path(args.output_dir) / "trainer"), seed=args.seed,
         learning_rate=args.learning_rate, per_device_train_batch_size=args.batch_size,
         num_train_epochs=args.epochs, warmup_steps=args.warmup_ratio,
-        weight_decay=args.weight_decay, eval_strategy="no", save_strategy="no",
-        report_to=[], logging_steps=50)
+        weight_decay=args.weight_decay, eval_strategy="no", save_strategy="steps",
+        save_steps=args.save_steps, save_total_limit=1, report_to=[], logging_steps=50)
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
                       eval_dataset=eval_set, data_collator=default_data_collator,
                       compute_metrics=trainer_metrics_fn(task))
-    train_output = trainer.train()
+    last_checkpoint = get_last_checkpoint(training_args.output_dir) if Path(
+        training_args.output_dir).is_dir() else None
+    train_output = trainer.train(resume_from_checkpoint=last_checkpoint)
     final = trainer.evaluate()
     result = {
         "task": task.name, "seed": args.seed, "runner": "peer (plain Trainer, max-length padding)",
@@ -90,6 +98,7 @@ def main() -> None:
         "train_time_s": train_output.metrics["train_runtime"],
         "train_examples_per_s": len(train_set) * args.epochs / train_output.metrics[
             "train_runtime"],
+        "resumed": last_checkpoint is not None,
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     out = Path(args.output_dir)

@@ -258,6 +258,30 @@ def test_bam_pipeline_stages_and_reuse(tiny_model, glue_dir, tmp_path):
     assert {p: p.stat().st_mtime for p in root.rglob("metrics.json")} == stamps
 
 
+def test_a_teacher_pruned_to_its_predictions_is_reused(tiny_model, glue_dir, tmp_path):
+    shared = tmp_path / "teachers"
+
+    def recipe(name: str) -> BamConfig:
+        return BamConfig(tasks="rte", model=str(tiny_model), data_dir=str(glue_dir),
+                         output_dir=str(tmp_path / name), teachers_root=str(shared),
+                         num_train_epochs=1, per_device_train_batch_size=4, teacher_epochs=1,
+                         teacher_batch_size=4)
+
+    first = run_bam(recipe("a"))
+    keep = {"run_config.json", "metrics.json", "train_predictions.jsonl"}
+    for path in sorted((shared / "rte").rglob("*"), reverse=True):
+        if path.name not in keep:
+            path.rmdir() if path.is_dir() else path.unlink()
+    assert {p.name for p in (shared / "rte").iterdir()} == keep
+    second = run_bam(recipe("b"))
+    assert second["teachers"] == first["teachers"]
+    assert second["student"] == first["student"]  # the same seed and the same predictions
+    (shared / "rte" / "train_predictions.jsonl").unlink()
+    with pytest.raises(SelftuneError, match="without its model and without "
+                                            "train_predictions.jsonl"):
+        run_bam(recipe("c"))
+
+
 def test_bam_runs_sharing_a_teachers_root_train_each_teacher_once(tiny_model, glue_dir,
                                                                  tmp_path):
     shared = tmp_path / "teachers"

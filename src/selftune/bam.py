@@ -9,6 +9,10 @@
 
 Output: ``teachers/<task>/``, ``student/`` (``student/tasks/<task>/`` are standard model
 directories), ``finetuned/<task>/``, and ``bam.json`` with every stage's dev scores.
+
+A finished teacher folder may be pruned to ``run_config.json``, ``metrics.json`` and its cached
+predictions (a few MB instead of a model): the recipe still reuses it, since the student needs
+only the predictions.
 """
 
 from __future__ import annotations
@@ -116,6 +120,13 @@ def _train_or_reuse_teacher(teacher_dir: Path, expected) -> None:
         setup_logging(None)  # the teacher's run logged to its own train.log
 
 
+def _check_can_predict(teacher_dir: Path, cache: Path) -> None:
+    if not (teacher_dir / "config.json").is_file():
+        raise SelftuneError(f"{teacher_dir} holds a finished teacher without its model and "
+                            f"without {cache.name}, so its predictions cannot be computed; "
+                            "delete the folder to train the teacher again")
+
+
 def run_bam(cfg: BamConfig) -> dict[str, Any]:
     from selftune.config import SD_OPTIONS, TrainConfig
     from selftune.multitask.training import check_multitask_options
@@ -170,6 +181,7 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
                 # Under torchrun the main process writes the cache; the others then read it.
                 with state.main_process_first():
                     if not cache.is_file():
+                        _check_can_predict(teacher_dir, cache)
                         logger.info("Teacher predictions for %s → %s", task.name, cache)
                         compute_teacher_predictions(teacher_dir, task, cfg.data_options(),
                                                     cache, both, cfg.max_seq_length,

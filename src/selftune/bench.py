@@ -11,6 +11,9 @@ A grid is a YAML/TOML/JSON file (or command-line flags)::
       baseline: {}
       lr1e-4: {learning_rate: 1.0e-4}
 
+Paths in a grid (``results``, ``runs_dir``, and the options ``data_dir`` and ``teachers_root``)
+are relative to the grid file.
+
 Every run is an ordinary ``selftune train`` in its own process and output directory. When it
 finishes, one JSON line is appended to the results file. A restart skips the runs already
 recorded with the same configuration, and resumes an interrupted run from its checkpoint: a kill
@@ -128,19 +131,32 @@ def load_grid(path: Path) -> Grid:
     def rel(value: str | None) -> Path | None:
         return None if value is None else (base / value).resolve()
 
-    common = dict(raw.get("common") or {})
-    if isinstance(common.get("data_dir"), str):
-        common["data_dir"] = str(rel(common["data_dir"]))
+    def with_paths_resolved(options: dict | None) -> dict:
+        if options is not None and not isinstance(options, dict):
+            raise SelftuneError(f"{path}: options are a mapping of option names to values, "
+                                f"not {options!r}")
+        options = dict(options or {})
+        for key in PATHS_RELATIVE_TO_GRID:
+            if isinstance(options.get(key), str):
+                options[key] = str(rel(options[key]))
+        return options
+
+    variants = raw.get("variants") or {"baseline": {}}
+    if not isinstance(variants, dict):
+        raise SelftuneError(f"{path}: 'variants' maps a name to its options")
     return Grid(
         name=str(raw.get("name", path.stem)),
         tasks=[str(t) for t in raw["tasks"]],
         seeds=parse_seeds(raw["seeds"]),
-        variants=raw.get("variants") or {"baseline": {}},
-        common=common,
+        variants={name: with_paths_resolved(options) for name, options in variants.items()},
+        common=with_paths_resolved(raw.get("common")),
         task_options=raw.get("task_options") or {},
         results=rel(raw.get("results")) or path.with_name(f"{path.stem}.results.jsonl"),
         runs_dir=rel(raw.get("runs_dir")),
     )
+
+
+PATHS_RELATIVE_TO_GRID = ("data_dir", "teachers_root")
 
 
 def plan_runs(grid: Grid, runs_dir: Path) -> list[PlannedRun]:

@@ -33,7 +33,8 @@ SD_OPTIONS = ("sd_k", "sd_lambda", "snapshot_interval", "teacher_dropout", "se_p
 CONFIG_VERSION = 1
 # Options that do not change what a run computes.
 NOT_HASHED = frozenset({"seed", "output_dir", "overwrite_output_dir", "resume", "keep_checkpoints",
-                        "report_to", "data_dir", "logging_steps", "save_steps"})
+                        "report_to", "data_dir", "logging_steps", "save_steps",
+                        "teachers_root"})
 
 
 @dataclass
