@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--max-seq-length", type=int, default=128)
     parser.add_argument("--max-train-samples", type=int)
     parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--append-to", help="also append the result as one JSON line to this "
+                        "file (e.g. benchmarks/peer_full_scale.results.jsonl)")
     parser.add_argument("--save-steps", type=int, default=100,
                         help="Trainer checkpoint interval, so a killed run can resume")
     args = parser.parse_args()
@@ -104,6 +106,9 @@ def main() -> None:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    if args.append_to:
+        with open(args.append_to, "a") as f:
+            f.write(json.dumps({**result, "finished_at": time.strftime("%Y-%m-%d")}) + "\n")
     print(json.dumps(result))
 
 
