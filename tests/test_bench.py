@@ -229,3 +229,21 @@ def test_yaml_exponent_strings_become_numbers(tmp_path):
 
     # The run's identity is the same whether read from the grid or from its saved options.
     assert TrainConfig.from_dict(run.config.to_dict()).hash() == run.config.hash()
+
+
+@pytest.mark.parametrize("variants, message", [
+    ("[a, b]", "'variants' maps a name to its options"),
+    ("{a: lr1e-4}", "options are a mapping of option names to values, not 'lr1e-4'"),
+])
+def test_malformed_variants_are_named_errors(variants, message, tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text(f"tasks: [rte]\nseeds: 0\nvariants: {variants}\n")
+    with pytest.raises(SelftuneError, match=message):
+        load_grid(path)
+
+
+def test_a_variants_data_dir_is_relative_to_the_grid_file(tmp_path):
+    path = tmp_path / "grids" / "g.yaml"
+    path.parent.mkdir()
+    path.write_text("tasks: [rte]\nseeds: 0\nvariants: {other: {data_dir: ../data}}\n")
+    assert load_grid(path).variants["other"]["data_dir"] == str(tmp_path.resolve() / "data")
