@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 from collections import defaultdict
 from pathlib import Path
 
 from scipy import stats
+
+from selftune.stats import summarize
 
 
 def scores_by_task(path: Path, variant: str | None = None) -> dict[str, dict[int, float]]:
@@ -31,12 +32,16 @@ def scores_by_task(path: Path, variant: str | None = None) -> dict[str, dict[int
     return by_task
 
 
+def prediction_spread(std: float, n: int) -> float:
+    """The spread of one new observation around the mean of n: s·sqrt(1 + 1/n)."""
+    return std * math.sqrt(1 + 1 / n)
+
+
 def compare(peer: list[float], ours: list[float]) -> tuple[str, float]:
     if len(peer) == 1:
-        spread = statistics.stdev(ours) * math.sqrt(1 + 1 / len(ours))
-        t = (peer[0] - statistics.mean(ours)) / spread
-        return "one new run vs the seeds (t, prediction interval)", 2 * stats.t.sf(
-            abs(t), len(ours) - 1)
+        mean, std, n = summarize(ours)
+        t = (peer[0] - mean) / prediction_spread(std, n)
+        return "one new run vs the seeds (t, prediction interval)", 2 * stats.t.sf(abs(t), n - 1)
     welch = stats.ttest_ind(peer, ours, equal_var=False).pvalue
     mann_whitney = stats.mannwhitneyu(peer, ours, alternative="two-sided").pvalue
     return f"Welch t; Mann-Whitney U p = {mann_whitney:.3f}", welch
@@ -57,8 +62,8 @@ def main() -> None:
             print(f"| {task} | … | fewer than 2 selftune seeds | | | |")
             continue
         values = list(ours[task].values())
-        mean, std, n = statistics.mean(values), statistics.stdev(values), len(values)
-        half = stats.t.ppf(0.975, n - 1) * std * math.sqrt(1 + 1 / n)
+        mean, std, n = summarize(values)
+        half = stats.t.ppf(0.975, n - 1) * prediction_spread(std, n)
         test, p = compare(list(peer_scores.values()), values)
         listed = ", ".join(f"{s:.2f} (seed {k})" for k, s in sorted(peer_scores.items()))
         print(f"| {task} | {listed} | {mean:.2f} ± {std:.2f} ({n}) | {mean - half:.2f} – "

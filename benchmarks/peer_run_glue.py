@@ -52,7 +52,8 @@ def main() -> None:
     parser.add_argument("--append-to", help="also append the result as one JSON line to this "
                         "file (e.g. benchmarks/peer_full_scale.results.jsonl)")
     parser.add_argument("--save-steps", type=int, default=100,
-                        help="Trainer checkpoint interval, so a killed run can resume")
+                        help="Trainer checkpoint interval, so a killed run can resume; 0: no "
+                        "checkpoints (what peer_timing.py times)")
     args = parser.parse_args()
 
     started = time.time()
@@ -82,8 +83,9 @@ def main() -> None:
         output_dir=str(Path(args.output_dir) / "trainer"), seed=args.seed,
         learning_rate=args.learning_rate, per_device_train_batch_size=args.batch_size,
         num_train_epochs=args.epochs, warmup_steps=args.warmup_ratio,
-        weight_decay=args.weight_decay, eval_strategy="no", save_strategy="steps",
-        save_steps=args.save_steps, save_total_limit=1, report_to=[], logging_steps=50)
+        weight_decay=args.weight_decay, eval_strategy="no",
+        save_strategy="steps" if args.save_steps > 0 else "no", save_steps=max(args.save_steps, 1),
+        save_total_limit=1, report_to=[], logging_steps=50)
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
                       eval_dataset=eval_set, data_collator=default_data_collator,
                       compute_metrics=trainer_metrics_fn(task))

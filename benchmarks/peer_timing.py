@@ -32,7 +32,7 @@ def command(runner: str, task: str, out: Path, args: argparse.Namespace) -> list
                 "--output-dir", str(out), "--overwrite-output-dir", *args.selftune_args.split()]
     return [sys.executable, str(HERE / "peer_run_glue.py"), "--task", task, "--data-dir",
             args.data_dir, "--seed", "0", "--max-train-samples", str(args.max_train_samples),
-            "--epochs", str(args.epochs), "--output-dir", str(out)]
+            "--epochs", str(args.epochs), "--output-dir", str(out), "--save-steps", "0"]
 
 
 def measure(runner: str, task: str, repeat: int, args: argparse.Namespace) -> dict:

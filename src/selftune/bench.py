@@ -99,6 +99,9 @@ def parse_seeds(value: str | list | int) -> list[int]:
     return seeds
 
 
+PATHS_RELATIVE_TO_GRID = ("data_dir", "teachers_root")
+
+
 def load_grid(path: Path) -> Grid:
     if not path.is_file():
         raise SelftuneError(f"grid file not found: {path}")
@@ -154,9 +157,6 @@ def load_grid(path: Path) -> Grid:
         results=rel(raw.get("results")) or path.with_name(f"{path.stem}.results.jsonl"),
         runs_dir=rel(raw.get("runs_dir")),
     )
-
-
-PATHS_RELATIVE_TO_GRID = ("data_dir", "teachers_root")
 
 
 def plan_runs(grid: Grid, runs_dir: Path) -> list[PlannedRun]:
