@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Keep this machine busy with the benchmark grids: two `selftune bench` workers, one thread
+# each (1.2x the throughput of one 2-thread worker here, BENCHMARKS.md "Threads"), working
+# through the grids in the order given; both share each grid (every run is claimed by one
+# worker) and move on to the next grid when nothing is left to claim.
+#
+#   benchmarks/run_grids.sh                     # the default queue below
+#   benchmarks/run_grids.sh benchmarks/cls_norm.yaml benchmarks/bam.yaml
+#   WORKERS=1 benchmarks/run_grids.sh ...       # one worker
+#
+# Returns at once; the workers run in the background in their own process group and log to
+# $RUNS_ROOT/logs/. Stop them with: kill -- -"$(cat "$RUNS_ROOT/logs/workers.pgid")"
+# (a killed run resumes from its last checkpoint on the next start).
+#
+# Run folders go to runs/ in the checkout. A checkout can be laid anew between sessions while
+# the machine is kept, so when runs/ does not exist yet it is made a link to $RUNS_ROOT
+# (default ~/selftune-runs), outside the checkout: an interrupted run then resumes in the next
+# session instead of starting over. Finished runs are in the results files, committed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS_ROOT="${RUNS_ROOT:-$HOME/selftune-runs}"
+WORKERS="${WORKERS:-2}"
+if [ "$#" -gt 0 ]; then
+  grids=("$@")
+else
+  # Priority: finish what is furthest along first.
+  grids=(benchmarks/self_distillation.yaml benchmarks/sd_ablation.yaml
+         benchmarks/cls_norm.yaml benchmarks/bam.yaml benchmarks/bam_ablation.yaml
+         benchmarks/baseline_lr.yaml)
+fi
+for grid in "${grids[@]}"; do
+  [ -f "$grid" ] || { echo "run_grids.sh: no grid file $grid" >&2; exit 2; }
+done
+command -v selftune >/dev/null || { echo "run_grids.sh: activate the venv with selftune first" >&2; exit 2; }
+
+if [ ! -e runs ]; then
+  mkdir -p "$RUNS_ROOT"
+  ln -s "$RUNS_ROOT" runs
+fi
+logs="runs/logs"
+mkdir -p "$logs"
+
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# setsid: one process group for every worker and the trainings they start, so one kill stops all.
+setsid bash -c '
+  echo $$ > "$0/workers.pgid"
+  for i in $(seq 1 "$1"); do
+    (for grid in "${@:2}"; do selftune bench "$grid"; done) > "$0/worker$i.log" 2>&1 &
+    sleep 5  # the second worker then finds the first run claimed and takes the next
+  done
+  wait
+' "$logs" "$WORKERS" "${grids[@]}" < /dev/null > /dev/null 2>&1 &
+sleep 1
+echo "started $WORKERS worker(s) on: ${grids[*]}"
+echo "logs: $logs/worker*.log; stop: kill -- -\$(cat $logs/workers.pgid)"
