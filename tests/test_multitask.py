@@ -217,6 +217,29 @@ def test_multitask_run_uses_layerwise_learning_rates(tiny_model, glue_dir, tmp_p
     assert seen["lrs"] == pytest.approx([1e-3 * 0.5 ** k for k in (4, 3, 2, 1, 0)])
 
 
+def test_multitask_student_counts_skipped_updates(tiny_model, glue_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    from selftune.multitask import training as mt_training
+
+    class PoisonHeads(TrainerCallback):  # every head outputs NaN from step 2 on
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    for head in model.heads.values():
+                        head.classifier.weight.fill_(float("nan"))
+
+    original = mt_training.LogToFile
+    mt_training.LogToFile = PoisonHeads  # inject the probe where the Trainer's callbacks are made
+    try:
+        result = train_multitask(mt_config(tiny_model, glue_dir, tmp_path / "mt",
+                                           num_train_epochs=1, nan_policy="skip"))
+    finally:
+        mt_training.LogToFile = original
+    assert result["global_steps"] > 2
+    assert result["skipped_steps"] == result["global_steps"] - 2
+
+
 @pytest.mark.parametrize("options", [{}, {"strategy": "sda"}])
 def test_multitask_resume_is_exact(options, tiny_model, glue_dir, tmp_path):
     reference = train_multitask(mt_config(tiny_model, glue_dir, tmp_path / "ref", **options))

@@ -119,8 +119,8 @@ class TrainConfig:
     logging_steps: int = opt(50, "Log the training loss every N optimizer steps.", TRAIN)
     eval_each_epoch: bool = opt(True, "Evaluate on the dev split after every epoch (the "
                                 "learning curve in metrics.json).", TRAIN)
-    save_steps: int | None = opt(None, "Also checkpoint every N optimizer steps (default: a "
-                                 "checkpoint at the end of every epoch).", TRAIN)
+    save_steps: int | None = opt(None, "Checkpoint every N optimizer steps instead of at the "
+                                 "end of every epoch (the default).", TRAIN)
     strategy: str = opt("baseline", "Fine-tuning strategy: baseline (plain fine-tuning); se "
                         "(self-ensemble: the final model averages a pool of the run's own "
                         "snapshots); sda / sdv (self-distillation from the parameter average / "

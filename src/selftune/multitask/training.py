@@ -308,6 +308,7 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
         "train_examples_per_s": examples_per_s,
         "peak_memory_mb": peak_memory_mb(),
         "resumed_from": str(resume_from) if resume_from else None,
+        "skipped_steps": trainer.skipped_steps,
         "config_hash": cfg.hash(),
         **environment_info(),
     }
