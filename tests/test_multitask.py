@@ -281,6 +281,34 @@ def test_bam_pipeline_stages_and_reuse(tiny_model, glue_dir, tmp_path):
     assert {p: p.stat().st_mtime for p in root.rglob("metrics.json")} == stamps
 
 
+def test_multi_to_multi_distills_a_multitask_run_into_a_new_student(tiny_model, glue_dir,
+                                                                    tmp_path):
+    """Born-again without a change of setting (BAM!'s Multi→Multi): the task models exported by
+    a plain multi-task run are the teachers of a second one."""
+    from selftune.data.loading import load_task_data
+    from selftune.multitask.teacher_cache import read_predictions
+
+    common = dict(tasks="rte,stsb", model=str(tiny_model), data_dir=str(glue_dir),
+                  num_train_epochs=1, per_device_train_batch_size=4, learning_rate=1e-3)
+    multi = tmp_path / "multi"
+    run_bam(BamConfig(output_dir=str(multi), teachers="none", **common))
+    exported = multi / "student" / "tasks"
+    teachers = ",".join(f"{t}={exported / t}" for t in ("rte", "stsb"))
+    summary = run_bam(BamConfig(output_dir=str(tmp_path / "m2m"), teachers=teachers, **common))
+    assert set(summary["student"]) == {"rte", "stsb"}
+    assert not (tmp_path / "m2m" / "teachers").exists()  # given as directories: none trained
+    # The STS-B teacher's cached predictions are the exported head's, on the 0-5 scale of
+    # the gold scores (the student divides both by 5).
+    stsb = get_task("stsb")
+    cached = read_predictions(exported / "stsb" / "train_predictions.both-orders.jsonl", stsb)
+    model = AutoModelForSequenceClassification.from_pretrained(exported / "stsb").eval()
+    tokenizer = AutoTokenizer.from_pretrained(exported / "stsb")
+    record = load_task_data(BamConfig(task="stsb", data_dir=str(glue_dir)).data_options()).train[0]
+    with torch.no_grad():
+        logits = model(**tokenizer(record["text_a"], record["text_b"], return_tensors="pt")).logits
+    assert cached[record["example_id"]] == pytest.approx(logits[0].tolist(), abs=1e-5)
+
+
 def test_a_teacher_pruned_to_its_predictions_is_reused(tiny_model, glue_dir, tmp_path):
     shared = tmp_path / "teachers"
 
