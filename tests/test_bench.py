@@ -42,8 +42,10 @@ def test_interrupted_grid_runs_only_the_rest(grid, tmp_path):
     assert (runs / "custom__base__seed0" / "metrics.json").stat().st_mtime == mtime
     line = json.loads(results.read_text().splitlines()[0])
     for key in ("config_hash", "seed", "metrics", "score", "history", "wall_time_s",
-                "train_examples_per_s", "peak_memory_mb", "versions", "machine", "config"):
+                "train_examples_per_s", "peak_memory_mb", "versions", "machine", "config",
+                "resumed_from"):
         assert key in line
+    assert line["resumed_from"] is None  # a run trained in one go: its timings count
     # A third invocation has nothing left to do.
     assert run_grid(grid, results, runs)["done"] == 0
 

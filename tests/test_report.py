@@ -44,7 +44,7 @@ def run(
     history: bool = True,
     teacher: float | None = None,
     wall: float = 100.0,
-    machine: str = "box-a",
+    machine: str | dict[str, Any] = "box-a",
     **extra: Any,
 ) -> dict[str, Any]:
     """One results line as the runner writes it (with keys the report must ignore)."""
@@ -71,7 +71,7 @@ def run(
         "train_examples_per_s": 2500.0 / wall,
         "peak_memory_mb": 1800.0,
         "versions": {"torch": "2.13.0"},
-        "machine": {"hostname": machine, "cpu": "x"},
+        "machine": machine if isinstance(machine, dict) else {"hostname": machine, "cpu": "x"},
         "finished_at": "2026-11-22T05:00:00+00:00",
         "some_future_key": {"ignored": True},
     }
@@ -371,18 +371,40 @@ def test_cost_table(report: str) -> None:
         np.mean([2500.0 / (150.0 + i) for i in SEEDS]), abs=0.06
     )
     assert cost["baseline"]["wall time ÷ baseline"] == "1.00"
-    assert "only comparable between runs on the same machine" in report
-    assert "machines" not in report[report.index("## Cost"):].split("|")[0]
+    assert "only comparable between runs timed in the same setting" in report
+    assert "Setting: `box-a, x`" in report and "setting" not in rows[0]
 
 
-def test_several_machines_are_flagged(tmp_path: Path) -> None:
-    items = [run("rte", "baseline", s, {"accuracy": RTE_BASE[s]}) for s in SEEDS]
-    items += [run("rte", "gain", s, {"accuracy": RTE_GAIN[s]}, machine="box-b", wall=120.0)
-              for s in SEEDS]
+def test_timings_are_compared_only_within_one_setting(tmp_path: Path) -> None:
+    """Another host, another CPU behind the same hostname, or another thread count is another
+    setting: a variant is timed against the baseline's runs of its own setting only."""
+    items = [run("rte", "baseline", s, {"accuracy": RTE_BASE[s]}, wall=100.0) for s in SEEDS]
+    one_thread = {"hostname": "box-a", "cpu": "x", "torch_threads": 1}
+    items += [run("rte", "baseline", s, {"accuracy": 60.0}, wall=180.0, machine=one_thread)
+              for s in (5, 6)]
+    for s in SEEDS:
+        items.append(run("rte", "gain", s, {"accuracy": RTE_GAIN[s]}, wall=120.0))
+        other = ({"hostname": "box-b"}, {"hostname": "box-a", "cpu": "y"}, one_thread)[s % 3]
+        items.append(run("rte", "gain-elsewhere", s, {"accuracy": RTE_GAIN[s]}, wall=500.0,
+                         machine=other))
     md = write_report(write_lines(tmp_path / "r.jsonl", items), tmp_path / "o", "baseline")
-    assert "2 machines" in md and "`box-a` (5 runs)" in md and "`box-b` (5 runs)" in md
+    assert "timed in 4 settings" in md and "`box-a, x, 1 thread` (3 runs)" in md
+    rows = table(md, "## Cost")
+    ratio = {(r["variant"], r["setting"]): r["wall time ÷ baseline"] for r in rows}
+    assert ratio[("gain", "`box-a, x`")] == "1.20"
+    assert ratio[("gain-elsewhere", "`box-a, x, 1 thread`")] == f"{500.0 / 180.0:.2f}"
+    assert ratio[("gain-elsewhere", "`box-b`")] == "–"  # no baseline timed there
+    assert ratio[("gain-elsewhere", "`box-a, y`")] == "–"
+
+
+def test_resumed_runs_are_left_out_of_the_timings(tmp_path: Path) -> None:
+    items = [run("rte", v, s, {"accuracy": 60.0 + s}, wall=100.0 if v == "baseline" else 150.0)
+             for v in ("baseline", "x") for s in SEEDS]
+    items[-1].update(wall_time_s=20.0, resumed_from="runs/x/checkpoints/checkpoint-9")
+    md = write_report(write_lines(tmp_path / "r.jsonl", items), tmp_path / "o", "baseline")
     cost = by_variant(table(md, "## Cost"))
-    assert cost["gain"]["wall time ÷ baseline"] == "1.20 ‡"
+    assert cost["x"]["runs"] == "4" and cost["x"]["wall time ÷ baseline"] == "1.50"
+    assert "1 run resumed from a checkpoint" in md
 
 
 def test_pngs_are_written(report: str, tmp_path: Path) -> None:
@@ -493,3 +515,14 @@ def test_several_results_files_are_one_set_of_runs(tmp_path: Path) -> None:
     rows = by_variant(table(markdown, "rte"))
     assert rows["sda"]["Δ score"].startswith("+3.00")
     assert "sda.jsonl" in markdown  # a problem names the file it comes from
+
+
+def test_tasks_and_variants_can_be_selected(results_file: Path, tmp_path: Path) -> None:
+    md = write_report(results_file, tmp_path / "sel", "baseline", tasks=["rte", "mrpc"],
+                      variants=["gain"])
+    assert "### rte" in md and "### mrpc" in md and "### stsb" not in md
+    assert set(by_variant(table(md, "### rte"))) == {"baseline", "gain"}  # baseline kept
+    across = by_variant(table(md, "## Mean across tasks"))
+    assert across["gain"]["tasks"] == "2/2"  # the mean covers the selected tasks only
+    with pytest.raises(SelftuneError, match="no runs with task qnli.*tasks found: cola, mrpc"):
+        write_report(results_file, tmp_path / "x", "baseline", tasks=["qnli"])

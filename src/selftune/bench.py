@@ -268,7 +268,7 @@ def bam_records(run: PlannedRun, summary: dict) -> list[dict]:
 def make_record(run: PlannedRun, metrics: dict) -> dict:
     keep = ("metrics", "score", "teacher_metrics", "teacher_score", "history", "wall_time_s",
             "train_time_s", "train_examples_per_s", "peak_memory_mb", "versions", "machine",
-            "finished_at", "eval_split", "num_train_examples", "global_steps")
+            "finished_at", "eval_split", "num_train_examples", "global_steps", "resumed_from")
     return {
         "schema": RESULTS_SCHEMA,
         "run_id": run.run_id,

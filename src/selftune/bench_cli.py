@@ -67,6 +67,12 @@ def add_bench_commands(commands, formatter, add_common: Callable) -> None:
                              "have it; 'none' for no comparison).")
     report.add_argument("--out-dir", dest="out_dir",
                         help="Where report.md and the plots go (default: <results dir>/report).")
+    report.add_argument("--tasks",
+                        help="Comma-separated tasks to report (default: every task in the "
+                             "results), e.g. to leave out a task the compared grid did not run.")
+    report.add_argument("--variants",
+                        help="Comma-separated variants to report (default: all; the baseline "
+                             "is always kept).")
     add_common(report)
 
 
@@ -129,8 +135,13 @@ def _run_report(args: argparse.Namespace) -> int:
     elif baseline in ("none", ""):
         baseline = None
     out_dir = Path(args.out_dir) if args.out_dir else None
-    print(write_report([Path(p) for p in args.results], out_dir, baseline))
+    print(write_report([Path(p) for p in args.results], out_dir, baseline,
+                       tasks=_names(args.tasks), variants=_names(args.variants)))
     return 0
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None
 
 
 BENCH_HANDLERS = {"bench": _run_bench, "report": _run_report}

@@ -85,8 +85,11 @@ class RunRecord:
     wall_time_s: float | None = None
     train_examples_per_s: float | None = None
     peak_memory_mb: float | None = None
-    # A name for the machine the run timed on, used to group timings; None when unknown.
+    # The setting the run was timed in (host, CPU, torch threads), used to group timings;
+    # None when unknown.
     machine: str | None = None
+    # Resumed from a checkpoint: its wall time covers only the last attempt.
+    resumed: bool = False
     # Line of the results file this came from (None when built from a dict in memory).
     line: int | None = None
 
@@ -139,6 +142,7 @@ class RunRecord:
             train_examples_per_s=_opt_num(obj, "train_examples_per_s"),
             peak_memory_mb=_opt_num(obj, "peak_memory_mb"),
             machine=_machine_name(obj.get("machine")),
+            resumed=bool(obj.get("resumed_from")),
             line=line,
         )
 
@@ -207,13 +211,20 @@ def _history(value: Any) -> tuple[tuple[float, float], ...]:
 
 
 def _machine_name(machine: Any) -> str | None:
-    """Group timings by hostname; a machine dict without one is named by a hash of its content."""
+    """Name the timing setting: hostname, CPU model and torch threads, as far as recorded (one
+    hostname can stand for several machines, and one machine runs 1.2-2x slower per process at
+    one thread than at two); a machine dict with none of them is named by a hash of its
+    content."""
     if machine is None:
         return None
     if isinstance(machine, Mapping):
-        host = machine.get("hostname")
-        if isinstance(host, str) and host:
-            return host
+        parts = [machine[key] for key in ("hostname", "cpu")
+                 if isinstance(machine.get(key), str) and machine[key]]
+        threads = machine.get("torch_threads")
+        if isinstance(threads, int) and not isinstance(threads, bool):
+            parts.append(f"{threads} thread" + ("" if threads == 1 else "s"))
+        if parts:
+            return ", ".join(parts)
         if not machine:
             return None
         blob = json.dumps(machine, sort_keys=True, default=str).encode()
@@ -343,7 +354,7 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-_TEXT_COLUMNS = {"variant", "task", "verdict"}
+_TEXT_COLUMNS = {"variant", "task", "verdict", "setting"}
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -501,13 +512,15 @@ def build_report(
 
 def write_report(
     results_path: Path | Sequence[Path], out_dir: Path | None = None,
-    baseline: str | None = None,
+    baseline: str | None = None, *, tasks: Sequence[str] | None = None,
+    variants: Sequence[str] | None = None,
 ) -> str:
     """Load one or several results files, write the report into ``out_dir``, return Markdown.
 
     Several files are read as one set of runs (e.g. a baseline grid and a strategy grid that
     reuses its seeds); a run_id found in two files keeps the later file's run. ``out_dir``
-    defaults to a ``report`` folder next to the first results file.
+    defaults to a ``report`` folder next to the first results file. ``tasks`` and ``variants``
+    keep only those runs (the baseline variant is always kept); a name with no run is an error.
     """
     paths = [Path(results_path)] if isinstance(results_path, str | Path) else \
         [Path(p) for p in results_path]
@@ -523,10 +536,26 @@ def write_report(
     if len(paths) > 1:
         records, duplicates = _dedupe(records)
         problems.extend(duplicates)
+    records = _select(records, "task", tasks)
+    records = _select(records, "variant", variants, keep=baseline)
     if out_dir is None:
         out_dir = paths[0].parent / "report"
     return build_report(records, baseline, out_dir, problems=problems,
                         source=", ".join(str(p) for p in paths))
+
+
+def _select(records: list[RunRecord], field: str, names: Sequence[str] | None,
+            keep: str | None = None) -> list[RunRecord]:
+    """The records whose ``field`` is one of ``names`` (all when ``names`` is None)."""
+    if names is None:
+        return records
+    found = {getattr(r, field) for r in records}
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise SelftuneError(f"no runs with {field} {', '.join(missing)} in the results; "
+                            f"{field}s found: {', '.join(sorted(found))}")
+    wanted = {*names, keep}
+    return [r for r in records if getattr(r, field) in wanted]
 
 
 def _header(grid: _Grid, problems: Sequence[Problem], source: str | None, alpha: float) -> str:
@@ -739,57 +768,58 @@ def _across_tasks_section(grid: _Grid) -> str:
 
 
 def _cost_section(grid: _Grid) -> str:
-    machine_runs: dict[str, int] = {}
-    unknown = 0
-    for r in grid.records:
-        if r.machine is None:
-            unknown += 1
-        else:
-            machine_runs[r.machine] = machine_runs.get(r.machine, 0) + 1
+    """Timings per task, variant and setting; a ratio only between runs timed alike."""
+    timed = [r for r in grid.records if not r.resumed]
+    settings: dict[str | None, int] = {}
+    for r in timed:
+        settings[r.machine] = settings.get(r.machine, 0) + 1
+    several = len(settings) > 1
     parts = [
         "## Cost",
-        "Means over seeds. Timings are only comparable between runs on the same machine.",
+        "Means over seeds. Timings are only comparable between runs timed in the same setting "
+        "(machine, CPU, torch threads): the ratio to the baseline uses the baseline's runs of "
+        "that setting only.",
     ]
-    listing = ", ".join(f"`{m}` ({_runs(n)})" for m, n in machine_runs.items())
-    if len(machine_runs) > 1:
-        parts.append(
-            f"⚠ The runs come from {len(machine_runs)} machines ({listing}): a wall-time ratio "
-            "between runs on different machines mixes hardware with method cost; such ratios "
-            "are marked ‡."
-        )
-    elif machine_runs:
-        parts.append(f"Machine: {listing}.")
-    if unknown:
-        parts.append(f"{_runs(unknown)} without machine information.")
+    listing = ", ".join(f"`{m or 'unknown'}` ({_runs(n)})" for m, n in settings.items())
+    if several:
+        parts.append(f"The runs were timed in {len(settings)} settings: {listing}. A variant "
+                     "without a baseline run in its setting has no ratio (–).")
+    elif settings:
+        parts.append(f"Setting: {listing}.")
+    resumed = len(grid.records) - len(timed)
+    if resumed:
+        parts.append(f"{_runs(resumed)} resumed from a checkpoint: their wall time covers only "
+                     "the last attempt, so they are left out of this table.")
 
-    header = ["task", "variant", "runs", "wall time (s)", "train examples/s",
-              "peak memory (MB)", "wall time ÷ baseline"]
+    header = ["task", "variant", *(["setting"] if several else []), "runs", "wall time (s)",
+              "train examples/s", "peak memory (MB)", "wall time ÷ baseline"]
     rows = []
     for task in grid.tasks:
-        base_runs = list(grid.cell(task, grid.baseline).values()) if grid.baseline else []
-        base_wall = _finite(r.wall_time_s for r in base_runs)
-        base_machines = {r.machine for r in base_runs}
+        base_runs = [r for r in grid.cell(task, grid.baseline).values() if not r.resumed] \
+            if grid.baseline else []
         for variant in grid.variants:
-            runs = list(grid.cell(task, variant).values())
-            if not runs:
-                continue
-            wall = _finite(r.wall_time_s for r in runs)
-            ratio = DASH
-            if variant == grid.baseline and wall:
-                ratio = "1.00"
-            elif base_wall and wall:
-                ratio = f"{np.mean(wall) / np.mean(base_wall):.2f}"
-                if {r.machine for r in runs} != base_machines and len(machine_runs) > 1:
-                    ratio += " ‡"
-            rows.append([
-                task,
-                variant,
-                len(runs),
-                _fmt(_mean_or_nan(wall), 1),
-                _fmt(_mean_or_nan(_finite(r.train_examples_per_s for r in runs)), 1),
-                _fmt(_mean_or_nan(_finite(r.peak_memory_mb for r in runs)), 0),
-                ratio,
-            ])
+            by_setting: dict[str | None, list[RunRecord]] = {}
+            for r in grid.cell(task, variant).values():
+                if not r.resumed:
+                    by_setting.setdefault(r.machine, []).append(r)
+            for setting, runs in by_setting.items():
+                wall = _finite(r.wall_time_s for r in runs)
+                base_wall = _finite(r.wall_time_s for r in base_runs if r.machine == setting)
+                ratio = DASH
+                if variant == grid.baseline and wall:
+                    ratio = "1.00"
+                elif base_wall and wall:
+                    ratio = f"{np.mean(wall) / np.mean(base_wall):.2f}"
+                rows.append([
+                    task,
+                    variant,
+                    *([f"`{setting or 'unknown'}`"] if several else []),
+                    len(runs),
+                    _fmt(_mean_or_nan(wall), 1),
+                    _fmt(_mean_or_nan(_finite(r.train_examples_per_s for r in runs)), 1),
+                    _fmt(_mean_or_nan(_finite(r.peak_memory_mb for r in runs)), 0),
+                    ratio,
+                ])
     return "\n\n".join([*parts, _table(header, rows)])
 
 
