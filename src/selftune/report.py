@@ -212,8 +212,8 @@ def _history(value: Any) -> tuple[tuple[float, float], ...]:
 
 def _machine_name(machine: Any) -> str | None:
     """Name the timing setting: hostname, CPU model and torch threads, as far as recorded (one
-    hostname can stand for several machines, and one machine runs 1.2-2x slower per process at
-    one thread than at two); a machine dict with none of them is named by a hash of its
+    hostname can stand for several machines, and a process at one thread runs at about half
+    the speed of one at two); a machine dict with none of them is named by a hash of its
     content."""
     if machine is None:
         return None
