@@ -228,6 +228,7 @@ def add_cls_norm(cfg: TrainConfig, model, tokenizer, train_set, output_dir: Path
     """Insert the [CLS] normalizer; center/standardize get the pre-trained model's statistics
     over the training set, computed once here and saved with the run (cls_stats.safetensors)."""
     from safetensors.torch import save_file
+    from tqdm.auto import tqdm
 
     from selftune.models.cls_norm import compute_cls_stats
     from selftune.models.heads import default_source, install_cls_norm
@@ -239,7 +240,10 @@ def add_cls_norm(cfg: TrainConfig, model, tokenizer, train_set, output_dir: Path
             [c for c in train_set.column_names if c in tokenizer.model_input_names])
         loader = torch.utils.data.DataLoader(features, batch_size=cfg.per_device_eval_batch_size,
                                              collate_fn=DataCollatorWithPadding(tokenizer))
-        stats = compute_cls_stats(model, loader, source=source)
+        # One forward pass over the training set: minutes on a CPU, so it shows progress.
+        progress = tqdm(loader, desc="[CLS] statistics", unit="batch",
+                        disable=not process_state().is_main_process)
+        stats = compute_cls_stats(model, progress, source=source)
         if process_state().is_main_process:
             save_file({"mean": stats.mean.contiguous(), "std": stats.std.contiguous()},
                       str(output_dir / "cls_stats.safetensors"))
