@@ -240,11 +240,12 @@ def add_cls_norm(cfg: TrainConfig, model, tokenizer, train_set, output_dir: Path
             [c for c in train_set.column_names if c in tokenizer.model_input_names])
         loader = torch.utils.data.DataLoader(features, batch_size=cfg.per_device_eval_batch_size,
                                              collate_fn=DataCollatorWithPadding(tokenizer))
+        is_main_process = process_state().is_main_process
         # One forward pass over the training set: minutes on a CPU, so it shows progress.
         progress = tqdm(loader, desc="[CLS] statistics", unit="batch",
-                        disable=not process_state().is_main_process)
+                        disable=not is_main_process)
         stats = compute_cls_stats(model, progress, source=source)
-        if process_state().is_main_process:
+        if is_main_process:
             save_file({"mean": stats.mean.contiguous(), "std": stats.std.contiguous()},
                       str(output_dir / "cls_stats.safetensors"))
     install_cls_norm(model, cfg.cls_norm, source, stats)
