@@ -269,6 +269,8 @@ def test_rte_table_matches_numpy_and_scipy(report: str) -> None:
     assert gain["pairs"] == "5"
     assert_p(gain["t-test p"], sps.ttest_rel(RTE_GAIN, RTE_BASE).pvalue)
     assert_p(gain["Wilcoxon p"], sps.wilcoxon(d).pvalue)
+    assert_p(gain["Mann-Whitney p"],
+             sps.mannwhitneyu(RTE_GAIN, RTE_BASE, alternative="two-sided").pvalue)
     assert gain["verdict"] == "better"
 
     noisy = rows["noisy"]
@@ -342,6 +344,29 @@ def test_mean_across_tasks(report: str) -> None:
     m = re.fullmatch(r"([+-]\d+\.\d\d) \(3 task\(s\)\)", cell)
     assert m and float(m.group(1)) == pytest.approx(shared_delta, abs=0.006)
     assert rows["sda"]["tasks"] == "1/4 † (missing: rte, stsb, cola)"
+
+    # The test of that Δ: per seed, the average over the 3 shared tasks, paired by seed.
+    def seed_averages(rte: list[float], mrpc: list[tuple[float, float]],
+                      stsb: list[tuple[float, float]]) -> np.ndarray:
+        return np.array([np.mean([r, np.mean(m), np.mean(st)])
+                         for r, m, st in zip(rte, mrpc, stsb, strict=True)])
+
+    gain_avg = seed_averages(RTE_GAIN, MRPC_GAIN, STSB_GAIN)
+    base_avg = seed_averages(RTE_BASE, MRPC_BASE, STSB_BASE)
+    gain = rows["gain"]
+    assert gain["seeds on all shared tasks"] == "5"
+    delta, dstd = mean_std(gain["Δ of per-seed averages"].lstrip("+"))
+    assert delta == pytest.approx((gain_avg - base_avg).mean(), abs=0.006)
+    assert dstd == pytest.approx((gain_avg - base_avg).std(ddof=1), abs=0.006)
+    assert_p(gain["t-test p"], sps.ttest_rel(gain_avg, base_avg).pvalue)
+    assert_p(gain["Mann-Whitney p"],
+             sps.mannwhitneyu(gain_avg, base_avg, alternative="two-sided").pvalue)
+    assert gain["verdict"] == "better"
+    # sda ran MRPC only; its per-seed averages are its MRPC scores.
+    sda_mrpc = np.array([np.mean(m) - 0.5 for m in MRPC_GAIN])
+    base_mrpc = np.array([np.mean(m) for m in MRPC_BASE])
+    assert_p(rows["sda"]["t-test p"], sps.ttest_rel(sda_mrpc, base_mrpc).pvalue)
+    assert rows["baseline"]["verdict"] == "baseline"
 
 
 def test_teacher_table(report: str) -> None:

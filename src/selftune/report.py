@@ -365,6 +365,14 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(out)
 
 
+def _fmt_comparison_delta(cmp: Comparison) -> str:
+    """The difference, with the std of the per-seed differences when they are paired."""
+    text = _fmt_delta(cmp.diff)
+    if cmp.kind == "paired":
+        text += " ± " + ("n/a" if _is_missing(cmp.diff_std) else f"{cmp.diff_std:.2f}")
+    return text
+
+
 def _verdict(cmp: Comparison, better: str = "better", worse: str = "worse") -> str:
     if cmp.kind == "insufficient":
         return "not enough seeds (need ≥ 2 per side)"
@@ -489,7 +497,7 @@ def build_report(
         _header(grid, all_problems, source, alpha),
         _score_section(grid, alpha),
         _teacher_section(grid, alpha),
-        _across_tasks_section(grid),
+        _across_tasks_section(grid, alpha),
         _cost_section(grid),
     ]
     if has_history:
@@ -573,7 +581,8 @@ def _header(grid: _Grid, problems: Sequence[Problem], source: str | None, alpha:
         lines.append(f"- Baseline: `{grid.baseline}`")
     lines.append(
         "- Tests: paired t-test on the seeds both variants ran (Wilcoxon signed-rank alongside); "
-        f"Mann-Whitney U when they share fewer than 2 seeds; alpha = {alpha:g}"
+        "Mann-Whitney U when they share fewer than 2 seeds (shown for paired variants too, "
+        f"as BAM! reports it, but the verdict is the t-test's); alpha = {alpha:g}"
     )
     if not problems:
         lines.append("- Problems in the results file: none")
@@ -627,14 +636,10 @@ def _task_table(grid: _Grid, task: str, alpha: float) -> tuple[str, bool]:
         for variant in grid.variants:
             if variant != grid.baseline and grid.cell(task, variant):
                 comparisons[variant] = compare(base_scores, grid.scores(task, variant), alpha)
-    any_unpaired = any(c.kind == "unpaired" for c in comparisons.values())
 
     header = ["variant", "seeds", *metric_names, "score"]
     if with_base:
-        header += ["Δ score", "pairs", "t-test p", "Wilcoxon p"]
-        if any_unpaired:
-            header.append("Mann-Whitney p")
-        header.append("verdict")
+        header += ["Δ score", "pairs", "t-test p", "Wilcoxon p", "Mann-Whitney p", "verdict"]
     n_cmp_cols = len(header) - 3 - len(metric_names)  # Δ score ... verdict
 
     rows = []
@@ -659,14 +664,10 @@ def _task_table(grid: _Grid, task: str, alpha: float) -> tuple[str, bool]:
                 row += [DASH] * (n_cmp_cols - 1) + ["baseline"]
             else:
                 c = comparisons[variant]
-                delta = _fmt_delta(c.diff)
-                if c.kind == "paired":
-                    delta += " ± " + ("n/a" if _is_missing(c.diff_std) else f"{c.diff_std:.2f}")
+                delta = _fmt_comparison_delta(c)
                 row += [delta, c.n_pairs if c.kind == "paired" else DASH]
-                row += [_fmt_p(c.t_p), _fmt_p(c.wilcoxon_p)]
-                if any_unpaired:
-                    row.append(_fmt_p(c.mannwhitney_p))
-                row.append(_verdict(c))
+                row += [_fmt_p(c.t_p), _fmt_p(c.wilcoxon_p), _fmt_p(c.mannwhitney_p),
+                        _verdict(c)]
         rows.append(row)
 
     text = _table(header, rows)
@@ -688,9 +689,7 @@ def _teacher_section(grid: _Grid, alpha: float) -> str:
             student = {r.seed: r.score for r in runs}
             teacher = {r.seed: float(r.teacher_score or 0.0) for r in runs}
             c = compare(student, teacher, alpha)
-            delta = _fmt_delta(c.diff)
-            if c.kind == "paired":
-                delta += " ± " + ("n/a" if _is_missing(c.diff_std) else f"{c.diff_std:.2f}")
+            delta = _fmt_comparison_delta(c)
             rows.append([
                 variant,
                 len(runs),
@@ -716,7 +715,14 @@ def _teacher_section(grid: _Grid, alpha: float) -> str:
     return "\n".join(intro + parts)
 
 
-def _across_tasks_section(grid: _Grid) -> str:
+def _seed_averages(grid: _Grid, variant: str, tasks: Sequence[str]) -> dict[int, float]:
+    """Per seed, the mean score over ``tasks``; only seeds that ran every one of them."""
+    per_task = [grid.scores(t, variant) for t in tasks]
+    seeds = set.intersection(*(set(scores) for scores in per_task)) if per_task else set()
+    return {s: float(np.mean([scores[s] for scores in per_task])) for s in sorted(seeds)}
+
+
+def _across_tasks_section(grid: _Grid, alpha: float) -> str:
     n_tasks = len(grid.tasks)
     task_means: dict[str, dict[str, float]] = {}
     for variant in grid.variants:
@@ -728,7 +734,8 @@ def _across_tasks_section(grid: _Grid) -> str:
     base_means = task_means.get(grid.baseline, {}) if grid.baseline else {}
     header = ["variant", "tasks", "mean score"]
     if base_means:
-        header.append("Δ vs baseline (shared tasks)")
+        header += ["Δ vs baseline (shared tasks)", "seeds on all shared tasks",
+                   "Δ of per-seed averages", "t-test p", "Mann-Whitney p", "verdict"]
     rows = []
     incomplete = False
     for variant in grid.variants:
@@ -740,15 +747,18 @@ def _across_tasks_section(grid: _Grid) -> str:
             tasks_cell += f" † (missing: {', '.join(missing)})"
         row: list[Any] = [variant, tasks_cell, _fmt(float(np.mean(list(means.values()))))]
         if base_means:
-            if variant == grid.baseline:
-                row.append(DASH)
+            shared = [t for t in means if t in base_means]
+            if variant == grid.baseline or not shared:
+                row += [DASH] * 5 + ["baseline" if variant == grid.baseline else "no shared task"]
             else:
-                shared = [t for t in means if t in base_means]
-                if shared:
-                    d = float(np.mean([means[t] - base_means[t] for t in shared]))
-                    row.append(f"{_fmt_delta(d)} ({len(shared)} task(s))")
-                else:
-                    row.append(DASH)
+                d = float(np.mean([means[t] - base_means[t] for t in shared]))
+                assert grid.baseline is not None
+                c = compare(_seed_averages(grid, grid.baseline, shared),
+                            _seed_averages(grid, variant, shared), alpha)
+                delta = _fmt_comparison_delta(c)
+                row += [f"{_fmt_delta(d)} ({len(shared)} task(s))",
+                        c.n_pairs if c.kind == "paired" else DASH, delta,
+                        _fmt_p(c.t_p), _fmt_p(c.mannwhitney_p), _verdict(c)]
         rows.append(row)
     parts = [
         "## Mean across tasks",
@@ -762,7 +772,11 @@ def _across_tasks_section(grid: _Grid) -> str:
             "and is not directly comparable."
         )
     if base_means:
-        parts[-1] += " The Δ column compares with the baseline on the tasks both have."
+        parts[-1] += (
+            " The Δ columns compare with the baseline on the tasks both have: first the "
+            "difference of the means above, then a test of it: per seed, the average over "
+            "those tasks, paired on the seeds where both variants ran every one of them."
+        )
     parts += ["", _table(header, rows)]
     return "\n".join(parts)
 

@@ -11,6 +11,9 @@ variant on several seeds and compares it with the baseline here:
   signed-rank test next to it.
 * When they share fewer than two seeds (e.g. results from grids run with different seed lists),
   pairing is impossible and we fall back to the Mann-Whitney U test on the two samples.
+* The Mann-Whitney p is also given beside a paired test, because some papers report it (BAM!
+  compares its variants with it); it ignores the pairing, so it is the weaker of the two and the
+  verdict stays with the paired test.
 * With fewer than two values on a side, no test is meaningful and we say so instead of
   printing a p-value that looks precise and is not.
 """
@@ -115,13 +118,31 @@ def compare(
 
     Paired analysis on the shared seeds if there are at least two of them; otherwise an
     unpaired Mann-Whitney U test if each side has at least two values; otherwise
-    ``kind="insufficient"``. See the module docstring for why.
+    ``kind="insufficient"``. See the module docstring for why. ``mannwhitney_p`` is filled
+    whenever each side has two values, paired or not; only an unpaired verdict rests on it.
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"compare(): alpha must be in (0, 1), got {alpha!r}")
     base = _finite_values("baseline", baseline)
     oth = _finite_values("other", other)
     shared = sorted(set(base) & set(oth))
+
+    # Mann-Whitney U on the two samples is computed whenever it is defined: it is the verdict
+    # for unpaired variants, and beside a paired test it is the number to set next to papers
+    # that used it (BAM!), although it ignores the pairing and so is the weaker test.
+    u_p: float | None = None
+    two_samples = len(base) >= 2 and len(oth) >= 2
+    if two_samples:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            u_p = _clean_p(_scipy_stats.mannwhitneyu(
+                list(oth.values()), list(base.values()), alternative="two-sided").pvalue)
+
+    def comparison(kind: ComparisonKind, diff: float, diff_std: float = math.nan,
+                   t_p: float | None = None, w_p: float | None = None) -> Comparison:
+        return Comparison(kind=kind, diff=diff, diff_std=diff_std, n_pairs=len(shared),
+                          n_baseline=len(base), n_other=len(oth), t_p=t_p, wilcoxon_p=w_p,
+                          mannwhitney_p=u_p, alpha=alpha)
 
     if len(shared) >= 2:
         b = np.array([base[s] for s in shared])
@@ -143,52 +164,10 @@ def compare(
                 except ValueError:
                     # Too few non-zero differences for this scipy version's Wilcoxon.
                     w_p = None
-        return Comparison(
-            kind="paired",
-            diff=float(d.mean()),
-            diff_std=float(d.std(ddof=1)),
-            n_pairs=len(shared),
-            n_baseline=len(base),
-            n_other=len(oth),
-            t_p=t_p,
-            wilcoxon_p=w_p,
-            mannwhitney_p=None,
-            alpha=alpha,
-        )
-
-    if len(base) >= 2 and len(oth) >= 2:
-        b = np.array(list(base.values()))
-        o = np.array(list(oth.values()))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            u_p = _clean_p(_scipy_stats.mannwhitneyu(o, b, alternative="two-sided").pvalue)
-        return Comparison(
-            kind="unpaired",
-            diff=float(o.mean() - b.mean()),
-            diff_std=math.nan,
-            n_pairs=len(shared),
-            n_baseline=len(base),
-            n_other=len(oth),
-            t_p=None,
-            wilcoxon_p=None,
-            mannwhitney_p=u_p,
-            alpha=alpha,
-        )
-
+        return comparison("paired", float(d.mean()), float(d.std(ddof=1)), t_p, w_p)
     diff = (
         float(np.mean(list(oth.values())) - np.mean(list(base.values())))
         if base and oth
         else math.nan
     )
-    return Comparison(
-        kind="insufficient",
-        diff=diff,
-        diff_std=math.nan,
-        n_pairs=len(shared),
-        n_baseline=len(base),
-        n_other=len(oth),
-        t_p=None,
-        wilcoxon_p=None,
-        mannwhitney_p=None,
-        alpha=alpha,
-    )
+    return comparison("unpaired" if two_samples else "insufficient", diff)
