@@ -57,6 +57,27 @@ def test_each_example_goes_to_its_own_head(mt_model):
     assert sum(n.startswith("encoder.embeddings.word_embeddings") for n in names) == 1
 
 
+def test_each_task_runs_on_its_own_length_with_the_same_outputs(mt_model):
+    """A short task's rows are not run at the length of another task's long example."""
+    mt_model.eval()
+    inputs = batch()
+    lengths = torch.tensor([7, 4, 2, 6, 3, 3])  # rte rows long, cola rows short
+    mask = (torch.arange(7).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    ids = inputs["input_ids"] * mask
+    seen: list[int] = []
+    hook = mt_model.encoder.embeddings.register_forward_hook(
+        lambda _module, _args, out: seen.append(out.shape[1]))  # returns None: output kept
+    try:
+        logits = mt_model(task_ids=inputs["task_ids"], input_ids=ids, attention_mask=mask).logits
+    finally:
+        hook.remove()
+    assert seen == [7, 4, 3]  # rte, stsb, cola: each its longest example
+    for index, task in enumerate(TASKS):
+        rows = (inputs["task_ids"] == index).nonzero(as_tuple=True)[0]
+        untrimmed = mt_model.heads[task.name](input_ids=ids[rows], attention_mask=mask[rows]).logits
+        torch.testing.assert_close(logits[rows, : task.num_labels], untrimmed)
+
+
 def test_export_gives_standalone_models_with_the_same_outputs(mt_model, tmp_path):
     mt_model.eval()
     inputs = batch()

@@ -190,10 +190,15 @@ class IsoBN(nn.Module):
         rescaled = (var * scale.pow(2)).sum()
         return scale * (total / (rescaled + self.eps)).sqrt()
 
+    def has_statistics(self) -> bool:
+        """Whether any batch has been seen. Read from the statistics, not from the step
+        counter: a teacher made of averaged snapshots gets the float buffers only."""
+        return bool(self.running_std.any())
+
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
             self._update(x)
-        elif int(self.num_batches_tracked) == 0:
+        elif not self.has_statistics():
             return x
         return x * self.scale().to(x.dtype).unsqueeze(0)
 

@@ -20,10 +20,11 @@ from transformers import PreTrainedModel
 from selftune.errors import SelftuneError
 from selftune.models.cls_norm import ClsStats, make_cls_norm
 
-# Architectures whose sequence classifier reads the pooled [CLS] (the pooler output). Others,
-# e.g. RoBERTa, classify from the sequence output with a head of their own, where a normalizer
-# in the pooler would silently do nothing.
-POOLED_HEAD_TYPES = ("bert", "albert", "megatron-bert", "ernie", "nezha", "mobilebert")
+# Architectures whose sequence classifier reads the pooled [CLS] through BERT's pooler (dense
+# layer + activation on the first token), which NormalizedPooler replaces. Others, e.g. RoBERTa,
+# classify from the sequence output with a head of their own, where a normalizer in the pooler
+# would silently do nothing; ALBERT and MobileBERT pool differently and are not supported.
+POOLED_HEAD_TYPES = ("bert", "megatron-bert", "ernie")
 NORM_KEY = "selftune_cls_norm"
 SOURCE_KEY = "selftune_cls_source"
 
@@ -90,7 +91,8 @@ def restore_cls_norm(model: PreTrainedModel, model_dir: Path) -> None:
         return
     hidden = model.config.hidden_size
     placeholder = ClsStats(torch.zeros(hidden), torch.ones(hidden))  # overwritten below
-    install_cls_norm(model, kind or "none", getattr(model.config, SOURCE_KEY), placeholder)
+    install_cls_norm(model, kind or "none", getattr(model.config, SOURCE_KEY, "pooler"),
+                     placeholder)
     prefix = f"{model.base_model_prefix}.pooler.cls_norm."
     saved: dict[str, torch.Tensor] = {}
     for file in sorted(model_dir.glob("*.safetensors")):
@@ -134,7 +136,7 @@ def fold_cls_norm(model: PreTrainedModel) -> PreTrainedModel:
             a = 1.0 / torch.sqrt(norm.running_var.float() + norm.eps)
             c = -norm.running_mean.float() * a
         elif isinstance(norm, IsoBN):
-            a = norm.scale() if int(norm.num_batches_tracked) else torch.ones(hidden)
+            a = norm.scale() if norm.has_statistics() else torch.ones(hidden)
             c = torch.zeros(hidden)
         else:
             raise SelftuneError(f"a {type(norm).__name__} [CLS] normalizer depends on each "

@@ -21,6 +21,7 @@ from transformers import (
 
 from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
+from selftune.models.heads import NORM_KEY, SOURCE_KEY, restore_cls_norm
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 logger = logging.getLogger(__name__)
@@ -102,6 +103,11 @@ def load_for_training(
     transformers.logging.set_verbosity_error()
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+        # A model fine-tuned by selftune names its [CLS] normalizer in its config; a run that
+        # starts from it gets the normalizer of its own --cls-norm, not that one.
+        for key in (NORM_KEY, SOURCE_KEY):
+            if hasattr(config, key):
+                delattr(config, key)
         model = AutoModelForSequenceClassification.from_pretrained(
             name, config=config, use_safetensors=True, ignore_mismatched_sizes=True,
             trust_remote_code=trust_remote_code)
@@ -116,8 +122,6 @@ def load_for_training(
 
 def load_finetuned(path: str, trust_remote_code: bool = False) -> PreTrainedModel:
     """A model directory written by ``selftune train`` (or any sequence classifier)."""
-    from selftune.models.heads import restore_cls_norm
-
     check_model_dir(Path(path))
     verbosity = transformers.logging.get_verbosity()
     # A [CLS] normalizer's buffers are "unexpected" to the plain class: restored just below.

@@ -23,6 +23,26 @@ from selftune.models.heads import NORM_KEY, SOURCE_KEY, install_cls_norm
 REGRESSION_SCALE = {"stsb": 5.0}
 
 
+def trim_padding(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the trailing columns that are padding in every row.
+
+    A mixed batch is padded to its longest example, usually another task's (an RTE pair is
+    several times longer than a CoLA sentence), and every padded position costs as much as a
+    real token. Only trailing all-padding columns are cut, so the positions of the real tokens
+    do not move and the outputs are the same (up to float rounding) for either padding side.
+    """
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return inputs
+    length = mask.shape[1]
+    real_columns = mask.any(dim=0).nonzero()
+    keep = int(real_columns.max()) + 1 if real_columns.numel() else length
+    if keep == length:
+        return inputs
+    return {k: v[:, :keep] if v.dim() >= 2 and v.shape[1] == length else v
+            for k, v in inputs.items()}
+
+
 class MultiTaskModel(nn.Module):
     """A shared encoder and per-task heads; ``forward`` routes every example to its own head."""
 
@@ -45,14 +65,20 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, task_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 **inputs: torch.Tensor) -> SequenceClassifierOutput:
-        """Logits (batch, max_labels); columns past a task's number of labels are 0."""
+        """Logits (batch, max_labels); columns past a task's number of labels are 0.
+
+        The encoder runs once per task present in the batch, on that task's rows. A [CLS]
+        normalizer with batch statistics (batchnorm, isobn) therefore sees each task's rows as
+        a batch of their own, and updates its running statistics once per task and step.
+        """
         batch = task_ids.shape[0]
         logits = None
         for index, name in enumerate(self.task_names):
             rows = (task_ids == index).nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
                 continue
-            head_logits = self.heads[name](**{k: v[rows] for k, v in inputs.items()}).logits
+            head_logits = self.heads[name](**trim_padding({k: v[rows] for k, v in inputs.items()})
+                                           ).logits
             if logits is None:
                 logits = head_logits.new_zeros(batch, self.max_labels)
             logits[rows, : head_logits.shape[1]] = head_logits

@@ -38,8 +38,8 @@ def task_shares(
     """Share of the training examples for each task: ∝ |D|^alpha, ∝ |D| or uniform.
 
     "power" with alpha = 0.75 is BAM!'s choice; "proportional" is what concatenating the
-    datasets gives; "uniform" is the paper's "no task sampling" ablation counterpart. The
-    shares sum to 1 and keep the order of ``sizes``.
+    datasets gives, the paper's "no task sampling" ablation; "uniform" gives every task the
+    same share. The shares sum to 1 and keep the order of ``sizes``.
     """
     if method not in SHARE_METHODS:
         raise SelftuneError(f"unknown task sampling method {method!r}; choose one of "
