@@ -282,6 +282,39 @@ def test_cls_stats_of_a_classifier_use_its_encoder():
     assert torch.equal(stats.mean, direct.mean) and torch.equal(stats.std, direct.std)
 
 
+@pytest.mark.parametrize("kind", ["batchnorm", "isobn"])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_a_teacher_of_averaged_snapshots_normalizes_like_the_student(kind, dropout):
+    """The teacher shell is copied before training (no statistics yet) and then only receives
+    the snapshots' float tensors; it must still normalize with the statistics it received, in
+    eval mode even when it runs with dropout, and without updating them."""
+    from selftune.models.heads import install_cls_norm
+    from selftune.teachers import SnapshotWindow, make_teacher_shell
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, num_labels=2, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    student = BertForSequenceClassification(config)
+    install_cls_norm(student, kind)
+    teacher = make_teacher_shell(student, dropout=dropout)
+    assert teacher.base_model.pooler.cls_norm.training is False
+    ids = torch.randint(5, 50, (8, 6))
+    student.train()
+    for _ in range(3):  # training forwards fill the running statistics
+        student(input_ids=ids)
+    window = SnapshotWindow(1)
+    window.push(student)
+    window.average_into(teacher)
+    before = {k: v.clone() for k, v in teacher.base_model.pooler.cls_norm.state_dict().items()}
+    with torch.no_grad():
+        taught = teacher(input_ids=ids).logits
+        expected = student.eval()(input_ids=ids).logits
+    torch.testing.assert_close(taught, expected)
+    after = teacher.base_model.pooler.cls_norm.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 def test_bad_kind_and_missing_stats_raise():

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
 from selftune.cli import main
 from selftune.data.loading import DataOptions
@@ -19,6 +19,13 @@ from selftune.training import train
 from .test_training import tiny_config
 
 TEXTS = ["the movie was good", "it was really dull", "a great plot", "not very bad"]
+
+
+class KeepModel(TrainerCallback):
+    """Hold on to the model the run trained, to compare it with what it saved."""
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.model = model
 
 
 def logits_of(model, model_dir):
@@ -34,18 +41,49 @@ def logits_of(model, model_dir):
 def test_saved_model_reloads_with_its_normalizer(kind, source, tiny_model, sentiment_files,
                                                  tmp_path):
     out = tmp_path / kind
+    trained = KeepModel()
     result = train(tiny_config(tiny_model, sentiment_files, out, cls_norm=kind,
-                               cls_source=source, num_train_epochs=2))
+                               cls_source=source, num_train_epochs=2), callbacks=[trained])
     config = json.loads((out / "config.json").read_text())
     assert config["selftune_cls_norm"] == kind
     assert (out / "cls_stats.safetensors").exists() == (kind in ("center", "standardize"))
     model = load_finetuned(str(out))
     assert isinstance(model.base_model.pooler, NormalizedPooler)
-    again = load_finetuned(str(out))
-    torch.testing.assert_close(logits_of(model, out), logits_of(again, out), rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(model, out), logits_of(trained.model, out),
+                               rtol=0, atol=0)
     evaluated = evaluate_model(str(out), DataOptions(validation_file=str(sentiment_files[1])),
                                None, 128, 4)
     assert evaluated["metrics"] == pytest.approx(result["metrics"])
+
+
+@pytest.mark.parametrize("kind", ["batchnorm", "isobn"])
+def test_an_averaged_model_keeps_the_normalizer(kind, tiny_model, sentiment_files, tmp_path):
+    """SE over a pool of one step snapshot: the saved average is the final student, normalizer
+    and running statistics included (the averaging copies float tensors only; the teacher
+    shell's side of it is tested in test_cls_norm.py)."""
+    out = tmp_path / kind
+    trained = KeepModel()
+    train(tiny_config(tiny_model, sentiment_files, out, cls_norm=kind, strategy="se",
+                      se_pool="steps", sd_k=1, num_train_epochs=1), callbacks=[trained])
+    average = load_finetuned(str(out))
+    assert isinstance(average.base_model.pooler.cls_norm,
+                      type(trained.model.base_model.pooler.cls_norm))
+    expected = logits_of(trained.model, out)
+    torch.testing.assert_close(logits_of(average, out), expected)
+    average.base_model.pooler.cls_norm = torch.nn.Identity()
+    assert not torch.allclose(logits_of(average, out), expected)  # the normalizer does act
+
+
+def test_a_finetuned_starting_model_does_not_pass_on_its_normalizer(tiny_model, sentiment_files,
+                                                                     tmp_path):
+    first = tmp_path / "first"
+    train(tiny_config(tiny_model, sentiment_files, first, cls_norm="layernorm",
+                      num_train_epochs=1))
+    second = tmp_path / "second"
+    train(tiny_config(first, sentiment_files, second, num_train_epochs=1))
+    config = json.loads((second / "config.json").read_text())
+    assert "selftune_cls_norm" not in config and "selftune_cls_source" not in config
+    assert not isinstance(load_finetuned(str(second)).base_model.pooler, NormalizedPooler)
 
 
 def test_normalizer_changes_the_model(tiny_model, sentiment_files, tmp_path):

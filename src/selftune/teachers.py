@@ -31,10 +31,19 @@ def load_float_state(model: nn.Module, state: State) -> None:
 
 
 def make_teacher_shell(student: nn.Module, dropout: bool = False) -> nn.Module:
-    """A frozen copy of the student on its device, for teacher forward passes."""
+    """A frozen copy of the student on its device, for teacher forward passes.
+
+    Eval mode, unless ``dropout`` (--teacher-dropout): then the teacher runs in training mode
+    for its dropout, but modules with running statistics (a [CLS] batchnorm or IsoBN) stay in
+    eval mode, so the teacher neither normalizes with the statistics of a batch nor updates
+    statistics that are the average of the student's.
+    """
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False)
-    teacher.train(dropout)  # eval mode (no dropout) unless --teacher-dropout
+    teacher.train(dropout)
+    for module in teacher.modules():
+        if any(name.startswith("running_") for name, _ in module.named_buffers(recurse=False)):
+            module.eval()
     return teacher
 
 
