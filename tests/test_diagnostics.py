@@ -48,3 +48,26 @@ def test_diagnose_command_writes_tables_and_plots(tiny_model, sentiment_files, t
 def test_diagnose_rejects_unknown_norm(capsys):
     assert main(["diagnose-cls", "--task", "rte", "--norms", "none,whitening"]) == 2
     assert "unknown --norms" in capsys.readouterr().err
+
+
+def test_every_normalization_is_measured_on_the_same_batches(tiny_model, sentiment_files,
+                                                             tmp_path, monkeypatch):
+    import selftune.diagnostics as diagnostics
+
+    measured = diagnostics.gradient_norms
+    seen: dict[tuple[str, str], list[list[list[int]]]] = {}
+
+    def recording(model, batches, kind, source, *args, **kwargs):
+        seen[(source, kind)] = [b["input_ids"].tolist() for b in batches]
+        return measured(model, batches, kind, source, *args, **kwargs)
+
+    monkeypatch.setattr(diagnostics, "gradient_norms", recording)
+    train, dev = map(str, sentiment_files)
+    # 48 examples in batches of 20: 3 batches per pass, so 4 steps start a second pass.
+    assert main(["diagnose-cls", "--train-file", train, "--validation-file", dev, "--model",
+                 str(tiny_model), "--steps", "4", "--norms", "none,center,batchnorm",
+                 "--batch-size", "20", "--out-dir", str(tmp_path / "d")]) == 0
+    assert len(seen) == 6
+    first = next(iter(seen.values()))
+    assert len(first) == 4
+    assert all(batches == first for batches in seen.values())

@@ -15,6 +15,7 @@ module measures both on a task's training data:
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,30 +79,29 @@ def summarize(rep: Representations) -> dict[str, Any]:
 
 
 def gradient_norms(
-    model, loader: DataLoader, kind: str, source: str, steps: int, learning_rate: float,
-    seed: int,
+    model, batches: list[dict[str, torch.Tensor]], kind: str, source: str, learning_rate: float,
+    seed: int, stats_loader: DataLoader | None = None,
 ) -> list[float]:
-    """‖∂loss/∂r‖ per example, averaged over the batch, at each of the first ``steps`` steps."""
+    """‖∂loss/∂r‖ per example, averaged over the batch, at each step, one step per batch.
+
+    ``stats_loader`` gives the examples for the statistics of ``center``/``standardize``.
+    """
     from selftune.models.heads import install_cls_norm
 
-    torch.manual_seed(seed)
     student = copy.deepcopy(model)
     stats = None
     if kind in ("center", "standardize"):
-        stats = compute_cls_stats(student, loader, source=source)
+        if stats_loader is None:
+            raise ValueError(f"{kind} needs a stats_loader for its statistics")
+        stats = compute_cls_stats(student, stats_loader, source=source)
     install_cls_norm(student, kind, source, stats)
     pooler = student.base_model.pooler
     pooler.keep_input = True
     optimizer = torch.optim.AdamW(student.parameters(), lr=learning_rate)
     student.train()
+    torch.manual_seed(seed)  # the same dropout masks for every normalization
     norms: list[float] = []
-    batches = iter(loader)
-    for _ in range(steps):
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            batch = next(batches)
+    for batch in batches:
         loss = student(**batch).loss
         optimizer.zero_grad()
         loss.backward()
@@ -125,14 +125,21 @@ def diagnose(
     stats_loader = DataLoader(features.remove_columns(["labels"]), batch_size=128,
                               collate_fn=collator)
     summaries = [summarize(collect(model, stats_loader, s)) for s in sources]
+    # Drawn once: every normalization is measured on the same batches, in the same order.
     train_loader = DataLoader(features, batch_size=batch_size, shuffle=True,
                               collate_fn=collator,
                               generator=torch.Generator().manual_seed(seed))
+    batches: list[dict[str, torch.Tensor]] = []
+    while len(batches) < steps:
+        more = list(itertools.islice(train_loader, steps - len(batches)))
+        if not more:
+            raise ValueError("diagnose(): the training set is empty")
+        batches += more
     grads: dict[str, dict[str, list[float]]] = {}
     runs = [(s, k) for s in sources for k in kinds]
     for source, kind in tqdm(runs, desc="gradient runs"):
         grads.setdefault(source, {})[kind] = gradient_norms(
-            model, train_loader, kind, source, steps, learning_rate, seed)
+            model, batches, kind, source, learning_rate, seed, stats_loader)
     result = {"task": task_name, "steps": steps, "batch_size": batch_size,
               "learning_rate": learning_rate, "summaries": summaries, "gradient_norms": grads}
     (out_dir / "diagnostics.json").write_text(json.dumps(result, indent=1))
