@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
 from selftune.config import TrainConfig
@@ -167,6 +168,34 @@ def test_non_finite_loss_can_skip_updates(tiny_model, sentiment_files, tmp_path)
     result = train(tiny_config(tiny_model, sentiment_files, tmp_path / "run",
                                nan_policy="skip"), callbacks=[PoisonWeights(2)])
     assert result["skipped_steps"] == result["global_steps"] - 2
+
+
+class NanOnce(TrainerCallback):
+    """Make the pooler output NaN during one step only (a transient overflow)."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.at_step:
+            dense = model.base_model.pooler.dense
+
+            def poison(module, inputs, output):
+                handle.remove()
+                return torch.full_like(output, float("nan"))
+
+            handle = dense.register_forward_hook(poison)
+
+
+@pytest.mark.parametrize("norm", ["batchnorm", "isobn"])
+def test_a_skipped_step_leaves_no_nan_in_running_statistics(norm, tiny_model, sentiment_files,
+                                                            tmp_path):
+    result = train(tiny_config(tiny_model, sentiment_files, tmp_path / "run", cls_norm=norm,
+                               nan_policy="skip"), callbacks=[NanOnce(3)])
+    assert result["skipped_steps"] == 1  # not every step after it
+    saved = load_file(str(tmp_path / "run" / "model.safetensors"))
+    statistics = {k: v for k, v in saved.items() if ".cls_norm.running_" in k}
+    assert statistics and all(torch.isfinite(v).all() for v in statistics.values())
 
 
 def test_gradient_accumulation_keeps_the_loss_scale(tiny_model, sentiment_files, tmp_path):

@@ -14,6 +14,8 @@ from collections import deque
 import torch
 from torch import nn
 
+from selftune.models.cls_norm import has_running_statistics
+
 State = dict[str, torch.Tensor]
 
 
@@ -42,7 +44,7 @@ def make_teacher_shell(student: nn.Module, dropout: bool = False) -> nn.Module:
     teacher.requires_grad_(False)
     teacher.train(dropout)
     for module in teacher.modules():
-        if any(name.startswith("running_") for name, _ in module.named_buffers(recurse=False)):
+        if has_running_statistics(module):
             module.eval()
     return teacher
 

@@ -29,6 +29,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from selftune.data.length_grouping import EpochSeededLengthGroupedSampler
+from selftune.models.cls_norm import has_running_statistics
 
 OBJECTIVE_STATE_FILE = "selftune_objective.safetensors"
 
@@ -175,12 +176,19 @@ class SelftuneTrainer(Trainer):
         return seconds, examples / seconds
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        # The forward pass updates running statistics (a [CLS] batchnorm or IsoBN): a skipped
+        # step must not leave its non-finite batch in them.
+        statistics = [(b, b.clone()) for m in model.modules() if has_running_statistics(m)
+                      for b in m.buffers(recurse=False)] if self.nan_policy == "skip" else []
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not self._all_finite(loss):
-            # The backward pass has run, the optimizer step has not: nothing is spoiled yet.
+            # The backward pass has run, the optimizer step has not: nothing else is spoiled.
             if self.nan_policy == "skip":
                 self.skipped_steps += 1
                 model.zero_grad(set_to_none=True)  # AdamW leaves parameters without grad alone
+                with torch.no_grad():
+                    for buffer, before in statistics:
+                        buffer.copy_(before)
                 return torch.zeros_like(loss)
             from selftune.errors import SelftuneError
 

@@ -207,6 +207,12 @@ class IsoBN(nn.Module):
                 f"beta={self.beta}, init_from_first_batch={self.init_from_first_batch}")
 
 
+def has_running_statistics(module: nn.Module) -> bool:
+    """Whether ``module`` keeps running statistics that its training-mode forward updates
+    (BatchNorm's ``running_mean``/``running_var``, IsoBN's ``running_cov``/``running_std``)."""
+    return any(name.startswith("running_") for name, _ in module.named_buffers(recurse=False))
+
+
 class BatchNormNoAffine(nn.BatchNorm1d):
     """``nn.BatchNorm1d`` without affine (momentum 0.1, eps 1e-5, PyTorch's defaults).
 
