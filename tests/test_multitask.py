@@ -17,12 +17,14 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from selftune.bam import BamConfig, run_bam
 from selftune.data.tasks import get_task
 from selftune.errors import SelftuneError
+from selftune.multitask.data import build_train_set, with_swapped_pairs
 from selftune.multitask.model import build_multitask_model
 from selftune.multitask.objective import TeacherAnnealing
 from selftune.multitask.training import MultiTaskConfig, train_multitask
 from selftune.outputs import directory_lock
+from selftune.training import train
 
-from .test_training import StopAfterFirstSave
+from .test_training import StopAfterFirstSave, tiny_config
 
 TASKS = [get_task("rte"), get_task("stsb"), get_task("cola")]
 
@@ -78,6 +80,33 @@ def test_each_task_runs_on_its_own_length_with_the_same_outputs(mt_model):
         torch.testing.assert_close(logits[rows, : task.num_labels], untrimmed)
 
 
+def test_train_set_scales_stsb_and_lines_teacher_predictions_up_with_examples(tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tasks = [get_task("rte"), get_task("stsb")]
+    records = {
+        "rte": [{"example_id": "train-0", "text_a": "a b", "text_b": "c", "label": 1},
+                {"example_id": "train-1", "text_a": "d", "text_b": "e f", "label": 0}],
+        "stsb": with_swapped_pairs([
+            {"example_id": "train-0", "text_a": "the movie", "text_b": "a film", "label": 4.5},
+            {"example_id": "train-1", "text_a": "good", "text_b": "bad", "label": 1.0}]),
+    }
+    # Predictions keyed by id, in an order unlike the rows', on each task's own scale.
+    teachers = {"rte": {"train-1": [0.5, -0.5], "train-0": [-1.0, 2.0]},
+                "stsb": {"train-1:swap": [1.5], "train-0": [4.0], "train-1": [0.5],
+                         "train-0:swap": [3.0]}}
+    data = build_train_set(tasks, records, tokenizer, 32, teachers, max_labels=2)
+    rows = data.train
+    assert data.task_indices == {"rte": [0, 1], "stsb": [2, 3, 4, 5]}
+    assert rows["task_ids"] == [0, 0, 1, 1, 1, 1]
+    assert rows["labels"] == pytest.approx([1.0, 0.0, 0.9, 0.2, 0.9, 0.2])  # STS-B as y/5
+    np.testing.assert_allclose(rows["teacher_logits"], [
+        [-1.0, 2.0], [0.5, -0.5],  # RTE: as predicted, by id
+        [0.8, 0.0], [0.1, 0.0], [0.6, 0.0], [0.3, 0.0],  # STS-B: /5, then padded to 2 columns
+    ], rtol=1e-6)
+    swapped = tokenizer("a film", "the movie")["input_ids"]
+    assert rows[4]["input_ids"] == swapped  # train-0:swap: the sentences in the other order
+
+
 def test_export_gives_standalone_models_with_the_same_outputs(mt_model, tmp_path):
     mt_model.eval()
     inputs = batch()
@@ -127,6 +156,10 @@ def test_lambda_one_is_plain_multitask_and_zero_is_pure_distillation(mt_model):
                                manual_losses(mt_model, inputs, 0.3))
     summed = TeacherAnnealing(TASKS, with_teachers=False, reduction="sum")
     torch.testing.assert_close(summed.compute_loss(mt_model, dict(inputs))[0], 6 * loss_plain)
+    # A sum over the global batch: a step made of 4 parts (accumulation × processes), which
+    # the Trainer and DDP average, must still add up to the sum over all of them.
+    parts = TeacherAnnealing(TASKS, with_teachers=False, reduction="sum", batch_parts=4)
+    torch.testing.assert_close(parts.compute_loss(mt_model, dict(inputs))[0], 4 * 6 * loss_plain)
 
 
 def test_self_distilled_annealing_adds_the_masked_mse_to_the_averaged_past(mt_model):
@@ -200,6 +233,8 @@ def test_multitask_run_writes_every_task(tiny_model, glue_dir, tmp_path):
     out = tmp_path / "mt"
     result = train_multitask(mt_config(tiny_model, glue_dir, out))
     assert set(result["tasks"]) == {"rte", "stsb", "cola"}
+    # STS-B (2 pairs) is trained on both sentence orders, as BAM!; RTE and CoLA are not.
+    assert result["num_train_examples"] == {"rte": 16, "stsb": 4, "cola": 6}
     assert result["score"] == pytest.approx(np.mean([r["score"] for r in result["tasks"].values()]))
     assert [round(h["epoch"]) for h in result["history"]] == [1, 2]
     tokenizer = AutoTokenizer.from_pretrained(out / "tasks" / "stsb")
@@ -213,6 +248,30 @@ def test_multitask_run_writes_every_task(tiny_model, glue_dir, tmp_path):
         torch.testing.assert_close(stsb.bert(**encoded).last_hidden_state,
                                    rte.bert(**encoded).last_hidden_state)
         assert stsb(**encoded).logits.shape == (2, 1)
+
+
+def test_every_multitask_parameter_gets_the_learning_rate_of_its_depth(mt_model):
+    """methods.md §2.4 on the real parameter names: heads L+2, pooler L+1, layer i i+1,
+    embeddings 0 (the tiny model has L = 2)."""
+    from selftune.optim import layerwise_param_groups
+
+    groups = layerwise_param_groups(mt_model, 1.0, 0.5, 0.01)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+
+    def expected_depth(name: str) -> int:
+        if name.startswith("heads."):
+            return 4
+        if name.startswith("encoder.pooler."):
+            return 3
+        if name.startswith("encoder.encoder.layer."):
+            return int(name.split(".")[3]) + 1
+        assert name.startswith("encoder.embeddings."), name
+        return 0
+
+    named = list(mt_model.named_parameters())
+    assert {n.split(".")[0] for n, _ in named} == {"encoder", "heads"}
+    for name, param in named:
+        assert lr_of[id(param)] == pytest.approx(0.5 ** (4 - expected_depth(name))), name
 
 
 def test_multitask_run_uses_layerwise_learning_rates(tiny_model, glue_dir, tmp_path):
@@ -396,6 +455,31 @@ def test_bam_student_self_distills_while_its_teachers_stay_plain(tiny_model, glu
     student = json.loads((root / "student" / "metrics.json").read_text())
     assert "rte" in student["teacher_tasks"] and student["teacher"] == "exponential moving average"
     assert not json.loads((root / "student" / "run_config.json").read_text())["group_by_length"]
+
+
+def test_a_teacher_with_another_class_order_is_refused(tiny_model, glue_dir, tmp_path,
+                                                      capsys):
+    from selftune.bam import compute_teacher_predictions
+    from selftune.data.loading import DataOptions
+
+    train(tiny_config(tiny_model, (None, None), tmp_path / "rte", task="rte",
+                      data_dir=str(glue_dir), train_file=None, validation_file=None,
+                      num_train_epochs=1))
+    config_file = tmp_path / "rte" / "config.json"
+    config = json.loads(config_file.read_text())
+    options = DataOptions(data_dir=str(glue_dir))
+    out = tmp_path / "p.jsonl"
+    config["id2label"] = {"0": "not_entailment", "1": "entailment"}
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(SelftuneError, match="orders its classes.*not_entailment.*permuted"):
+        compute_teacher_predictions(tmp_path / "rte", get_task("rte"), options, out, False)
+    config["id2label"] = {"0": "LABEL_0", "1": "LABEL_1"}  # no names: taken as the task's order
+    config_file.write_text(json.dumps(config))
+    compute_teacher_predictions(tmp_path / "rte", get_task("rte"), options, out, False)
+    assert out.is_file()
+    assert "taken to be ['entailment', 'not_entailment']" in capsys.readouterr().err
+    with pytest.raises(SelftuneError, match="cola has one sentence per example"):
+        compute_teacher_predictions(tmp_path / "rte", get_task("cola"), options, out, True)
 
 
 def test_teacher_predictions_must_cover_the_student_data(tiny_model, glue_dir, tmp_path):

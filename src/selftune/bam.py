@@ -59,6 +59,25 @@ class BamConfig(MultiTaskConfig):
                                "task alone afterwards (with the teachers' options).", BAM)
 
 
+def check_label_order(model_dir: Path, task: TaskSpec, labels: tuple[str, ...] | None) -> None:
+    """A teacher trained elsewhere may order the same classes differently (MNLI checkpoints
+    often do): its soft targets would then be silently permuted. Generic names (LABEL_0...)
+    say nothing about the order; they are taken as the task's, with a warning."""
+    if labels is None or task.label_names is None:
+        return
+    ours = [n.lower() for n in task.label_names]
+    theirs = [n.lower() for n in labels]
+    if theirs == ours:
+        return
+    if all(n == f"label_{i}" for i, n in enumerate(theirs)):
+        logger.warning("%s names its classes %s; taken to be %s, in that order", model_dir,
+                       list(labels), list(task.label_names))
+        return
+    raise SelftuneError(f"{model_dir} orders its classes {list(labels)}, {task.name} orders "
+                        f"them {list(task.label_names)}; its predictions would be permuted. "
+                        "Re-export the teacher with the task's label order")
+
+
 def compute_teacher_predictions(
     model_dir: Path, task: TaskSpec, data_options, out_file: Path, both_orders: bool,
     max_seq_length: int = 128, batch_size: int = 128,
@@ -73,6 +92,10 @@ def compute_teacher_predictions(
             labels is not None and len(labels) != task.num_labels):
         raise SelftuneError(f"{model_dir} is not a {task.name} model (its outputs: "
                             f"{list(labels) if labels else 'a regression score'})")
+    check_label_order(model_dir, task, labels)
+    if both_orders and task.num_texts != 2:
+        raise SelftuneError(f"--both-orders: {task.name} has one sentence per example, so "
+                            "there is no other order")
     tokenizer = load_tokenizer(str(model_dir))
     records = load_task_data(dataclasses.replace(data_options, task=task.name)).train
     if both_orders:

@@ -68,7 +68,7 @@ def add_bam_commands(commands, formatter, add_common: Callable, groups: dict) ->
                              help="The same fixed subset the student trains on.")
     predictions.add_argument("--both-orders", action="store_true",
                              help="Also predict every pair with its sentences swapped (for a "
-                                  "student trained with --double-unordered on MRPC/STS-B/QQP).")
+                                  "student trained with --double-unordered on MRPC/STS-B).")
     predictions.add_argument("--max-seq-length", type=int, default=128,
                              help="Truncate inputs to this many tokens (default: 128).")
     predictions.add_argument("--batch-size", type=int, default=128,

@@ -31,10 +31,15 @@ class TeacherAnnealing:
         schedule: str = "linear",  # λ rises linearly from 0 to 1, or stays fixed
         distill_weight: float = 0.5,  # fixed schedule: teacher share 1 − λ of the target
         reduction: str = "mean",  # batch loss: mean (default) or sum (the reference code)
+        batch_parts: int = 1,  # micro-batches per optimizer step: accumulation × processes
     ) -> None:
         self.tasks = tasks
         self.with_teachers = with_teachers
         self.schedule, self.distill_weight, self.reduction = schedule, distill_weight, reduction
+        # The Trainer divides each micro-batch's loss by the accumulation steps and DDP averages
+        # the processes' gradients: right for a mean, but a sum over the global batch must undo
+        # both, or it would shrink with the number of parts.
+        self.batch_parts = batch_parts
         self.step, self.max_steps = 0, 1
 
     def on_train_begin(self, model: nn.Module, global_step: int, max_steps: int) -> None:
@@ -79,7 +84,7 @@ class TeacherAnnealing:
                 target_teacher = target_teacher.reshape(-1)
             total = total + annealed_loss(logits, gold, target_teacher, lam, task.is_regression,
                                           reduction="sum")
-        loss = total / labels.shape[0] if self.reduction == "mean" else total
+        loss = total / labels.shape[0] if self.reduction == "mean" else total * self.batch_parts
         return loss, outputs, {"lambda": torch.tensor(lam)}
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -87,7 +87,9 @@ class MultiTaskConfig(TrainConfig):
                              ("power", "proportional", "uniform"))
     sampling_alpha: float = opt(0.75, "The exponent of --task-sampling power.", MT)
     mix_tasks: bool = opt(True, "Batches mix tasks (off: each batch holds one task).", MT)
-    double_unordered: bool = opt(True, "Train MRPC, STS-B and QQP on both sentence orders.", MT)
+    double_unordered: bool = opt(True, "Train MRPC and STS-B on both sentence orders (as BAM!; "
+                                 "the single-task teachers train on one order and predict on "
+                                 "both).", MT)
 
 
 def check_multitask_options(cfg: MultiTaskConfig) -> list[TaskSpec]:
@@ -180,7 +182,8 @@ class _SamplerEpoch(TrainerCallback):
         self.sampler = sampler
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.sampler.set_epoch(int(round(state.epoch or 0)))
+        # The epoch index: a run resumed mid-epoch has state.epoch = 1.6 in epoch 1 (not 2).
+        self.sampler.set_epoch(int((state.epoch or 0) + 1e-6))
 
 
 def evaluate_multitask_teacher(cfg: MultiTaskConfig, self_distillation, tasks: list[TaskSpec],
@@ -263,7 +266,8 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
                                     num_batches=None, seed=cfg.seed, mix=cfg.mix_tasks)
     args.remove_unused_columns = False  # the model takes task_ids and **inputs
     objective = TeacherAnnealing(tasks, teachers is not None, cfg.teacher_annealing,
-                                 cfg.distill_weight, cfg.loss_reduction)
+                                 cfg.distill_weight, cfg.loss_reduction,
+                                 batch_parts=args.gradient_accumulation_steps * args.world_size)
     if cfg.strategy != "baseline":  # the student also distills from its own averaged past
         objective = SelfDistilledAnnealing(objective, build_objective(cfg, model, False))
     trainer = MultiTaskTrainer(
