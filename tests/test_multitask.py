@@ -359,6 +359,12 @@ def test_bam_pipeline_stages_and_reuse(tiny_model, glue_dir, tmp_path):
     again = run_bam(cfg)  # every stage is finished: nothing is retrained
     assert again["student"] == summary["student"]
     assert {p: p.stat().st_mtime for p in root.rglob("metrics.json")} == stamps
+    # A finished stage run with other options is not taken for this recipe's.
+    finetuned_config = root / "finetuned" / "stsb" / "run_config.json"
+    saved = json.loads(finetuned_config.read_text())
+    finetuned_config.write_text(json.dumps({**saved, "learning_rate": 0.5}))
+    with pytest.raises(SelftuneError, match="finetuned/stsb holds a finished run with other"):
+        run_bam(cfg)
 
 
 def test_multi_to_multi_distills_a_multitask_run_into_a_new_student(tiny_model, glue_dir,

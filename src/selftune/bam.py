@@ -234,12 +234,13 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
         summary["finetuned"] = {}
         for task in tasks:
             out = root / "finetuned" / task.name
+            finetune_cfg = TrainConfig(**{**single_task, "task": task.name, "output_dir": str(out),
+                                          "model": str(student_dir / "tasks" / task.name)})
             if outputs.is_finished(out):
+                _check_same_options(out, finetune_cfg)
                 result = json.loads((out / outputs.METRICS_FILE).read_text())
             else:
-                result = train(TrainConfig(**{
-                    **single_task, "task": task.name, "output_dir": str(out),
-                    "model": str(student_dir / "tasks" / task.name)}))
+                result = train(finetune_cfg)
             summary["finetuned"][task.name] = result["score"]
         scores = list(summary["finetuned"].values())
         summary["finetuned_average"] = sum(scores) / len(scores)
