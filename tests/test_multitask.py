@@ -488,6 +488,20 @@ def test_a_teacher_with_another_class_order_is_refused(tiny_model, glue_dir, tmp
         compute_teacher_predictions(tmp_path / "rte", get_task("cola"), options, out, True)
 
 
+def test_a_given_teachers_cached_predictions_follow_the_input_length(tiny_model, glue_dir,
+                                                                     tmp_path):
+    teacher = tmp_path / "rte-teacher"
+    train(tiny_config(tiny_model, (None, None), teacher, task="rte", data_dir=str(glue_dir),
+                      train_file=None, validation_file=None, num_train_epochs=1))
+    cache = teacher / "train_predictions.jsonl"
+    common = dict(tasks="rte", model=str(tiny_model), data_dir=str(glue_dir),
+                  teachers=f"rte={teacher}", num_train_epochs=1, per_device_train_batch_size=4)
+    run_bam(BamConfig(output_dir=str(tmp_path / "a"), **common))
+    assert json.loads(cache.read_text().splitlines()[0])["max_seq_length"] == 128
+    run_bam(BamConfig(output_dir=str(tmp_path / "b"), max_seq_length=8, **common))
+    assert json.loads(cache.read_text().splitlines()[0])["max_seq_length"] == 8
+
+
 def test_teacher_predictions_must_cover_the_student_data(tiny_model, glue_dir, tmp_path):
     run_bam(BamConfig(tasks="rte", model=str(tiny_model), data_dir=str(glue_dir),
                       output_dir=str(tmp_path / "bam"), num_train_epochs=1,

@@ -33,7 +33,7 @@ from selftune.data.loading import load_task_data
 from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
 from selftune.multitask.data import UNORDERED_TASKS, with_swapped_pairs
-from selftune.multitask.teacher_cache import write_predictions
+from selftune.multitask.teacher_cache import cached_max_seq_length, write_predictions
 from selftune.multitask.training import MultiTaskConfig, parse_task_paths, train_multitask
 
 logger = logging.getLogger("selftune")
@@ -102,7 +102,7 @@ def compute_teacher_predictions(
         records = with_swapped_pairs(records)
     logits = predict_logits(model, tokenizer, records, max_seq_length, batch_size)
     write_predictions(out_file, task, [str(r["example_id"]) for r in records], logits,
-                      str(model_dir))
+                      str(model_dir), max_seq_length)
     return out_file
 
 
@@ -203,6 +203,11 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
                         **single_task, "task": task.name, "output_dir": str(teacher_dir)}))
                 # Under torchrun the main process writes the cache; the others then read it.
                 with state.main_process_first():
+                    if cache.is_file() and cached_max_seq_length(cache) not in (
+                            None, cfg.max_seq_length):
+                        logger.info("%s was made with another --max-seq-length: made again",
+                                    cache)
+                        cache.unlink()
                     if not cache.is_file():
                         _check_can_predict(teacher_dir, cache)
                         logger.info("Teacher predictions for %s → %s", task.name, cache)

@@ -4,7 +4,7 @@ File format (JSON Lines, UTF-8): a header line, then one line per training examp
 
     {"format": "selftune-teacher-predictions", "version": 1, "task": "rte",
      "label_names": ["entailment", "not_entailment"], "model": "runs/bam/teachers/rte",
-     "num_examples": 2490}
+     "num_examples": 2490, "max_seq_length": 128}
     {"example_id": "train-0", "logits": [1.25, -0.73]}
     ...
 
@@ -29,11 +29,13 @@ FORMAT = "selftune-teacher-predictions"
 
 
 def write_predictions(path: Path, task: TaskSpec, ids: list[str], logits: np.ndarray,
-                      model: str) -> None:
+                      model: str, max_seq_length: int | None = None) -> None:
     """Write atomically: a killed run never leaves a file that looks complete."""
     header = {"format": FORMAT, "version": 1, "task": task.name,
               "label_names": list(task.label_names) if task.label_names else None,
               "model": model, "num_examples": len(ids)}
+    if max_seq_length is not None:
+        header["max_seq_length"] = max_seq_length
     tmp = path.with_name(f".{path.name}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "w") as f:
@@ -43,6 +45,15 @@ def write_predictions(path: Path, task: TaskSpec, ids: list[str], logits: np.nda
                                 "logits": [round(float(v), 6) for v in np.atleast_1d(row)]})
                     + "\n")
     os.replace(tmp, path)
+
+
+def cached_max_seq_length(path: Path) -> int | None:
+    """The input length a predictions file was made with (None if its header does not say)."""
+    with open(path) as f:
+        try:
+            return json.loads(f.readline()).get("max_seq_length")
+        except (json.JSONDecodeError, AttributeError):
+            return None
 
 
 def read_predictions(path: Path, task: TaskSpec) -> dict[str, list[float]]:
