@@ -40,6 +40,7 @@ class Representations:
 def collect(model, loader: DataLoader, source: str) -> Representations:
     """[CLS] hidden states (``cls``) or pooler outputs (``pooler``) of the model in eval mode."""
     encoder = model.base_model
+    was_training = encoder.training
     encoder.eval()
     rows = []
     with torch.no_grad():
@@ -49,6 +50,7 @@ def collect(model, loader: DataLoader, source: str) -> Representations:
             out = encoder(**inputs)
             rows.append((out.last_hidden_state[:, 0] if source == "cls"
                          else out.pooler_output).float().numpy())
+    encoder.train(was_training)
     return Representations(source, np.concatenate(rows))
 
 
