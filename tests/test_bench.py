@@ -190,22 +190,37 @@ def test_parse_seeds():
 
 
 def test_bam_variants_record_one_line_per_task(tiny_model, glue_dir, tmp_path):
+    """Three BAM! variants sharing one teachers_root: every student has a line per task, the
+    shared teachers are recorded once (with their own options), Multi gets no teacher lines,
+    and a self-distilling student's lines carry its own task's averaged-past score."""
     small = {"num_train_epochs": 1, "per_device_train_batch_size": 4, "teacher_epochs": 1,
              "teacher_batch_size": 4}
     grid = Grid(name="bam", tasks=["rte", "stsb"], seeds=[0],
-                variants={"bam": {"pipeline": "bam", **small},
-                          "multi": {"pipeline": "bam", "teachers": "none", **small}},
-                common={"model": str(tiny_model), "data_dir": str(glue_dir)})
+                variants={"multi": {"pipeline": "bam", "teachers": "none", **small},
+                          "bam": {"pipeline": "bam", **small},
+                          "bam-sda": {"pipeline": "bam", "strategy": "sda", **small}},
+                common={"model": str(tiny_model), "data_dir": str(glue_dir),
+                        "teachers_root": str(tmp_path / "teachers-seed{seed}")})
     results = tmp_path / "r.jsonl"
     counts = run_grid(grid, results, tmp_path / "runs")
-    assert counts["done"] == 2 and counts["failed"] == 0
+    assert counts["done"] == 3 and counts["failed"] == 0
     records, problems = load_results(results)
     assert not problems
-    assert sorted(r.run_id for r in records) == sorted([
-        "rte__bam__seed0", "stsb__bam__seed0", "rte__bam-teacher__seed0",
-        "stsb__bam-teacher__seed0", "rte__multi__seed0", "stsb__multi__seed0"])
+    assert sorted(r.run_id for r in records) == sorted(
+        f"{task}__{variant}__seed0" for task in ("rte", "stsb")
+        for variant in ("multi", "bam", "bam-sda", "teacher"))
     stsb = next(r for r in records if r.run_id == "stsb__bam__seed0")
     assert set(stsb.metrics) == {"pearson", "spearman"}
+    assert stsb.cost_scope == "multitask-run" and stsb.teacher_score is None
+    teacher = next(r for r in records if r.run_id == "rte__teacher__seed0")
+    assert teacher.strategy == "baseline" and teacher.cost_scope is None
+    teacher_run = json.loads((tmp_path / "teachers-seed0" / "rte" / "metrics.json").read_text())
+    assert teacher.score == teacher_run["score"]
+    sda_student = json.loads((tmp_path / "runs" / "bam-sda__seed0" / "student" /
+                              "metrics.json").read_text())
+    for task in ("rte", "stsb"):
+        line = next(r for r in records if r.run_id == f"{task}__bam-sda__seed0")
+        assert line.teacher_score == sda_student["teacher_tasks"][task]["score"]
     assert run_grid(grid, results, tmp_path / "runs")["done"] == 0
 
 
@@ -249,3 +264,22 @@ def test_a_variants_data_dir_is_relative_to_the_grid_file(tmp_path):
     path.parent.mkdir()
     path.write_text("tasks: [rte]\nseeds: 0\nvariants: {other: {data_dir: ../data}}\n")
     assert load_grid(path).variants["other"]["data_dir"] == str(tmp_path.resolve() / "data")
+
+
+def test_an_unfinished_bam_run_of_other_options_is_redone(tmp_path):
+    """A BAM! run writes its bam.json only at the end: until then the options it was started
+    with are in bench_run.json, and a grid that changed meanwhile must not resume it."""
+    from selftune.bench import _holds_other_config
+
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text("name: g\ntasks: [rte]\nseeds: [0]\n"
+                         "variants: {bam: {pipeline: bam}}\n")
+    run = plan_runs(load_grid(grid_file), tmp_path / "runs")[0]
+    out = tmp_path / "runs" / run.run_id
+    out.mkdir(parents=True)
+    assert not _holds_other_config(out, run)  # nothing started yet
+    (out / "bench_run.json").write_text(json.dumps(run.config.to_dict()))
+    assert not _holds_other_config(out, run)
+    (out / "bench_run.json").write_text(json.dumps({**run.config.to_dict(),
+                                                    "learning_rate": 3e-4}))
+    assert _holds_other_config(out, run)

@@ -195,6 +195,12 @@ def test_self_distilled_annealing_adds_the_masked_mse_to_the_averaged_past(mt_mo
     torch.testing.assert_close(parts["distill_loss"], expected)
     torch.testing.assert_close(loss, annealing.compute_loss(mt_model, dict(inputs))[0]
                                + 0.7 * expected)
+    # Summed over a global batch of 3 parts (accumulation × processes): both terms alike.
+    summed = TeacherAnnealing(TASKS, with_teachers=True, reduction="sum", batch_parts=3)
+    loss, _, parts = SelfDistilledAnnealing(summed, sd).compute_loss(mt_model, dict(inputs))
+    torch.testing.assert_close(parts["distill_loss"], 3 * 6 * expected)
+    torch.testing.assert_close(loss, summed.compute_loss(mt_model, dict(inputs))[0]
+                               + 0.7 * 3 * 6 * expected)
 
 
 def test_multitask_student_with_sda_exports_its_teacher(tiny_model, glue_dir, tmp_path):

@@ -551,3 +551,36 @@ def test_tasks_and_variants_can_be_selected(results_file: Path, tmp_path: Path) 
     assert across["gain"]["tasks"] == "2/2"  # the mean covers the selected tasks only
     with pytest.raises(SelftuneError, match="no runs with task qnli.*tasks found: cola, mrpc"):
         write_report(results_file, tmp_path / "x", "baseline", tasks=["qnli"])
+
+
+def test_the_across_task_test_pairs_only_seeds_with_every_shared_task(tmp_path: Path) -> None:
+    base = {"rte": [60.0, 61.0, 59.0, 62.0, 60.5], "cola": [30.0, 31.0, 29.0, 32.0, 30.5]}
+    gain = {"rte": [62.0, 62.5, 61.5, 63.0, 62.0], "cola": [31.0, 33.0, 30.0, 34.5, 31.5]}
+    items = [run(t, "baseline", s, {"accuracy": v[s]}) for t, v in base.items() for s in SEEDS]
+    # gain has no cola run for seed 2: seed 2 must not enter the per-seed averages.
+    items += [run(t, "gain", s, {"accuracy": v[s]}) for t, v in gain.items() for s in SEEDS
+              if (t, s) != ("cola", 2)]
+    md = write_report(write_lines(tmp_path / "r.jsonl", items), tmp_path / "o", "baseline")
+    row = by_variant(table(md, "## Mean across tasks"))["gain"]
+    seeds = [0, 1, 3, 4]
+    base_avg = [np.mean([base["rte"][s], base["cola"][s]]) for s in seeds]
+    gain_avg = [np.mean([gain["rte"][s], gain["cola"][s]]) for s in seeds]
+    assert row["seeds on all shared tasks"] == "4"
+    assert_p(row["t-test p"], sps.ttest_rel(gain_avg, base_avg).pvalue)
+    delta, _ = mean_std(row["Δ of per-seed averages"].lstrip("+"))
+    assert delta == pytest.approx(np.mean(np.subtract(gain_avg, base_avg)), abs=0.006)
+
+
+def test_a_run_recorded_in_two_files_is_no_conflict(tmp_path: Path) -> None:
+    """BAM! teachers shared by two grids appear in both results files: the same run."""
+    teacher = [run("rte", "teacher", s, {"accuracy": RTE_BASE[s]}) for s in SEEDS]
+    first = write_lines(tmp_path / "a.jsonl", teacher + [
+        run("rte", "bam", s, {"accuracy": RTE_GAIN[s]}) for s in SEEDS])
+    second = write_lines(tmp_path / "b.jsonl", teacher + [
+        run("rte", "lambda-0", s, {"accuracy": RTE_NOISY[s]}) for s in SEEDS])
+    md = write_report([first, second], tmp_path / "o", "bam")
+    assert "Problems in the results file: none" in md
+    changed = write_lines(tmp_path / "c.jsonl", [
+        run("rte", "teacher", 0, {"accuracy": 10.0})])
+    md = write_report([first, changed], tmp_path / "o2", "bam")
+    assert "(duplicate): run_id 'rte__teacher__seed0'" in md

@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
     BertForSequenceClassification,
+    TrainerCallback,
 )
 
 from selftune.errors import SelftuneError
@@ -178,12 +180,34 @@ def test_distillation_outputs(strategy, tiny_model, sentiment_files, tmp_path):
         assert accuracy == pytest.approx(metrics["teacher_metrics"]["accuracy"])
 
 
+class EpochStates(TrainerCallback):
+    def __init__(self) -> None:
+        self.states: list[dict[str, torch.Tensor]] = []
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self.states.append({n: t.clone() for n, t in float_state(model).items()})
+
+
 def test_se_saves_the_average_of_the_epoch_pool(tiny_model, sentiment_files, tmp_path):
     out = tmp_path / "se"
-    result = run(tiny_model, sentiment_files, out, strategy="se", keep_checkpoints=True,
-                 save_steps=None)
+    epochs = EpochStates()
+    result = train(tiny_config(tiny_model, sentiment_files, out, strategy="se"),
+                   callbacks=[epochs])
     assert "last_iterate_metrics" in result
     assert result["ensemble"] == "parameter average of 3 snapshots (epochs pool)"
+    # The saved model is the mean of the three end-of-epoch states, and the reported metrics
+    # are that model's.
+    assert len(epochs.states) == 3
+    saved = load_file(str(out / "model.safetensors"))
+    for name, tensor in saved.items():
+        if name in epochs.states[0]:
+            mean = torch.stack([s[name] for s in epochs.states]).double().mean(0).float()
+            torch.testing.assert_close(tensor, mean, rtol=1e-6, atol=1e-6)
+    dev_rows = sentiment_files[1].read_text().splitlines()[1:]
+    logits = dev_logits(out, [line.rsplit(",", 1)[0] for line in dev_rows])
+    labels = np.array([int(line.rsplit(",", 1)[1]) for line in dev_rows])
+    assert 100 * np.mean(logits.argmax(-1) == labels) == pytest.approx(
+        result["metrics"]["accuracy"])
     base = run(tiny_model, sentiment_files, tmp_path / "base")
     # Training itself is the baseline's: the last iterate is the baseline's final model.
     assert result["last_iterate_metrics"] == base["metrics"]
@@ -209,3 +233,40 @@ def test_resume_gives_the_same_teacher(strategy, tiny_model, sentiment_files, tm
 def test_self_distillation_options_need_a_strategy(tiny_model, sentiment_files, tmp_path):
     with pytest.raises(SelftuneError, match="--sd-k only apply to --strategy"):
         run(tiny_model, sentiment_files, tmp_path / "x", sd_k=5)
+
+
+@pytest.mark.parametrize("strategy, option, applies", [
+    ("se", {"sd_lambda": 0.5}, False), ("se", {"teacher_dropout": True}, False),
+    ("ema", {"sd_k": 5}, False), ("sda", {"se_pool": "steps"}, False),
+    ("sdv", {"se_combine": "vote"}, False),
+    ("se", {"sd_k": 5, "se_pool": "steps", "se_combine": "vote"}, True),
+    ("ema", {"sd_lambda": 0.5, "snapshot_interval": 10, "teacher_dropout": True}, True),
+    ("sda", {"sd_k": 1, "sd_lambda": 0.1}, True),
+])
+def test_an_option_the_strategy_does_not_use_is_refused(strategy, option, applies):
+    from selftune.config import TrainConfig
+    from selftune.training import check_strategy_options
+
+    cfg = TrainConfig(strategy=strategy, **option)
+    if applies:
+        check_strategy_options(cfg)
+    else:
+        name = "--" + next(iter(option)).replace("_", "-")
+        with pytest.raises(SelftuneError, match=f"{name} does nothing with --strategy {strategy}"):
+            check_strategy_options(cfg)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_teacher_runs_in_the_students_precision(bf16, tiny_model, sentiment_files,
+                                                    tmp_path, monkeypatch):
+    seen = []
+    original = SelfDistillation.teacher_logits
+
+    def recording(self, features):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return original(self, features)
+
+    monkeypatch.setattr(SelfDistillation, "teacher_logits", recording)
+    run(tiny_model, sentiment_files, tmp_path / "sda", strategy="sda", bf16=bf16,
+        num_train_epochs=1)
+    assert seen and all(enabled == bf16 for enabled in seen)

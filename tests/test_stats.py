@@ -102,6 +102,15 @@ def test_constant_nonzero_difference_is_significant() -> None:
     assert c.significant
 
 
+def test_the_same_difference_on_two_seeds_gives_no_verdict() -> None:
+    c = compare({0: 55.6, 1: 56.3}, {0: 55.96, 1: 56.66})
+    assert c.kind == "paired" and c.t_p is None
+    # Equal up to float rounding (accuracies are k/n·100) counts as the same difference.
+    c = compare({0: 100 * 154 / 277, 1: 100 * 156 / 277}, {0: 100 * 155 / 277, 1: 100 * 157 / 277})
+    assert c.kind == "paired" and c.n_pairs == 2
+    assert c.t_p is None and c.p is None and not c.significant
+
+
 def test_wilcoxon_with_zero_differences_matches_scipy_or_is_none() -> None:
     base = {0: 50.0, 1: 60.0, 2: 70.0}
     other = {0: 50.0, 1: 60.0, 2: 71.5}  # only one non-zero difference

@@ -198,6 +198,34 @@ def test_a_skipped_step_leaves_no_nan_in_running_statistics(norm, tiny_model, se
     assert statistics and all(torch.isfinite(v).all() for v in statistics.values())
 
 
+class WeightsAcrossStep(TrainerCallback):
+    """The trainable weights before and after one optimizer step."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.at_step:
+            self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.at_step:
+            self.after = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_a_non_finite_micro_batch_skips_its_whole_update(tiny_model, sentiment_files,
+                                                         tmp_path):
+    """With gradient accumulation the update is skipped as a whole: not applied with the
+    gradients of the other micro-batches alone, and counted once."""
+    weights = WeightsAcrossStep(3)
+    result = train(tiny_config(tiny_model, sentiment_files, tmp_path / "run", nan_policy="skip",
+                               per_device_train_batch_size=4, gradient_accumulation_steps=2),
+                   callbacks=[NanOnce(3), weights])
+    assert result["skipped_steps"] == 1
+    assert all(torch.equal(weights.before[n], weights.after[n]) for n in weights.before)
+    assert result["global_steps"] > 3
+
+
 def test_gradient_accumulation_keeps_the_loss_scale(tiny_model, sentiment_files, tmp_path):
     whole = train(tiny_config(tiny_model, sentiment_files, tmp_path / "a", num_train_epochs=1,
                               learning_rate=1e-5))

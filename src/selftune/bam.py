@@ -189,8 +189,10 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
         teachers_root = Path(cfg.teachers_root.format(seed=cfg.seed)) if cfg.teachers_root \
             else root / "teachers"
         summary["teachers"] = {}
+        summary["teacher_dirs"] = {}
         for task in tasks:
             teacher_dir = given.get(task.name) or teachers_root / task.name
+            summary["teacher_dirs"][task.name] = str(teacher_dir)
             both = cfg.double_unordered and task.name in UNORDERED_TASKS
             cache = teacher_dir / ("train_predictions.both-orders.jsonl" if both
                                    else "train_predictions.jsonl")

@@ -70,14 +70,11 @@ class PlannedRun:
     command: str = "train"
 
     def record_ids(self) -> list[str]:
-        """The run_ids of the results lines this run writes."""
+        """The run_ids of the results lines that make this run recorded (a BAM! run's teacher
+        lines come along when its teachers have metrics, but are not required)."""
         if self.command == "train":
             return [self.run_id]
-        tasks = self.task.split(",")
-        ids = [f"{t}__{self.variant}__seed{self.seed}" for t in tasks]
-        if getattr(self.config, "teachers", "none") != "none":
-            ids += [f"{t}__{self.variant}-teacher__seed{self.seed}" for t in tasks]
-        return ids
+        return [f"{t}__{self.variant}__seed{self.seed}" for t in self.task.split(",")]
 
 
 def parse_seeds(value: str | list | int) -> list[int]:
@@ -241,28 +238,57 @@ def append_record(results: Path, record: dict) -> None:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+TEACHER_VARIANT = "teacher"
+# Set on the lines of a multi-task student: its timings and memory are the whole run's (every
+# task), comparable with other multi-task runs only.
+MULTITASK_COST_SCOPE = "multitask-run"
+
+
 def bam_records(run: PlannedRun, summary: dict) -> list[dict]:
-    """One results line per task for the student (variant), and for each teacher
-    (variant-teacher), read from the run's folders."""
+    """One results line per task for the student (variant ``run.variant``), and one per task
+    for its single-task teacher (variant ``teacher``, with the teacher's own options) when the
+    run has teachers with metrics."""
     root = Path(run.config.output_dir or "")
     student = json.loads((root / "student" / METRICS_FILE).read_text())
+    # A self-distilling student evaluates its averaged past per task (teacher_tasks); the
+    # top-level teacher_score is the mean over tasks and belongs on no task's line.
+    run_wide = {k: v for k, v in student.items() if k not in ("teacher_score", "teacher_metrics")}
     records = []
     for task, result in student["tasks"].items():
         history = [{"epoch": h["epoch"], "metrics": h["tasks"][task]["metrics"],
                     "score": h["tasks"][task]["score"]} for h in student.get("history", [])]
-        per_task = {**student, **result, "history": history}
+        own_teacher = student.get("teacher_tasks", {}).get(task, {})
+        per_task = {**run_wide, **result, "history": history,
+                    "teacher_metrics": own_teacher.get("metrics"),
+                    "teacher_score": own_teacher.get("score")}
         records.append({**make_record(run, per_task), "task": task,
                         "run_id": f"{task}__{run.variant}__seed{run.seed}",
-                        "note": "wall time and memory are the whole multi-task run's"})
-        teachers = getattr(run.config, "teachers_root", None)
-        teacher_root = Path(teachers.format(seed=run.seed)) if teachers else root / "teachers"
-        teacher_metrics = teacher_root / task / METRICS_FILE
-        if teacher_metrics.is_file():
-            teacher = json.loads(teacher_metrics.read_text())
-            records.append({**make_record(run, teacher), "task": task,
-                            "variant": f"{run.variant}-teacher",
-                            "run_id": f"{task}__{run.variant}-teacher__seed{run.seed}"})
+                        "cost_scope": MULTITASK_COST_SCOPE})
+    for task, teacher_dir in _teacher_dirs(run, summary).items():
+        metrics_file, config_file = teacher_dir / METRICS_FILE, teacher_dir / "run_config.json"
+        if not (metrics_file.is_file() and config_file.is_file()):
+            continue  # e.g. a teacher given as a model without its training run
+        teacher_config = TrainConfig.from_dict(json.loads(config_file.read_text()))
+        teacher_run = PlannedRun(f"{task}__{TEACHER_VARIANT}__seed{run.seed}", task,
+                                 TEACHER_VARIANT, run.seed, teacher_config)
+        records.append(make_record(teacher_run, json.loads(metrics_file.read_text())))
     return records
+
+
+def _teacher_dirs(run: PlannedRun, summary: dict) -> dict[str, Path]:
+    """The teacher folder of each task, as the run's bam.json names them (or, for a run that
+    predates that field, as --teachers auto places them)."""
+    teachers = getattr(run.config, "teachers", "none")
+    if teachers == "none":
+        return {}
+    if "teacher_dirs" in summary:
+        return {task: Path(d) for task, d in summary["teacher_dirs"].items()}
+    if teachers != "auto":
+        return {}
+    root = getattr(run.config, "teachers_root", None)
+    teacher_root = Path(root.format(seed=run.seed)) if root else \
+        Path(run.config.output_dir or "") / "teachers"
+    return {task: teacher_root / task for task in run.task.split(",")}
 
 
 def make_record(run: PlannedRun, metrics: dict) -> dict:
@@ -356,23 +382,19 @@ def _run_claimed(run: PlannedRun, out: Path, results: Path, train_command: list[
             return None
     for record in ([make_record(run, metrics)] if run.command == "train"
                    else bam_records(run, metrics)):
+        # A teacher shared by several BAM! variants of a seed is recorded once.
         if (record["run_id"], record["config_hash"]) not in recorded:
             append_record(results, record)
+            recorded[(record["run_id"], record["config_hash"])] = record
     score = metrics.get("score", metrics.get("student_average"))
     print(f"  {run.run_id}: score {score:.2f}", flush=True)
     return True
 
 
 def _holds_other_config(out: Path, run: PlannedRun) -> bool:
-    if run.command == "bam":  # a BAM! folder records its options' hash in bam.json
-        summary = out / "bam.json"
-        if not summary.is_file():
-            return False
-        try:
-            return json.loads(summary.read_text()).get("config_hash") != run.config.hash()
-        except json.JSONDecodeError:
-            return True
-    saved = out / "run_config.json"
+    # A train run writes its options to run_config.json as it starts; a BAM! run has only the
+    # bench_run.json it was started with until its bam.json is written at the end.
+    saved = out / ("run_config.json" if run.command == "train" else "bench_run.json")
     if not saved.is_file():
         return False
     try:

@@ -90,6 +90,8 @@ class RunRecord:
     machine: str | None = None
     # Resumed from a checkpoint: its wall time covers only the last attempt.
     resumed: bool = False
+    # "multitask-run" on a multi-task student's lines: timings of the whole run (every task).
+    cost_scope: str | None = None
     # Line of the results file this came from (None when built from a dict in memory).
     line: int | None = None
 
@@ -143,6 +145,7 @@ class RunRecord:
             peak_memory_mb=_opt_num(obj, "peak_memory_mb"),
             machine=_machine_name(obj.get("machine")),
             resumed=bool(obj.get("resumed_from")),
+            cost_scope=_opt_str(obj, "cost_scope"),
             line=line,
         )
 
@@ -238,7 +241,11 @@ def _dedupe(records: Iterable[RunRecord]) -> tuple[list[RunRecord], list[Problem
     problems: list[Problem] = []
     for rec in records:
         previous = by_id.pop(rec.run_id, None)
-        if previous is not None:
+        # The same run recorded twice (e.g. BAM! teachers shared by two grids' results files)
+        # is no conflict.
+        same_run = previous is not None and previous.config_hash == rec.config_hash and \
+            previous.score == rec.score and previous.metrics == rec.metrics
+        if previous is not None and not same_run:
             where = f"line {previous.line}" if previous.line is not None else "an earlier record"
             problems.append(
                 Problem(
@@ -800,6 +807,10 @@ def _cost_section(grid: _Grid) -> str:
                      "without a baseline run in its setting has no ratio (–).")
     elif settings:
         parts.append(f"Setting: {listing}.")
+    if any(r.cost_scope for r in timed):
+        parts.append("A multi-task student's lines carry the timings of its whole run (every "
+                     "task, teachers excluded): they are the same on each of its tasks, and "
+                     "their ratio is only to a baseline that is a multi-task run too.")
     resumed = len(grid.records) - len(timed)
     if resumed:
         parts.append(f"{_runs(resumed)} resumed from a checkpoint: their wall time covers only "
@@ -818,7 +829,9 @@ def _cost_section(grid: _Grid) -> str:
                     by_setting.setdefault(r.machine, []).append(r)
             for setting, runs in by_setting.items():
                 wall = _finite(r.wall_time_s for r in runs)
-                base_wall = _finite(r.wall_time_s for r in base_runs if r.machine == setting)
+                scope = runs[0].cost_scope
+                base_wall = _finite(r.wall_time_s for r in base_runs
+                                    if r.machine == setting and r.cost_scope == scope)
                 ratio = DASH
                 if variant == grid.baseline and wall:
                     ratio = "1.00"

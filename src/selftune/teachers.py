@@ -109,13 +109,6 @@ class SnapshotWindow:
         if len(self._snapshots) > 1:
             torch._foreach_div_(total, float(len(self._snapshots)))
 
-    def mean(self) -> State:
-        """The mean of the window as new tensors (computed in float64)."""
-        if not self._snapshots:
-            raise RuntimeError("the snapshot window is empty")
-        return {n: torch.stack([s[n].double() for s in self._snapshots]).mean(0)
-                .to(self.storage_dtype) for n in self._snapshots[0]}
-
     def state_dict(self) -> State:
         """Flat tensors for a safetensors checkpoint."""
         return {f"snapshot.{i}.{name}": t for i, snap in enumerate(self._snapshots)

@@ -58,6 +58,14 @@ class Objective(Protocol):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
+class _SkipNonFiniteUpdates(TrainerCallback):
+    def __init__(self, trainer: SelftuneTrainer) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.finish_update()
+
+
 class _ObjectiveHooks(TrainerCallback):
     """Forwards the Trainer's events to the objective, with the unwrapped student."""
 
@@ -118,6 +126,8 @@ class SelftuneTrainer(Trainer):
         self.objective = objective
         self.nan_policy = nan_policy  # "stop" the run, or "skip" the update
         self.skipped_steps = 0
+        self._skip_update = False  # a micro-batch of the current update was not finite
+        self._statistics_before_update: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._loss_parts: dict[str, list[float]] = {}
         # Every loss here (the model's own for sequence classification, or the objective's) is a
         # per-batch mean: the Trainer must divide it for gradient accumulation, and must not
@@ -130,6 +140,8 @@ class SelftuneTrainer(Trainer):
         self.add_callback(_SessionStart(self))
         if objective is not None:
             self.add_callback(_ObjectiveHooks(self))
+        if nan_policy == "skip":
+            self.add_callback(_SkipNonFiniteUpdates(self))
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -148,7 +160,11 @@ class SelftuneTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.objective is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, outputs, parts = self.objective.compute_loss(model, inputs)
+        # Under --bf16 Accelerate autocasts the student's forward only; the teacher's forward
+        # (a model of its own) must run in the same precision, or the distillation target
+        # carries a bf16-vs-fp32 gap.
+        with self.accelerator.autocast():
+            loss, outputs, parts = self.objective.compute_loss(model, inputs)
         for name, value in parts.items():
             self._loss_parts.setdefault(name, []).append(float(value.detach()))
         return (loss, outputs) if return_outputs else loss
@@ -176,19 +192,20 @@ class SelftuneTrainer(Trainer):
         return seconds, examples / seconds
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        # The forward pass updates running statistics (a [CLS] batchnorm or IsoBN): a skipped
-        # step must not leave its non-finite batch in them.
-        statistics = [(b, b.clone()) for m in model.modules() if has_running_statistics(m)
-                      for b in m.buffers(recurse=False)] if self.nan_policy == "skip" else []
+        if self.nan_policy == "skip" and self._statistics_before_update is None:
+            # The forward passes update running statistics (a [CLS] batchnorm or IsoBN): a
+            # skipped update must not leave a non-finite batch in them.
+            self._statistics_before_update = [
+                (b, b.clone()) for m in model.modules() if has_running_statistics(m)
+                for b in m.buffers(recurse=False)]
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not self._all_finite(loss):
             # The backward pass has run, the optimizer step has not: nothing else is spoiled.
             if self.nan_policy == "skip":
-                self.skipped_steps += 1
-                model.zero_grad(set_to_none=True)  # AdamW leaves parameters without grad alone
-                with torch.no_grad():
-                    for buffer, before in statistics:
-                        buffer.copy_(before)
+                # Skipped as a whole at the optimizer step, with the other micro-batches of
+                # the update (gradient accumulation): see finish_update.
+                self._skip_update = True
+                model.zero_grad(set_to_none=True)
                 return torch.zeros_like(loss)
             from selftune.errors import SelftuneError
 
@@ -197,6 +214,18 @@ class SelftuneTrainer(Trainer):
                 "lower --learning-rate, check the labels, or pass --nan-policy skip to skip such "
                 "steps (the last checkpoint is kept: rerun to resume)")
         return loss
+
+    def finish_update(self) -> None:
+        """Just before the optimizer step: drop the whole update if one of its micro-batches
+        was not finite (--nan-policy skip)."""
+        if self._skip_update:
+            self.skipped_steps += 1
+            self.model.zero_grad(set_to_none=True)  # AdamW leaves parameters without grad alone
+            with torch.no_grad():
+                for buffer, before in self._statistics_before_update or []:
+                    buffer.copy_(before)
+        self._skip_update = False
+        self._statistics_before_update = None
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Whether every process's loss is finite: they must all stop, or all skip, together."""

@@ -51,16 +51,30 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+# The strategies each self-distillation option means something to (ema keeps no window, se
+# distills nothing, and only se combines a pool).
+OPTION_STRATEGIES = {"sd_k": ("sda", "sdv", "se"), "sd_lambda": ("sda", "sdv", "ema"),
+                     "snapshot_interval": ("sda", "sdv", "ema", "se"),
+                     "teacher_dropout": ("sda", "sdv", "ema"), "se_pool": ("se",),
+                     "se_combine": ("se",)}
+
+
 def check_strategy_options(cfg: TrainConfig, strategies: str = "se/sda/sdv/ema") -> None:
-    """Self-distillation options given without a strategy would be silently ignored."""
-    if cfg.strategy != "baseline":
-        return
+    """Self-distillation options that the chosen strategy does not use would be silently
+    ignored: refuse them."""
     defaults = TrainConfig()
     changed = [name for name in SD_OPTIONS if getattr(cfg, name) != getattr(defaults, name)]
-    if changed:
-        flags = ", ".join("--" + n.replace("_", "-") for n in changed)
-        raise SelftuneError(f"{flags} only apply to --strategy {strategies}; add --strategy or "
-                            "drop the option")
+    if cfg.strategy == "baseline":
+        if changed:
+            flags = ", ".join("--" + n.replace("_", "-") for n in changed)
+            raise SelftuneError(f"{flags} only apply to --strategy {strategies}; add --strategy "
+                                "or drop the option")
+        return
+    for name in changed:
+        if cfg.strategy not in OPTION_STRATEGIES[name]:
+            raise SelftuneError(f"--{name.replace('_', '-')} does nothing with --strategy "
+                                f"{cfg.strategy} (it applies to "
+                                f"{'/'.join(OPTION_STRATEGIES[name])}); drop the option")
 
 
 def validate_options(cfg: TrainConfig) -> None:

@@ -133,7 +133,8 @@ class SelfDistilledAnnealing:
         valid = (columns.unsqueeze(0) < widths.unsqueeze(1)).to(outputs.logits.dtype)
         squared = (outputs.logits.float() - teacher.detach().float()).pow(2) * valid
         per_example = squared.sum(dim=1) / widths.to(squared.dtype)
-        distill = per_example.mean() if self.annealing.reduction == "mean" else per_example.sum()
+        distill = (per_example.mean() if self.annealing.reduction == "mean"
+                   else per_example.sum() * self.annealing.batch_parts)  # as the annealing loss
         lam = self.self_distillation.lam
         return loss + lam * distill, outputs, {**parts, "distill_loss": distill.detach()}
 
