@@ -174,6 +174,10 @@ def test_grid_file(tmp_path):
     ("tasks: [nope]\nseeds: 0\n", "unknown task"),
     ("tasks: [rte]\nseeds: 0\nvariants: {x: {learning_rte: 1}}\n", "unknown option"),
     ("tasks: [rte\n", "cannot parse"),
+    ("tasks: [rte]\nseeds: 0\ntask_options: {sst-2: {learning_rate: 1.0e-5}}\n",
+     "task_options for \\['sst-2'\\], which are not among the tasks"),
+    ("tasks: [rte]\nseeds: 0\ntask_options: {rte: {learning_rate: 1.0e-5}}\n"
+     "variants: {multi: {pipeline: bam}}\n", "task_options cannot apply"),
 ])
 def test_bad_grid_files(tmp_path, content, message):
     path = tmp_path / "g.yaml"

@@ -144,13 +144,22 @@ def load_grid(path: Path) -> Grid:
     variants = raw.get("variants") or {"baseline": {}}
     if not isinstance(variants, dict):
         raise SelftuneError(f"{path}: 'variants' maps a name to its options")
+    task_options = raw.get("task_options") or {}
+    tasks = [str(t) for t in raw["tasks"]]
+    if not isinstance(task_options, dict):
+        raise SelftuneError(f"{path}: 'task_options' maps a task to its options")
+    strays = sorted(set(task_options) - set(tasks))
+    if strays:  # e.g. a misspelt task: its options would silently apply to nothing
+        raise SelftuneError(f"{path}: task_options for {strays}, which are not among the "
+                            f"tasks {tasks}")
     return Grid(
         name=str(raw.get("name", path.stem)),
-        tasks=[str(t) for t in raw["tasks"]],
+        tasks=tasks,
         seeds=parse_seeds(raw["seeds"]),
         variants={name: with_paths_resolved(options) for name, options in variants.items()},
         common=with_paths_resolved(raw.get("common")),
-        task_options=raw.get("task_options") or {},
+        task_options={task: with_paths_resolved(options)
+                      for task, options in task_options.items()},
         results=rel(raw.get("results")) or path.with_name(f"{path.stem}.results.jsonl"),
         runs_dir=rel(raw.get("runs_dir")),
     )
@@ -193,6 +202,10 @@ def _plan_bam(grid: Grid, variant: str, options: dict, seed: int, runs_dir: Path
 
     for task in grid.tasks:
         get_task(task)
+    if grid.task_options:
+        raise SelftuneError(f"grid variant {variant!r}: a BAM! run trains every task at once, "
+                            "so task_options cannot apply to it; give the options in common "
+                            "or in the variant")
     values = {**{k: v for k, v in {**grid.common, **options}.items() if k != "pipeline"},
               "tasks": ",".join(grid.tasks), "seed": seed,
               "output_dir": str(runs_dir / f"{variant}__seed{seed}")}
