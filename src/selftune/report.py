@@ -321,8 +321,9 @@ def _malformed_message(blob: bytes, exc: Exception, is_last: bool) -> str:
         reason = "not UTF-8 text"
     if is_last:
         return (
-            f"last line is not valid JSON{run}: {reason}; probably truncated by a killed run: "
-            "delete the line and re-run that run"
+            f"last line is not valid JSON{run}: {reason}; probably truncated by a killed "
+            "process: delete the line (`selftune bench` then records that run again from its "
+            "run folder, if that is still there, without training it again)"
         )
     return f"not valid JSON{run}: {reason}; the line is left out: fix or delete it"
 
