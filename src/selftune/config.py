@@ -28,8 +28,13 @@ def opt(default: Any, help: str, group: str, choices: tuple | None = None, **kw:
 
 
 DATA, MODEL, TRAIN, SD, OUTPUT = "data", "model", "training", "self-distillation", "output"
-SD_OPTIONS = ("sd_k", "sd_lambda", "snapshot_interval", "teacher_dropout", "se_pool",
-              "se_combine")
+# The self-distillation options, and the strategies each means something to (ema keeps no
+# window, se distills nothing, and only se combines a pool).
+SD_OPTION_STRATEGIES = {"sd_k": ("sda", "sdv", "se"), "sd_lambda": ("sda", "sdv", "ema"),
+                        "snapshot_interval": ("sda", "sdv", "ema", "se"),
+                        "teacher_dropout": ("sda", "sdv", "ema"), "se_pool": ("se",),
+                        "se_combine": ("se",)}
+SD_OPTIONS = tuple(SD_OPTION_STRATEGIES)
 CONFIG_VERSION = 1
 # Options that do not change what a run computes.
 NOT_HASHED = frozenset({"seed", "output_dir", "overwrite_output_dir", "resume", "keep_checkpoints",

@@ -19,7 +19,7 @@ import transformers
 from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments
 
 from selftune import outputs
-from selftune.config import SD_OPTIONS, TrainConfig
+from selftune.config import SD_OPTION_STRATEGIES, SD_OPTIONS, TrainConfig
 from selftune.data.features import tokenize_records
 from selftune.data.loading import TaskData, load_task_data
 from selftune.errors import SelftuneError
@@ -51,14 +51,6 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-# The strategies each self-distillation option means something to (ema keeps no window, se
-# distills nothing, and only se combines a pool).
-OPTION_STRATEGIES = {"sd_k": ("sda", "sdv", "se"), "sd_lambda": ("sda", "sdv", "ema"),
-                     "snapshot_interval": ("sda", "sdv", "ema", "se"),
-                     "teacher_dropout": ("sda", "sdv", "ema"), "se_pool": ("se",),
-                     "se_combine": ("se",)}
-
-
 def check_strategy_options(cfg: TrainConfig, strategies: str = "se/sda/sdv/ema") -> None:
     """Self-distillation options that the chosen strategy does not use would be silently
     ignored: refuse them."""
@@ -71,10 +63,10 @@ def check_strategy_options(cfg: TrainConfig, strategies: str = "se/sda/sdv/ema")
                                 "or drop the option")
         return
     for name in changed:
-        if cfg.strategy not in OPTION_STRATEGIES[name]:
+        if cfg.strategy not in SD_OPTION_STRATEGIES[name]:
             raise SelftuneError(f"--{name.replace('_', '-')} does nothing with --strategy "
                                 f"{cfg.strategy} (it applies to "
-                                f"{'/'.join(OPTION_STRATEGIES[name])}); drop the option")
+                                f"{'/'.join(SD_OPTION_STRATEGIES[name])}); drop the option")
 
 
 def validate_options(cfg: TrainConfig) -> None:
