@@ -425,6 +425,28 @@ def test_a_teacher_pruned_to_its_predictions_is_reused(tiny_model, glue_dir, tmp
         run_bam(recipe("c"))
 
 
+def test_teachers_trained_one_task_per_run_are_reused_by_the_full_recipe(tiny_model, glue_dir,
+                                                                         tmp_path):
+    shared = tmp_path / "teachers"
+    common = dict(model=str(tiny_model), data_dir=str(glue_dir), teachers_root=str(shared),
+                  num_train_epochs=1, per_device_train_batch_size=4, teacher_epochs=1,
+                  teacher_batch_size=4)
+    for task in ("rte", "stsb"):
+        summary = run_bam(BamConfig(tasks=task, output_dir=str(tmp_path / f"prep-{task}"),
+                                    teachers_only=True, **common))
+        assert set(summary["teachers"]) == {task}
+        assert not (tmp_path / f"prep-{task}" / "student").exists()
+        assert not (tmp_path / f"prep-{task}" / "bam.json").exists()
+    assert (shared / "stsb" / "train_predictions.both-orders.jsonl").is_file()
+    def teacher_files() -> dict[Path, float]:  # the lock files beside them are touched
+        return {p: p.stat().st_mtime for p in shared.glob("*/**/*") if p.is_file()}
+
+    stamps = teacher_files()
+    full = run_bam(BamConfig(tasks="rte,stsb", output_dir=str(tmp_path / "bam"), **common))
+    assert teacher_files() == stamps
+    assert set(full["student"]) == {"rte", "stsb"}
+
+
 def test_bam_runs_sharing_a_teachers_root_train_each_teacher_once(tiny_model, glue_dir,
                                                                  tmp_path):
     shared = tmp_path / "teachers"
@@ -532,6 +554,8 @@ def test_teacher_predictions_must_cover_the_student_data(tiny_model, glue_dir, t
     ({"teacher_epochs": 0}, "--teacher-epochs"),
     ({"tasks": "rte,nope"}, "unknown task 'nope'"),
     ({"teachers": "rte"}, "--teachers expects task=PATH"),
+    ({"teachers_only": True, "teachers": "none"}, "--teachers-only trains the teachers"),
+    ({"teachers_only": True, "finetune_after": True}, "--teachers-only trains the teachers"),
 ])
 def test_bam_options_are_checked_before_any_training(option, message, tiny_model, glue_dir,
                                                      tmp_path):

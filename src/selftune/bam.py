@@ -57,6 +57,11 @@ class BamConfig(MultiTaskConfig):
                                     "one set of teachers per seed.", BAM)
     finetune_after: bool = opt(False, "Fine-tune each of the student's task models on its "
                                "task alone afterwards (with the teachers' options).", BAM)
+    teachers_only: bool = opt(False, "Train (or reuse) the teachers and cache their "
+                              "predictions, then stop before the student. To train the "
+                              "teachers in parallel, start one such run per task (--tasks rte, "
+                              "--tasks mrpc, ...) with one --teachers-root; the full recipe "
+                              "with that root then reuses them.", BAM)
 
 
 def check_label_order(model_dir: Path, task: TaskSpec, labels: tuple[str, ...] | None) -> None:
@@ -158,6 +163,10 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
     setup_logging(None)  # the stage messages below reach the console from the start
     # Before hours of teacher training, not after (grouping is for the teachers only).
     tasks = check_multitask_options(dataclasses.replace(cfg, group_by_length=False))
+    if cfg.teachers_only and (cfg.teachers != "auto" or cfg.finetune_after):
+        raise SelftuneError("--teachers-only trains the teachers of --teachers auto and stops "
+                            "before the student: it takes neither other --teachers nor "
+                            "--finetune-after")
     if min(cfg.teacher_learning_rate, cfg.teacher_epochs, cfg.teacher_batch_size) <= 0:
         raise SelftuneError("--teacher-learning-rate, --teacher-epochs and --teacher-batch-size "
                             "must be positive")
@@ -220,6 +229,9 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
             metrics_file = teacher_dir / outputs.METRICS_FILE
             if metrics_file.is_file():
                 summary["teachers"][task.name] = json.loads(metrics_file.read_text())["score"]
+    if cfg.teachers_only:
+        # No bam.json: it describes a finished recipe, and this one stops before the student.
+        return summary
 
     student_dir = root / "student"
     student_cfg = MultiTaskConfig(**{

@@ -19,6 +19,8 @@ examples:
   selftune bam --tasks rte,mrpc,stsb,cola --data-dir ../shared/data --output-dir runs/bam
   selftune bam --tasks rte,mrpc --teachers none --output-dir runs/multi     # plain "Multi"
   selftune bam --tasks rte,mrpc --teachers rte=runs/rte,mrpc=runs/mrpc --finetune-after
+  selftune bam --tasks rte --teachers-only --teachers-root runs/teachers &  # teachers
+  selftune bam --tasks mrpc --teachers-only --teachers-root runs/teachers &  # in parallel
 
 Stages: single-task teachers (teachers/<task>, reused when finished), their predictions on the
 training sets (cached beside each teacher), the multi-task student (student/, with each task as a
