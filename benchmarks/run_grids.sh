@@ -8,6 +8,12 @@
 #   benchmarks/run_grids.sh benchmarks/cls_norm.yaml benchmarks/bam.yaml
 #   benchmarks/run_grids.sh benchmarks/cls_norm.yaml@0-2   # only seeds 0-2 of that grid
 #   WORKERS=1 benchmarks/run_grids.sh ...       # one worker
+#   DEADLINE=+2h40m benchmarks/run_grids.sh     # start only runs expected to end by then
+#
+# DEADLINE (+2h40m, 13:40 or an ISO date-time) is fixed once, here, and passed to every
+# `selftune bench --deadline`: a run that would not finish in time (by the recorded runs like
+# it) is left for the next session and shorter runs further on are taken instead. Use it when
+# the machine may not be kept after the session: a run cut off then is lost, not resumed.
 #
 # Returns at once; the workers run in the background in their own process group and log to
 # $RUNS_ROOT/logs/. Stop them with: kill -- -"$(cat "$RUNS_ROOT/logs/workers.pgid")"
@@ -27,8 +33,10 @@ if [ "$#" -gt 0 ]; then
 else
   # Breadth first: three seeds of every method's grid give each issue a first answer (a
   # paired test is possible from three seeds) before any grid is taken to its five seeds.
+  # BAM! before cls_norm: under a DEADLINE, students that would not finish are passed over
+  # and the workers go on with the short cls_norm runs.
   grids=(benchmarks/self_distillation.yaml@0-2 benchmarks/sd_ablation.yaml
-         benchmarks/cls_norm.yaml@0-2 benchmarks/bam.yaml@0-2 benchmarks/bam_ablation.yaml
+         benchmarks/bam.yaml@0-2 benchmarks/cls_norm.yaml@0-2 benchmarks/bam_ablation.yaml
          benchmarks/self_distillation.yaml benchmarks/cls_norm.yaml benchmarks/bam.yaml
          benchmarks/baseline_lr.yaml)
 fi
@@ -37,6 +45,19 @@ for entry in "${grids[@]}"; do
   [ -f "$grid" ] || { echo "run_grids.sh: no grid file $grid" >&2; exit 2; }
 done
 command -v selftune >/dev/null || { echo "run_grids.sh: activate the venv with selftune first" >&2; exit 2; }
+deadline=""
+if [ -n "${DEADLINE:-}" ]; then
+  deadline=$(python - "$DEADLINE" <<'PY'
+import sys
+from selftune.bench import parse_deadline
+from selftune.errors import SelftuneError
+try:
+    print(parse_deadline(sys.argv[1]).isoformat(timespec="minutes"))
+except SelftuneError as err:
+    sys.exit(f"run_grids.sh: DEADLINE: {err}")
+PY
+) || exit 2
+fi
 
 if [ ! -e runs ]; then
   mkdir -p "$RUNS_ROOT"
@@ -49,17 +70,19 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELI
 # setsid: one process group for every worker and the trainings they start, so one kill stops all.
 setsid bash -c '
   echo $$ > "$0/workers.pgid"
+  deadline=()
+  if [ -n "$2" ]; then deadline=(--deadline "$2"); fi
   for i in $(seq 1 "$1"); do
-    (for entry in "${@:2}"; do
+    (for entry in "${@:3}"; do
        case "$entry" in
-         *@*) selftune bench "${entry%@*}" --seeds "${entry##*@}" ;;
-         *) selftune bench "$entry" ;;
+         *@*) selftune bench "${entry%@*}" --seeds "${entry##*@}" "${deadline[@]}" ;;
+         *) selftune bench "$entry" "${deadline[@]}" ;;
        esac
      done) > "$0/worker$i.log" 2>&1 &
     sleep 5  # the second worker then finds the first run claimed and takes the next
   done
   wait
-' "$logs" "$WORKERS" "${grids[@]}" < /dev/null > /dev/null 2>&1 &
+' "$logs" "$WORKERS" "$deadline" "${grids[@]}" < /dev/null > /dev/null 2>&1 &
 sleep 1
-echo "started $WORKERS worker(s) on: ${grids[*]}"
+echo "started $WORKERS worker(s) on: ${grids[*]}${deadline:+ (deadline $deadline)}"
 echo "logs: $logs/worker*.log; stop: kill -- -\$(cat $logs/workers.pgid)"

@@ -8,10 +8,20 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timedelta
 
 import pytest
 
-from selftune.bench import Grid, append_record, load_grid, parse_seeds, plan_runs, run_grid
+from selftune.bench import (
+    Grid,
+    append_record,
+    expected_duration,
+    load_grid,
+    parse_deadline,
+    parse_seeds,
+    plan_runs,
+    run_grid,
+)
 from selftune.errors import SelftuneError
 from selftune.outputs import directory_lock
 from selftune.report import load_results
@@ -35,7 +45,8 @@ def test_interrupted_grid_runs_only_the_rest(grid, tmp_path):
     assert recorded == ["custom__base__seed0", "custom__fast__seed0"]  # seed-major order
     mtime = (runs / "custom__base__seed0" / "metrics.json").stat().st_mtime
     second = run_grid(grid, results, runs)
-    assert second == {"planned": 4, "done": 2, "failed": 0, "busy": 0, "skipped": 2}
+    assert second == {"planned": 4, "done": 2, "failed": 0, "busy": 0, "deferred": 0,
+                      "skipped": 2}
     records, problems = load_results(results)
     assert not problems
     assert sorted(r.run_id for r in records) == sorted(r.run_id for r in plan_runs(grid, runs))
@@ -134,6 +145,66 @@ def test_two_workers_share_a_grid_and_train_each_run_once(grid, tmp_path):
     lines = [json.loads(line)["run_id"] for line in results.read_text().splitlines()]
     assert sorted(lines) == sorted(r.run_id for r in plan_runs(grid, runs))
     assert sum(c["done"] for c in counts) == 4 and not any(c["failed"] for c in counts)
+
+
+def test_a_deadline_starts_only_the_runs_that_fit(grid, tmp_path):
+    results = tmp_path / "r.jsonl"
+    # Earlier seeds of "base" took 1.5 h (median), those of "fast" 5 min: only "fast" fits
+    # in 30 min (and fails at once: the test needs no training).
+    for seed in (7, 8, 9):
+        for variant, seconds in (("base", 3000 + 300 * seed), ("fast", 300)):
+            append_record(results, {"run_id": f"custom__{variant}__seed{seed}",
+                                    "config_hash": "old", "task": "custom", "variant": variant,
+                                    "seed": seed, "wall_time_s": seconds})
+    counts = run_grid(grid, results, tmp_path / "runs", train_command=["false"],
+                      deadline=datetime.now() + timedelta(minutes=30))
+    assert counts["deferred"] == 2 and counts["failed"] == 2
+    assert not (tmp_path / "runs" / "custom__base__seed0").exists()
+    # With room for the median (5400 s) and its margin, they are started.
+    counts = run_grid(grid, results, tmp_path / "runs", train_command=["false"],
+                      deadline=datetime.now() + timedelta(hours=2))
+    assert counts["deferred"] == 0 and counts["failed"] == 4
+    # A run with nothing alike recorded has an unknown length: it is started.
+    grid.tasks = ["other"]  # with the user's own files, any task name
+    counts = run_grid(grid, results, tmp_path / "runs", train_command=["false"],
+                      deadline=datetime.now() + timedelta(minutes=1))
+    assert counts["deferred"] == 0 and counts["failed"] == 4
+
+
+def test_expected_duration_of_a_bam_run_counts_the_teachers_it_must_still_train(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("tasks: [rte, stsb]\nseeds: 0-1\n"
+                    "common: {pipeline: bam, teachers_root: 't/seed{seed}'}\n"
+                    "variants: {multi: {teachers: none}, bam: {teachers: auto}}\n")
+    multi, bam = plan_runs(load_grid(path), tmp_path)[2:]  # seed 1
+    recorded = [
+        # A student's lines repeat its run's wall time once per task: one run, one entry.
+        *({"task": t, "variant": "multi", "seed": 0, "wall_time_s": 4000.0,
+           "cost_scope": "multitask-run"} for t in ("rte", "stsb")),
+        *({"task": t, "variant": "bam", "seed": 0, "wall_time_s": 3000.0,
+           "cost_scope": "multitask-run"} for t in ("rte", "stsb")),
+        {"task": "rte", "variant": "teacher", "seed": 0, "wall_time_s": 800.0},
+        {"task": "stsb", "variant": "teacher", "seed": 0, "wall_time_s": 1400.0},
+        {"task": "stsb", "variant": "baseline", "seed": 0, "wall_time_s": 9999.0},
+    ]
+    assert expected_duration(multi, recorded) == 4000.0
+    assert expected_duration(bam, recorded) == 3000.0 + 800.0 + 1400.0
+    (tmp_path / "t" / "seed1" / "rte").mkdir(parents=True)
+    (tmp_path / "t" / "seed1" / "rte" / "metrics.json").write_text("{}")  # trained ahead
+    assert expected_duration(bam, recorded) == 3000.0 + 1400.0
+    assert expected_duration(bam, recorded[:4]) is None  # stsb's teacher length unknown
+
+
+def test_parse_deadline():
+    now = datetime(2026, 12, 5, 12, 0)
+    assert parse_deadline("+2h30m", now) == datetime(2026, 12, 5, 14, 30)
+    assert parse_deadline("+45m", now) == datetime(2026, 12, 5, 12, 45)
+    assert parse_deadline("13:40", now) == datetime(2026, 12, 5, 13, 40)
+    assert parse_deadline("9:05", now) == datetime(2026, 12, 6, 9, 5)  # the next 9:05
+    assert parse_deadline("2026-12-07T08:00", now) == datetime(2026, 12, 7, 8, 0)
+    for bad in ("soon", "+", "25:00", "+2x"):
+        with pytest.raises(SelftuneError, match="--deadline"):
+            parse_deadline(bad, now)
 
 
 def test_truncated_last_line_is_kept_and_reported(tmp_path):

@@ -25,6 +25,12 @@ next to its output directory, held by the worker and by the training process it 
 claimed run is left to its owner. A killed worker's training goes on to its end (a later worker
 records it); a run whose worker and training both died is free again and resumes from its
 checkpoint.
+
+With a deadline (``--deadline``, e.g. the end of a Slurm allocation or of a working session), a
+run is started only if it is expected to finish in time: its expected length is the median wall
+time of the recorded runs most like it (see ``expected_duration``), times ``DEADLINE_MARGIN``.
+A run that does not fit is left for the next invocation, and shorter runs later in the grid
+are still started, so the time before the deadline is not spent on runs that would be cut off.
 """
 
 from __future__ import annotations
@@ -32,16 +38,20 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from selftune.config import TrainConfig
 from selftune.errors import SelftuneError
-from selftune.outputs import METRICS_FILE, directory_lock, write_json_atomic
+from selftune.outputs import METRICS_FILE, directory_lock, is_finished, write_json_atomic
 
 RESULTS_SCHEMA = 1
 
@@ -321,6 +331,67 @@ def make_record(run: PlannedRun, metrics: dict) -> dict:
     }
 
 
+# Runs of one kind vary by 10-25% in wall time here, with what else shares the machine.
+DEADLINE_MARGIN = 1.25
+
+
+def parse_deadline(value: str, now: datetime | None = None) -> datetime:
+    """``+2h30m`` or ``+90m`` (from now), ``13:40`` (the next such local time), or an ISO
+    date-time (``2026-12-05T13:40``); returned as a naive local time."""
+    now = now or datetime.now()
+    text = value.strip()
+    relative = re.fullmatch(r"\+(?:(\d+)h)?(?:(\d+)m)?", text)
+    if relative and any(relative.groups()):
+        hours, minutes = (int(g or 0) for g in relative.groups())
+        return now + timedelta(hours=hours, minutes=minutes)
+    clock = re.fullmatch(r"(\d{1,2}):(\d{2})", text)
+    try:
+        if clock:
+            at = now.replace(hour=int(clock[1]), minute=int(clock[2]), second=0, microsecond=0)
+            return at if at > now else at + timedelta(days=1)
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise SelftuneError(f"--deadline: cannot read {value!r}; use +2h30m, 13:40 or "
+                            "2026-12-05T13:40") from None
+    return at.astimezone().replace(tzinfo=None) if at.tzinfo else at
+
+
+def expected_duration(run: PlannedRun, recorded: Iterable[dict]) -> float | None:
+    """Seconds this run is expected to take: the median wall time of the recorded runs most
+    like it (the same task and variant on other seeds; else the same task in any variant, or
+    for a BAM! run any multi-task student), plus, for a BAM! run whose teachers are not
+    trained yet, the median of each teacher's task. None when nothing alike is recorded."""
+    timed = [r for r in recorded if isinstance(r.get("wall_time_s"), (int, float))]
+
+    def median_wall_time(*candidates: list[dict]) -> float | None:
+        for records in candidates:
+            if records:
+                return statistics.median(r["wall_time_s"] for r in records)
+        return None
+
+    def single_task(task: str, variant: str) -> float | None:
+        same_task = [r for r in timed if r.get("task") == task and not r.get("cost_scope")]
+        return median_wall_time([r for r in same_task if r.get("variant") == variant],
+                                same_task)
+
+    if run.command == "train":
+        return single_task(run.task, run.variant)
+    # A student's lines (one per task) carry the whole run's wall time: one entry per run.
+    students = {(r.get("variant"), r.get("seed")): r for r in timed
+                if r.get("cost_scope") == MULTITASK_COST_SCOPE}
+    expected = median_wall_time([r for (v, _), r in students.items() if v == run.variant],
+                                list(students.values()))
+    if expected is None or getattr(run.config, "teachers", "none") != "auto":
+        return expected
+    for task, teacher_dir in _teacher_dirs(run, {}).items():
+        if not is_finished(teacher_dir):
+            teacher = single_task(task, TEACHER_VARIANT)
+            if teacher is None:
+                return None
+            expected += teacher
+    return expected
+
+
 def _format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
@@ -330,8 +401,10 @@ def _format_duration(seconds: float) -> str:
 def run_grid(
     grid: Grid, results: Path, runs_dir: Path, dry_run: bool = False,
     max_runs: int | None = None, train_command: list[str] | None = None,
+    deadline: datetime | None = None,
 ) -> dict[str, int]:
-    """Run every planned run that is not yet recorded; return counts of what happened."""
+    """Run every planned run that is not yet recorded (with a deadline: that is expected to
+    finish before it); return counts of what happened."""
     runs = plan_runs(grid, runs_dir)
     recorded = read_recorded(results)
     todo = [r for r in runs
@@ -340,9 +413,11 @@ def run_grid(
           f"{results}, {len(todo)} to run", flush=True)
     if dry_run:
         for run in todo:
-            print(f"  would run {run.run_id}")
+            expected = expected_duration(run, recorded.values())
+            print(f"  would run {run.run_id}"
+                  + (f" (~{_format_duration(expected)})" if expected is not None else ""))
         return {"planned": len(runs), "done": 0, "failed": 0, "skipped": len(runs) - len(todo)}
-    done = failed = busy = 0
+    done = failed = busy = deferred = 0
     durations: list[float] = []
     for index, run in enumerate(todo[:max_runs] if max_runs else todo, start=1):
         remaining = len(todo) - index + 1
@@ -356,13 +431,31 @@ def run_grid(
                 print(f"  {run.run_id} is being run by another 'selftune bench'; left to it",
                       flush=True)
                 continue
+            if deadline is not None and not _fits_before(run, results, deadline):
+                deferred += 1
+                continue
             outcome = _run_claimed(run, out, results, train_command, durations, lock.fileno())
         if outcome is None:
             failed += 1
         elif outcome:
             done += 1
     return {"planned": len(runs), "done": done, "failed": failed, "busy": busy,
-            "skipped": len(runs) - len(todo)}
+            "deferred": deferred, "skipped": len(runs) - len(todo)}
+
+
+def _fits_before(run: PlannedRun, results: Path, deadline: datetime) -> bool:
+    expected = expected_duration(run, read_recorded(results).values())
+    left = (deadline - datetime.now()).total_seconds()
+    if expected is None:
+        print(f"  {run.run_id}: nothing like it recorded yet, so its length is unknown; "
+              "started anyway", flush=True)
+        return True
+    if expected * DEADLINE_MARGIN <= left:
+        return True
+    print(f"  {run.run_id}: not started: runs like it took ~{_format_duration(expected)}, "
+          f"{_format_duration(max(left, 0))} are left before the deadline "
+          f"{deadline:%Y-%m-%d %H:%M}", flush=True)
+    return False
 
 
 def _run_claimed(run: PlannedRun, out: Path, results: Path, train_command: list[str] | None,

@@ -50,6 +50,12 @@ def add_bench_commands(commands, formatter, add_common: Callable) -> None:
                        help="Where run directories go (default: runs/bench/<grid name>).")
     bench.add_argument("--dry-run", action="store_true", help="List the runs still to do.")
     bench.add_argument("--max-runs", type=int, help="Stop after this many runs.")
+    bench.add_argument("--deadline", metavar="WHEN",
+                       help="Start only the runs expected to finish by WHEN: +2h30m (from "
+                            "now), 13:40 (the next such local time) or 2026-12-05T13:40. A "
+                            "run's expected length is the median wall time of the recorded runs "
+                            "of its task and variant (other seeds) x1.25; a run that does not "
+                            "fit is left for later and shorter ones are still started.")
     add_common(bench)
 
     report = commands.add_parser(
@@ -93,7 +99,7 @@ def _key_values(items: list[str], what: str) -> dict:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from selftune.bench import Grid, load_grid, parse_seeds, run_grid
+    from selftune.bench import Grid, load_grid, parse_deadline, parse_seeds, run_grid
 
     if args.grid:
         grid = load_grid(Path(args.grid))
@@ -117,11 +123,15 @@ def _run_bench(args: argparse.Namespace) -> int:
         f"{grid.name}.results.jsonl")
     runs_dir = Path(args.runs_dir) if args.runs_dir else grid.runs_dir or (
         Path("runs") / "bench" / grid.name)
-    counts = run_grid(grid, results, runs_dir, dry_run=args.dry_run, max_runs=args.max_runs)
+    deadline = parse_deadline(args.deadline) if args.deadline else None
+    counts = run_grid(grid, results, runs_dir, dry_run=args.dry_run, max_runs=args.max_runs,
+                      deadline=deadline)
     if not args.dry_run:
         busy = f", {counts['busy']} left to other workers" if counts["busy"] else ""
+        late = f", {counts['deferred']} would not finish by the deadline" \
+            if counts["deferred"] else ""
         print(f"grid {grid.name}: {counts['done']} runs recorded, {counts['failed']} failed, "
-              f"{counts['skipped']} were already recorded{busy}; results in {results}")
+              f"{counts['skipped']} were already recorded{busy}{late}; results in {results}")
     return 1 if counts["failed"] else 0
 
 
