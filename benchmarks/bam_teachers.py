@@ -44,6 +44,9 @@ def main() -> int:
                 and run.seed in seeds]
     if not bam_runs:
         parser.error(f"{args.grid} has no BAM! variant with 'teachers: auto' for those seeds")
+    if any(not run.config.teachers_root for run in bam_runs):
+        parser.error(f"{args.grid}: without a teachers_root, a BAM! run keeps its teachers in "
+                     "its own run folder, where nothing trained ahead would be found")
     done = set()
     for run in bam_runs:
         config: BamConfig = run.config
@@ -56,7 +59,8 @@ def main() -> int:
             config_file = out / "bench_run.json"
             write_json_atomic(config_file, dataclasses.replace(
                 config, tasks=task, teachers_only=True, output_dir=str(out)).to_dict())
-            print(f"teacher {task}, seed {run.seed} → {config.teachers_root}", flush=True)
+            root = config.teachers_root.format(seed=run.seed)
+            print(f"teacher {task}, seed {run.seed} → {root}", flush=True)
             subprocess.run([sys.executable, "-m", "selftune", "bam", "--config",
                             str(config_file)], check=True)
     return 0
