@@ -472,6 +472,16 @@ def test_unknown_baseline_raises(results_file: Path, tmp_path: Path) -> None:
         write_report(results_file, tmp_path / "x", baseline="basline")
 
 
+def test_a_verdict_from_two_pairs_says_it_is_provisional(tmp_path: Path) -> None:
+    items = [run("rte", "baseline", s, {"accuracy": RTE_BASE[s]}) for s in SEEDS]
+    items += [run("rte", "gain", s, {"accuracy": RTE_BASE[s] + 3.0 + 0.1 * s}) for s in (0, 1)]
+    md = write_report(write_lines(tmp_path / "r.jsonl", items), tmp_path / "o", "baseline")
+    gain = by_variant(table(md, "### rte"))["gain"]
+    assert sps.ttest_rel([63.3, 65.2], RTE_BASE[:2]).pvalue < 0.05
+    assert gain["pairs"] == "2"
+    assert gain["verdict"] == "better (2 pairs: provisional)"
+
+
 def test_unpaired_comparison_shows_mann_whitney(tmp_path: Path) -> None:
     items = [run("rte", "baseline", s, {"accuracy": RTE_BASE[s]}) for s in SEEDS]
     items += [run("rte", "gain", s + 10, {"accuracy": RTE_GAIN[s]}) for s in SEEDS]
