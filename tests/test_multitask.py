@@ -438,6 +438,7 @@ def test_teachers_trained_one_task_per_run_are_reused_by_the_full_recipe(tiny_mo
         assert not (tmp_path / f"prep-{task}" / "student").exists()
         assert not (tmp_path / f"prep-{task}" / "bam.json").exists()
     assert (shared / "stsb" / "train_predictions.both-orders.jsonl").is_file()
+
     def teacher_files() -> dict[Path, float]:  # the lock files beside them are touched
         return {p: p.stat().st_mtime for p in shared.glob("*/**/*") if p.is_file()}
 
