@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -193,6 +194,60 @@ def test_expected_duration_of_a_bam_run_counts_the_teachers_it_must_still_train(
     (tmp_path / "t" / "seed1" / "rte" / "metrics.json").write_text("{}")  # trained ahead
     assert expected_duration(bam, recorded) == 3000.0 + 1400.0
     assert expected_duration(bam, recorded[:4]) is None  # stsb's teacher length unknown
+    # Teachers trained and the student halfway (its checkpoint): half the student is left.
+    (tmp_path / "t" / "seed1" / "stsb").mkdir(parents=True)
+    (tmp_path / "t" / "seed1" / "stsb" / "metrics.json").write_text("{}")
+    checkpoint = Path(bam.config.output_dir) / "student" / "checkpoints" / "checkpoint-40"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 40, "max_steps": 80}')
+    assert expected_duration(bam, recorded) == 1500.0
+
+
+def test_expected_duration_of_a_resumed_run_is_the_share_still_to_do(grid, tmp_path):
+    runs = plan_runs(grid, tmp_path / "runs")
+    recorded = [{"task": "custom", "variant": "base", "seed": 9, "wall_time_s": 1000.0},
+                # Resumed: its wall time is that of its last attempt, not of a run.
+                {"task": "custom", "variant": "base", "seed": 8, "wall_time_s": 10.0,
+                 "resumed_from": "checkpoint-70"}]
+    run = runs[0]
+    assert expected_duration(run, recorded) == 1000.0
+
+    def checkpoint(folder, step, max_steps=200):
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text(
+            json.dumps({"global_step": step, "max_steps": max_steps}))
+
+    out = Path(run.config.output_dir)
+    checkpoint(out / "checkpoints" / "checkpoint-50", 50)
+    checkpoint(out / "checkpoints" / "checkpoint-150", 150)
+    assert expected_duration(run, recorded) == 250.0  # a quarter of the steps left
+    # A folder left by other options is started over: the full length again.
+    (out / "run_config.json").write_text(
+        json.dumps({**run.config.to_dict(), "learning_rate": 0.5}))
+    assert expected_duration(run, recorded) == 1000.0
+
+
+def test_a_deadline_estimates_from_the_grids_named_in_timings_from(tmp_path):
+    # An ablation grid has no runs of its own recorded yet; the main grid's students are as
+    # long as its runs, and `timings_from` lets the deadline use them.
+    main = tmp_path / "main.results.jsonl"
+    for seed in (0, 1):
+        append_record(main, {"run_id": f"rte__multi__seed{seed}", "config_hash": "h",
+                             "task": "rte", "variant": "multi", "seed": seed,
+                             "wall_time_s": 4000.0, "cost_scope": "multitask-run"})
+    path = tmp_path / "ablation.yaml"
+    grid_text = ("tasks: [rte]\nseeds: 0\ncommon: {pipeline: bam, teachers: none}\n"
+                 "variants: {no-sampling: {task_sampling: proportional}}\n")
+    path.write_text(grid_text + "timings_from: main.results.jsonl\n")
+    grid = load_grid(path)
+    assert grid.timings_from == [main]
+    counts = run_grid(grid, tmp_path / "a.jsonl", tmp_path / "runs", train_command=["false"],
+                      deadline=datetime.now() + timedelta(minutes=30))
+    assert counts["deferred"] == 1 and counts["failed"] == 0
+    path.write_text(grid_text)  # without it, the length is unknown: started (and fails)
+    counts = run_grid(load_grid(path), tmp_path / "a.jsonl", tmp_path / "runs",
+                      train_command=["false"], deadline=datetime.now() + timedelta(minutes=30))
+    assert counts["deferred"] == 0 and counts["failed"] == 1
 
 
 def test_parse_deadline():

@@ -233,7 +233,7 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
         # No bam.json: it describes a finished recipe, and this one stops before the student.
         return summary
 
-    student_dir = root / "student"
+    student_dir = root / outputs.BAM_STUDENT_DIR
     student_cfg = MultiTaskConfig(**{
         **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(MultiTaskConfig)},
         "output_dir": str(student_dir),

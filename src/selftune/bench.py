@@ -11,8 +11,8 @@ A grid is a YAML/TOML/JSON file (or command-line flags)::
       baseline: {}
       lr1e-4: {learning_rate: 1.0e-4}
 
-Paths in a grid (``results``, ``runs_dir``, and the options ``data_dir`` and ``teachers_root``)
-are relative to the grid file.
+Paths in a grid (``results``, ``runs_dir``, ``timings_from``, and the options ``data_dir`` and
+``teachers_root``) are relative to the grid file.
 
 Every run is an ordinary ``selftune train`` in its own process and output directory. When it
 finishes, one JSON line is appended to the results file. A restart skips the runs already
@@ -28,7 +28,9 @@ checkpoint.
 
 With a deadline (``--deadline``, e.g. the end of a Slurm allocation or of a working session), a
 run is started only if it is expected to finish in time: its expected length is the median wall
-time of the recorded runs most like it (see ``expected_duration``), times ``DEADLINE_MARGIN``.
+time of the recorded runs most like it (see ``expected_duration``; the grid key
+``timings_from: [other.results.jsonl]`` adds other grids' runs to choose from), times
+``DEADLINE_MARGIN``.
 A run that does not fit is left for the next invocation, and shorter runs later in the grid
 are still started, so the time before the deadline is not spent on runs that would be cut off.
 """
@@ -51,7 +53,14 @@ from typing import Any
 
 from selftune.config import TrainConfig
 from selftune.errors import SelftuneError
-from selftune.outputs import METRICS_FILE, directory_lock, is_finished, write_json_atomic
+from selftune.outputs import (
+    BAM_STUDENT_DIR,
+    METRICS_FILE,
+    directory_lock,
+    is_finished,
+    last_checkpoint,
+    write_json_atomic,
+)
 
 RESULTS_SCHEMA = 1
 
@@ -66,6 +75,9 @@ class Grid:
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     results: Path | None = None
     runs_dir: Path | None = None
+    # Results files of other grids whose wall times also count when a --deadline estimates a
+    # run's length (e.g. an ablation grid whose runs are as long as the main grid's).
+    timings_from: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -129,7 +141,7 @@ def load_grid(path: Path) -> Grid:
     if not isinstance(raw, dict):
         raise SelftuneError(f"{path}: a grid is a mapping with tasks, seeds and variants")
     known = {"name", "tasks", "seeds", "variants", "common", "task_options", "results",
-             "runs_dir"}
+             "runs_dir", "timings_from"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise SelftuneError(f"{path}: unknown grid key(s) {unknown}; known: {sorted(known)}")
@@ -172,7 +184,12 @@ def load_grid(path: Path) -> Grid:
                       for task, options in task_options.items()},
         results=rel(raw.get("results")) or path.with_name(f"{path.stem}.results.jsonl"),
         runs_dir=rel(raw.get("runs_dir")),
+        timings_from=[rel(str(p)) for p in _as_list(raw.get("timings_from"))],
     )
+
+
+def _as_list(value: Any) -> list:
+    return [] if value is None else value if isinstance(value, list) else [value]
 
 
 def plan_runs(grid: Grid, runs_dir: Path) -> list[PlannedRun]:
@@ -272,7 +289,7 @@ def bam_records(run: PlannedRun, summary: dict) -> list[dict]:
     for its single-task teacher (variant ``teacher``, with the teacher's own options) when the
     run has teachers with metrics."""
     root = Path(run.config.output_dir or "")
-    student = json.loads((root / "student" / METRICS_FILE).read_text())
+    student = json.loads((root / BAM_STUDENT_DIR / METRICS_FILE).read_text())
     # A self-distilling student evaluates its averaged past per task (teacher_tasks); the
     # top-level teacher_score is the mean over tasks and belongs on no task's line.
     run_wide = {k: v for k, v in student.items() if k not in ("teacher_score", "teacher_metrics")}
@@ -360,8 +377,11 @@ def expected_duration(run: PlannedRun, recorded: Iterable[dict]) -> float | None
     """Seconds this run is expected to take: the median wall time of the recorded runs most
     like it (the same task and variant on other seeds; else the same task in any variant, or
     for a BAM! run any multi-task student), plus, for a BAM! run whose teachers are not
-    trained yet, the median of each teacher's task. None when nothing alike is recorded."""
-    timed = [r for r in recorded if isinstance(r.get("wall_time_s"), (int, float))]
+    trained yet, the median of each teacher's task; for a run that resumes from a checkpoint,
+    only the share of its steps still to do. None when nothing alike is recorded."""
+    # A resumed run's wall time covers its last attempt only.
+    timed = [r for r in recorded
+             if isinstance(r.get("wall_time_s"), (int, float)) and not r.get("resumed_from")]
 
     def median_wall_time(*candidates: list[dict]) -> float | None:
         for records in candidates:
@@ -375,13 +395,17 @@ def expected_duration(run: PlannedRun, recorded: Iterable[dict]) -> float | None
                                 same_task)
 
     if run.command == "train":
-        return single_task(run.task, run.variant)
+        expected = single_task(run.task, run.variant)
+        return None if expected is None else expected * _share_left(run)
     # A student's lines (one per task) carry the whole run's wall time: one entry per run.
     students = {(r.get("variant"), r.get("seed")): r for r in timed
                 if r.get("cost_scope") == MULTITASK_COST_SCOPE}
     expected = median_wall_time([r for (v, _), r in students.items() if v == run.variant],
                                 list(students.values()))
-    if expected is None or getattr(run.config, "teachers", "none") != "auto":
+    if expected is None:
+        return None
+    expected *= _share_left(run)
+    if getattr(run.config, "teachers", "none") != "auto":
         return expected
     for task, teacher_dir in _teacher_dirs(run, {}).items():
         if not is_finished(teacher_dir):
@@ -390,6 +414,20 @@ def expected_duration(run: PlannedRun, recorded: Iterable[dict]) -> float | None
                 return None
             expected += teacher
     return expected
+
+
+def _share_left(run: PlannedRun) -> float:
+    """The share of the run's training steps still to do: 1 for a run not started, less for
+    one that resumes from a checkpoint (its own; a folder left by other options starts over)."""
+    out = Path(run.config.output_dir or "")
+    if _holds_other_config(out, run):
+        return 1.0
+    checkpoint = last_checkpoint(out if run.command == "train" else out / BAM_STUDENT_DIR)
+    if checkpoint is None:
+        return 1.0
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    done, total = state.get("global_step") or 0, state.get("max_steps") or 0
+    return max(0.0, 1.0 - done / total) if total > 0 else 1.0
 
 
 def _format_duration(seconds: float) -> str:
@@ -412,8 +450,9 @@ def run_grid(
     print(f"grid {grid.name}: {len(runs)} runs, {len(runs) - len(todo)} already recorded in "
           f"{results}, {len(todo)} to run", flush=True)
     if dry_run:
+        history = _timing_history(grid, results)
         for run in todo:
-            expected = expected_duration(run, recorded.values())
+            expected = expected_duration(run, history)
             print(f"  would run {run.run_id}"
                   + (f" (~{_format_duration(expected)})" if expected is not None else ""))
         return {"planned": len(runs), "done": 0, "failed": 0, "skipped": len(runs) - len(todo)}
@@ -431,7 +470,8 @@ def run_grid(
                 print(f"  {run.run_id} is being run by another 'selftune bench'; left to it",
                       flush=True)
                 continue
-            if deadline is not None and not _fits_before(run, results, deadline):
+            if deadline is not None and not _fits_before(run, _timing_history(grid, results),
+                                                          deadline):
                 deferred += 1
                 continue
             outcome = _run_claimed(run, out, results, train_command, durations, lock.fileno())
@@ -443,8 +483,17 @@ def run_grid(
             "deferred": deferred, "skipped": len(runs) - len(todo)}
 
 
-def _fits_before(run: PlannedRun, results: Path, deadline: datetime) -> bool:
-    expected = expected_duration(run, read_recorded(results).values())
+def _timing_history(grid: Grid, results: Path) -> list[dict]:
+    """The finished runs whose wall times estimate this grid's: its own results (read anew:
+    other workers append to it), then those of its ``timings_from`` files."""
+    history = list(read_recorded(results).values())
+    for other in grid.timings_from:
+        history.extend(read_recorded(other).values())
+    return history
+
+
+def _fits_before(run: PlannedRun, history: list[dict], deadline: datetime) -> bool:
+    expected = expected_duration(run, history)
     left = (deadline - datetime.now()).total_seconds()
     if expected is None:
         print(f"  {run.run_id}: nothing like it recorded yet, so its length is unknown; "

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+from selftune.bench import DEADLINE_MARGIN
 from selftune.errors import SelftuneError
 
 BENCH_EPILOG = """\
@@ -54,8 +55,9 @@ def add_bench_commands(commands, formatter, add_common: Callable) -> None:
                        help="Start only the runs expected to finish by WHEN: +2h30m (from "
                             "now), 13:40 (the next such local time) or 2026-12-05T13:40. A "
                             "run's expected length is the median wall time of the recorded runs "
-                            "of its task and variant (other seeds) x1.25; a run that does not "
-                            "fit is left for later and shorter ones are still started.")
+                            f"of its task and variant (other seeds) x{DEADLINE_MARGIN}, or the "
+                            "share of it still to do for a run that resumes; a run that does "
+                            "not fit is left for later and shorter ones are still started.")
     add_common(bench)
 
     report = commands.add_parser(

@@ -27,6 +27,8 @@ METRICS_FILE = "metrics.json"
 RUN_CONFIG_FILE = "run_config.json"
 LOG_FILE = "train.log"
 CHECKPOINTS = "checkpoints"
+# Inside a `selftune bam` folder: the multi-task student's own run folder.
+BAM_STUDENT_DIR = "student"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
