@@ -170,6 +170,10 @@ def test_a_deadline_starts_only_the_runs_that_fit(grid, tmp_path):
     counts = run_grid(grid, results, tmp_path / "runs", train_command=["false"],
                       deadline=datetime.now() + timedelta(minutes=1))
     assert counts["deferred"] == 0 and counts["failed"] == 4
+    # ... but not once the deadline has passed.
+    counts = run_grid(grid, results, tmp_path / "runs", train_command=["false"],
+                      deadline=datetime.now() - timedelta(minutes=1))
+    assert counts["deferred"] == 4 and counts["failed"] == 0
 
 
 def test_expected_duration_of_a_bam_run_counts_the_teachers_it_must_still_train(tmp_path):

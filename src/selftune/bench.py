@@ -495,6 +495,10 @@ def _timing_history(grid: Grid, results: Path) -> list[dict]:
 def _fits_before(run: PlannedRun, history: list[dict], deadline: datetime) -> bool:
     expected = expected_duration(run, history)
     left = (deadline - datetime.now()).total_seconds()
+    if left <= 0:
+        print(f"  {run.run_id}: not started: the deadline {deadline:%Y-%m-%d %H:%M} has passed",
+              flush=True)
+        return False
     if expected is None:
         print(f"  {run.run_id}: nothing like it recorded yet, so its length is unknown; "
               "started anyway", flush=True)
