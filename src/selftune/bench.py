@@ -470,8 +470,7 @@ def run_grid(
                 print(f"  {run.run_id} is being run by another 'selftune bench'; left to it",
                       flush=True)
                 continue
-            if deadline is not None and not _fits_before(run, _timing_history(grid, results),
-                                                          deadline):
+            if deadline is not None and not _fits_before(run, grid, results, deadline):
                 deferred += 1
                 continue
             outcome = _run_claimed(run, out, results, train_command, durations, lock.fileno())
@@ -492,13 +491,13 @@ def _timing_history(grid: Grid, results: Path) -> list[dict]:
     return history
 
 
-def _fits_before(run: PlannedRun, history: list[dict], deadline: datetime) -> bool:
-    expected = expected_duration(run, history)
+def _fits_before(run: PlannedRun, grid: Grid, results: Path, deadline: datetime) -> bool:
     left = (deadline - datetime.now()).total_seconds()
     if left <= 0:
         print(f"  {run.run_id}: not started: the deadline {deadline:%Y-%m-%d %H:%M} has passed",
               flush=True)
         return False
+    expected = expected_duration(run, _timing_history(grid, results))
     if expected is None:
         print(f"  {run.run_id}: nothing like it recorded yet, so its length is unknown; "
               "started anyway", flush=True)
