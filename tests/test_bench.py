@@ -181,7 +181,7 @@ def test_expected_duration_of_a_bam_run_counts_the_teachers_it_must_still_train(
     path.write_text("tasks: [rte, stsb]\nseeds: 0-1\n"
                     "common: {pipeline: bam, teachers_root: 't/seed{seed}'}\n"
                     "variants: {multi: {teachers: none}, bam: {teachers: auto}}\n")
-    multi, bam = plan_runs(load_grid(path), tmp_path)[2:]  # seed 1
+    multi, bam = plan_runs(load_grid(path), tmp_path)[-2:]  # seed 1
     recorded = [
         # A student's lines repeat its run's wall time once per task: one run, one entry.
         *({"task": t, "variant": "multi", "seed": 0, "wall_time_s": 4000.0,
@@ -273,6 +273,10 @@ def test_truncated_last_line_is_kept_and_reported(tmp_path):
     lines = results.read_text().splitlines()
     assert lines[0] == '{"run_id": "a", "config_hash": "x"'
     assert json.loads(lines[1])["run_id"] == "b"
+    # A run recorded already (e.g. a shared teacher, by another worker) is not appended twice.
+    assert not append_record(results, {"run_id": "b", "config_hash": "y"}, unless_recorded=True)
+    assert append_record(results, {"run_id": "b", "config_hash": "z"}, unless_recorded=True)
+    assert len(results.read_text().splitlines()) == 3
 
 
 def test_failed_run_is_reported_and_retried(grid, tmp_path):
@@ -336,8 +340,11 @@ def test_bam_variants_record_one_line_per_task(tiny_model, glue_dir, tmp_path):
                 common={"model": str(tiny_model), "data_dir": str(glue_dir),
                         "teachers_root": str(tmp_path / "teachers-seed{seed}")})
     results = tmp_path / "r.jsonl"
+    # The shared teachers are runs of their own, before the students (which find them done).
+    assert [r.run_id for r in plan_runs(grid, tmp_path / "runs")][:2] == [
+        "rte__teacher__seed0", "stsb__teacher__seed0"]
     counts = run_grid(grid, results, tmp_path / "runs")
-    assert counts["done"] == 3 and counts["failed"] == 0
+    assert counts["done"] == 5 and counts["failed"] == 0
     records, problems = load_results(results)
     assert not problems
     assert sorted(r.run_id for r in records) == sorted(
@@ -358,17 +365,53 @@ def test_bam_variants_record_one_line_per_task(tiny_model, glue_dir, tmp_path):
     assert run_grid(grid, results, tmp_path / "runs")["done"] == 0
 
 
+def test_two_workers_share_a_bam_seed_teachers_first(tiny_model, glue_dir, tmp_path):
+    """Two workers on one BAM! seed: each teacher is claimed by one of them, and a student
+    that reaches a teacher still in training waits for it instead of training it again."""
+    small = {"num_train_epochs": 1, "per_device_train_batch_size": 4, "teacher_epochs": 1,
+             "teacher_batch_size": 4}
+    grid = Grid(name="bam", tasks=["rte", "stsb"], seeds=[0],
+                variants={"bam": {"pipeline": "bam", **small}},
+                common={"model": str(tiny_model), "data_dir": str(glue_dir),
+                        "teachers_root": str(tmp_path / "teachers-seed{seed}")})
+    results, runs = tmp_path / "r.jsonl", tmp_path / "runs"
+    counts: list[dict] = []
+    workers = [threading.Thread(target=lambda: counts.append(run_grid(grid, results, runs)))
+               for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert sum(c["done"] for c in counts) == 3 and not any(c["failed"] for c in counts)
+    lines = [json.loads(line)["run_id"] for line in results.read_text().splitlines()]
+    assert sorted(lines) == sorted(["rte__teacher__seed0", "stsb__teacher__seed0",
+                                    "rte__bam__seed0", "stsb__bam__seed0"])
+    for task in ("rte", "stsb"):  # trained once (train.log is appended to by every run)
+        log = (tmp_path / "teachers-seed0" / task / "train.log").read_text()
+        assert log.count("Done: ") == 1
+
+
 def test_pipeline_in_common_makes_every_variant_a_bam_run(tmp_path):
     path = tmp_path / "g.yaml"
     path.write_text("tasks: [rte, stsb]\nseeds: 0-1\n"
                     "common: {pipeline: bam, teachers_root: 'runs/t-seed{seed}'}\n"
                     "variants: {a: {layerwise_lr_decay: 1.0}, b: {task_sampling: uniform}}\n")
     runs = plan_runs(load_grid(path), tmp_path)
+    # Both variants share the teachers of a seed: planned once, as single-task runs.
     assert [(r.run_id, r.command) for r in runs] == [
-        ("a__seed0", "bam"), ("b__seed0", "bam"), ("a__seed1", "bam"), ("b__seed1", "bam")]
-    assert runs[0].config.tasks == "rte,stsb" and runs[0].config.layerwise_lr_decay == 1.0
+        ("rte__teacher__seed0", "train"), ("stsb__teacher__seed0", "train"),
+        ("a__seed0", "bam"), ("b__seed0", "bam"),
+        ("rte__teacher__seed1", "train"), ("stsb__teacher__seed1", "train"),
+        ("a__seed1", "bam"), ("b__seed1", "bam")]
+    assert runs[2].config.tasks == "rte,stsb" and runs[2].config.layerwise_lr_decay == 1.0
     # Like every path in a grid, relative to the grid file; the seed is filled in by the run.
-    assert runs[1].config.teachers_root == str(tmp_path.resolve() / "runs" / "t-seed{seed}")
+    root = tmp_path.resolve() / "runs"
+    assert runs[3].config.teachers_root == str(root / "t-seed{seed}")
+    teacher = runs[4].config
+    assert teacher.output_dir == str(root / "t-seed1" / "rte") and teacher.seed == 1
+    # The teachers' own options, not the students' (layerwise_lr_decay 1.0 is a's).
+    assert teacher.learning_rate == runs[2].config.teacher_learning_rate
+    assert teacher.layerwise_lr_decay == runs[2].config.teacher_layerwise_lr_decay
 
 
 def test_yaml_exponent_strings_become_numbers(tmp_path):

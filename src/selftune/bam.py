@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from selftune import outputs
-from selftune.config import opt
+from selftune.config import SD_OPTIONS, TrainConfig, opt
 from selftune.data.loading import load_task_data
 from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
@@ -155,8 +155,27 @@ def _check_can_predict(teacher_dir: Path, cache: Path) -> None:
                             "delete the folder to train the teacher again")
 
 
+def single_task_options(cfg: BamConfig) -> dict[str, Any]:
+    """The options of the recipe's single-task runs (teachers, --finetune-after): the
+    student's, with the teachers' learning rate, epochs, batch size and layer-wise decay."""
+    options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
+    options.update(learning_rate=cfg.teacher_learning_rate, num_train_epochs=cfg.teacher_epochs,
+                   per_device_train_batch_size=cfg.teacher_batch_size,
+                   layerwise_lr_decay=cfg.teacher_layerwise_lr_decay,
+                   overwrite_output_dir=False, output_dir=None)
+    # --strategy and its options are the student's: the teachers are plain single-task runs.
+    defaults = TrainConfig()
+    options.update({name: getattr(defaults, name) for name in ("strategy", *SD_OPTIONS)})
+    return options
+
+
+def teacher_config(cfg: BamConfig, task: str, teacher_dir: Path) -> TrainConfig:
+    """The ``selftune train`` options of the recipe's --teachers auto teacher for ``task``."""
+    return TrainConfig(**{**single_task_options(cfg), "task": task,
+                          "output_dir": str(teacher_dir)})
+
+
 def run_bam(cfg: BamConfig) -> dict[str, Any]:
-    from selftune.config import SD_OPTIONS, TrainConfig
     from selftune.multitask.training import check_multitask_options
     from selftune.training import process_state, setup_logging, train
 
@@ -182,15 +201,7 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
         shutil.rmtree(root)
     state.wait_for_everyone()
     summary: dict[str, Any] = {"tasks": [t.name for t in tasks], "config_hash": cfg.hash()}
-    single_task = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
-    single_task.update(learning_rate=cfg.teacher_learning_rate,
-                       num_train_epochs=cfg.teacher_epochs,
-                       per_device_train_batch_size=cfg.teacher_batch_size,
-                       layerwise_lr_decay=cfg.teacher_layerwise_lr_decay,
-                       overwrite_output_dir=False, output_dir=None)
-    # --strategy and its options are the student's: the teachers are plain single-task runs.
-    defaults = TrainConfig()
-    single_task.update({name: getattr(defaults, name) for name in ("strategy", *SD_OPTIONS)})
+    single_task = single_task_options(cfg)
 
     predictions: dict[str, Path] = {}
     if cfg.teachers != "none":
@@ -210,8 +221,8 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
             with _shared_teacher_lock(teacher_dir,
                                       state.is_main_process and task.name not in given):
                 if task.name not in given:
-                    _train_or_reuse_teacher(teacher_dir, TrainConfig(**{
-                        **single_task, "task": task.name, "output_dir": str(teacher_dir)}))
+                    _train_or_reuse_teacher(teacher_dir,
+                                            teacher_config(cfg, task.name, teacher_dir))
                 # Under torchrun the main process writes the cache; the others then read it.
                 with state.main_process_first():
                     if cache.is_file() and cached_max_seq_length(cache) not in (

@@ -14,7 +14,10 @@ A grid is a YAML/TOML/JSON file (or command-line flags)::
 Paths in a grid (``results``, ``runs_dir``, ``timings_from``, and the options ``data_dir`` and
 ``teachers_root``) are relative to the grid file.
 
-Every run is an ordinary ``selftune train`` in its own process and output directory. When it
+Every run is an ordinary ``selftune train`` (a variant with ``pipeline: bam``: ``selftune
+bam``, one run per seed for every task) in its own process and output directory. BAM! variants
+that keep their teachers in a ``teachers_root`` share them: each teacher is planned as a
+single-task run of its own (variant ``teacher``) before the students of its seed. When a run
 finishes, one JSON line is appended to the results file. A restart skips the runs already
 recorded with the same configuration, and resumes an interrupted run from its checkpoint: a kill
 loses at most the work since that run's last checkpoint.
@@ -201,9 +204,10 @@ def plan_runs(grid: Grid, runs_dir: Path) -> list[PlannedRun]:
 
     runs = []
     for seed in grid.seeds:
-        for variant, options in grid.variants.items():
-            if is_bam(options):
-                runs.append(_plan_bam(grid, variant, options or {}, seed, runs_dir))
+        students = [_plan_bam(grid, variant, options or {}, seed, runs_dir)
+                    for variant, options in grid.variants.items() if is_bam(options)]
+        runs.extend(_plan_shared_teachers(students))
+        runs.extend(students)
         for task in grid.tasks:
             for variant, options in grid.variants.items():
                 if is_bam(options):
@@ -244,12 +248,36 @@ def _plan_bam(grid: Grid, variant: str, options: dict, seed: int, runs_dir: Path
                       command="bam")
 
 
+def _plan_shared_teachers(bam_runs: list[PlannedRun]) -> list[PlannedRun]:
+    """The ``teachers: auto`` teachers that BAM! runs keep in a ``teachers_root``, as
+    single-task runs of their own (variant ``teacher``, the recipe's teacher options), planned
+    before the students: workers then train a seed's teachers side by side, and a deadline
+    weighs a teacher run of minutes instead of a teachers-and-student run of hours. A student
+    whose teacher another worker is still training waits for it (the recipe's teacher lock)."""
+    from selftune.bam import teacher_config
+
+    teachers: dict[Path, PlannedRun] = {}
+    for run in bam_runs:
+        if run.config.teachers != "auto" or not run.config.teachers_root:
+            continue  # teachers inside a student's own folder stay part of its run
+        for task, teacher_dir in _teacher_dirs(run, {}).items():
+            if teacher_dir not in teachers:  # variants of a seed share their teachers
+                teachers[teacher_dir] = PlannedRun(
+                    f"{task}__{TEACHER_VARIANT}__seed{run.seed}", task, TEACHER_VARIANT,
+                    run.seed, teacher_config(run.config, task, teacher_dir))
+    return list(teachers.values())
+
+
 def read_recorded(results: Path) -> dict[tuple[str, str], dict]:
     """Finished runs in the results file, keyed by (run_id, config_hash); bad lines skipped."""
-    recorded: dict[tuple[str, str], dict] = {}
     if not results.is_file():
-        return recorded
-    for line in results.read_text().splitlines():
+        return {}
+    return _parse_recorded(results.read_text())
+
+
+def _parse_recorded(text: str) -> dict[tuple[str, str], dict]:
+    recorded: dict[tuple[str, str], dict] = {}
+    for line in text.splitlines():
         try:
             record = json.loads(line)
             recorded[(record["run_id"], record["config_hash"])] = record
@@ -258,24 +286,30 @@ def read_recorded(results: Path) -> dict[tuple[str, str], dict]:
     return recorded
 
 
-def append_record(results: Path, record: dict) -> None:
-    """Append one line under an exclusive lock; repair a missing final newline first."""
+def append_record(results: Path, record: dict, unless_recorded: bool = False) -> bool:
+    """Append one line under an exclusive lock; repair a missing final newline first. With
+    ``unless_recorded``, a run already in the file (same run_id and config_hash) is not
+    appended again: checked under the same lock, since another worker may record it (e.g. a
+    teacher shared by several BAM! runs) at any time. True when the line was appended."""
     results.parent.mkdir(parents=True, exist_ok=True)
     with open(results, "a+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            f.seek(0, os.SEEK_END)
-            if f.tell() > 0:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    # A writer was killed mid-line: keep that line (the report flags it) and
-                    # start ours on a fresh line.
-                    f.write(b"\n")
+            f.seek(0)
+            existing = f.read()
+            if unless_recorded and (record["run_id"], record["config_hash"]) in \
+                    _parse_recorded(existing.decode(errors="replace")):
+                return False
+            if existing and not existing.endswith(b"\n"):
+                # A writer was killed mid-line: keep that line (the report flags it) and
+                # start ours on a fresh line.
+                f.write(b"\n")
             f.write((json.dumps(record, default=str) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+    return True
 
 
 TEACHER_VARIANT = "teacher"
@@ -418,10 +452,13 @@ def expected_duration(run: PlannedRun, recorded: Iterable[dict]) -> float | None
 
 def _share_left(run: PlannedRun) -> float:
     """The share of the run's training steps still to do: 1 for a run not started, less for
-    one that resumes from a checkpoint (its own; a folder left by other options starts over)."""
+    one that resumes from a checkpoint (its own; a folder left by other options starts over),
+    0 for one finished but not yet recorded (e.g. a teacher another grid trained)."""
     out = Path(run.config.output_dir or "")
     if _holds_other_config(out, run):
         return 1.0
+    if _finished_metrics(out, run) is not None:
+        return 0.0
     checkpoint = last_checkpoint(out if run.command == "train" else out / BAM_STUDENT_DIR)
     if checkpoint is None:
         return 1.0
@@ -453,8 +490,9 @@ def run_grid(
         history = _timing_history(grid, results)
         for run in todo:
             expected = expected_duration(run, history)
-            print(f"  would run {run.run_id}"
-                  + (f" (~{_format_duration(expected)})" if expected is not None else ""))
+            length = "" if expected is None else " (finished: only to record)" \
+                if expected == 0 else f" (~{_format_duration(expected)})"
+            print(f"  would run {run.run_id}{length}")
         return {"planned": len(runs), "done": 0, "failed": 0, "skipped": len(runs) - len(todo)}
     done = failed = busy = deferred = 0
     durations: list[float] = []
@@ -540,10 +578,8 @@ def _run_claimed(run: PlannedRun, out: Path, results: Path, train_command: list[
             return None
     for record in ([make_record(run, metrics)] if run.command == "train"
                    else bam_records(run, metrics)):
-        # A teacher shared by several BAM! variants of a seed is recorded once.
-        if (record["run_id"], record["config_hash"]) not in recorded:
-            append_record(results, record)
-            recorded[(record["run_id"], record["config_hash"])] = record
+        # A teacher shared by several BAM! runs of a seed is recorded once.
+        append_record(results, record, unless_recorded=True)
     score = metrics.get("score", metrics.get("student_average"))
     print(f"  {run.run_id}: score {score:.2f}", flush=True)
     return True
