@@ -38,7 +38,7 @@ else
   grids=(benchmarks/self_distillation.yaml@0-2 benchmarks/sd_ablation.yaml
          benchmarks/bam.yaml@0-2 benchmarks/cls_norm.yaml@0-2 benchmarks/bam_ablation.yaml
          benchmarks/self_distillation.yaml benchmarks/cls_norm.yaml benchmarks/bam.yaml
-         benchmarks/baseline_lr.yaml)
+         benchmarks/bam_sda.yaml benchmarks/baseline_lr.yaml)
 fi
 for entry in "${grids[@]}"; do
   grid="${entry%@*}"
