@@ -122,3 +122,21 @@ def write_glue_folder(root: Path) -> Path:
 @pytest.fixture()
 def glue_dir(tmp_path) -> Path:
     return write_glue_folder(tmp_path / "data")
+
+
+@pytest.fixture()
+def glue_dir_with_mnli(glue_dir) -> Path:
+    """The miniature GLUE folder plus MNLI: two dev sets (matched, mismatched) of different
+    sizes and contents, so a test can tell which one was evaluated."""
+    mnli = glue_dir / "glue" / "MNLI"
+    mnli.mkdir(parents=True)
+    header = "index\tgenre\tsentence1\tsentence2\tgold_label\n"
+    rows = ["the movie was good\tthe film was good\tentailment",
+            "the plot was bad\tthe plot was good\tcontradiction",
+            "the actor was great\tthe actor was tall\tneutral"]
+    numbered = "".join(f"{i}\tfiction\t{row}\n" for i, row in enumerate(rows * 4))
+    (mnli / "train.tsv").write_text(header + numbered)
+    (mnli / "dev_matched.tsv").write_text(header + numbered)
+    (mnli / "dev_mismatched.tsv").write_text(
+        header + "".join(f"{i}\tslate\t{row}\n" for i, row in enumerate(rows[:2] * 2)))
+    return glue_dir

@@ -256,6 +256,27 @@ def test_multitask_run_writes_every_task(tiny_model, glue_dir, tmp_path):
         assert stsb(**encoded).logits.shape == (2, 1)
 
 
+def test_multitask_run_reports_every_dev_set_of_a_task(tiny_model, glue_dir_with_mnli,
+                                                         tmp_path):
+    """MNLI in a multi-task run: scored on its matched dev set, the mismatched one reported
+    beside it (once, at the end), as the exported task model measures it."""
+    from selftune.data.loading import DataOptions
+    from selftune.evaluation import evaluate_model
+
+    out = tmp_path / "mt"
+    result = train_multitask(mt_config(tiny_model, glue_dir_with_mnli, out, tasks="mnli,rte",
+                                       num_train_epochs=1))
+    mnli = result["tasks"]["mnli"]
+    assert set(mnli["other_splits"]) == {"validation_mismatched"}
+    assert "other_splits" not in result["tasks"]["rte"]
+    assert "other_splits" not in result["history"][-1]["tasks"]["mnli"]
+    mismatched = evaluate_model(str(out / "tasks" / "mnli"),
+                                DataOptions(task="mnli", data_dir=str(glue_dir_with_mnli)),
+                                "validation_mismatched", 128, 4)
+    assert mismatched["metrics"] == pytest.approx(
+        mnli["other_splits"]["validation_mismatched"]["metrics"])
+
+
 def test_every_multitask_parameter_gets_the_learning_rate_of_its_depth(mt_model):
     """methods.md §2.4 on the real parameter names: heads L+2, pooler L+1, layer i i+1,
     embeddings 0 (the tiny model has L = 2)."""

@@ -54,6 +54,27 @@ def test_train_writes_a_standard_model_directory(tiny_model, sentiment_files, tm
     assert "step" in (out / "train.log").read_text()
 
 
+def test_a_task_with_two_dev_sets_reports_both(tiny_model, glue_dir_with_mnli,
+                                                tmp_path):
+    """MNLI: the score is the matched dev set's (or --eval-split's); the mismatched one is
+    evaluated too, at the end, and equals what `selftune evaluate` measures on it."""
+    out = tmp_path / "mnli"
+    result = train(TrainConfig(task="mnli", model=str(tiny_model),
+                               data_dir=str(glue_dir_with_mnli), output_dir=str(out),
+                               num_train_epochs=1, per_device_train_batch_size=4))
+    assert result["eval_split"] == "validation_matched"
+    assert set(result["other_splits"]) == {"validation_mismatched"}
+    options = DataOptions(task="mnli", data_dir=str(glue_dir_with_mnli))
+    for split, reported in (("validation_matched", result),
+                            ("validation_mismatched", result["other_splits"][
+                                "validation_mismatched"])):
+        evaluated = evaluate_model(str(out), options, split, 128, 4)
+        assert evaluated["num_examples"] == (12 if split == "validation_matched" else 4)
+        assert evaluated["metrics"] == pytest.approx(reported["metrics"])
+    assert json.loads((out / "metrics.json").read_text())["other_splits"] == \
+        result["other_splits"]
+
+
 def test_reloaded_model_reproduces_the_reported_metrics(tiny_model, sentiment_files, tmp_path):
     out = tmp_path / "run"
     result = train(tiny_config(tiny_model, sentiment_files, out))

@@ -22,6 +22,7 @@ from selftune import outputs
 from selftune.config import SD_OPTION_STRATEGIES, SD_OPTIONS, TrainConfig
 from selftune.data.features import tokenize_records
 from selftune.data.loading import TaskData, load_task_data
+from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
 from selftune.evaluation import dataset_logits
 from selftune.metrics import compute_task_metrics, trainer_metrics_fn
@@ -378,9 +379,16 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
     if history and history[-1]["step"] == trainer.state.global_step:
         final = {**history[-1]["metrics"], "score": history[-1]["score"]}
     else:
-        final_eval = trainer.evaluate()
-        final = {k.removeprefix("eval_"): v for k, v in final_eval.items()
-                 if k.removeprefix("eval_") in (*task.metrics, "score")}
+        final = _task_metrics(trainer.evaluate(), task)
+    # The task's other dev sets (MNLI's mismatched one), once at the end, as run_glue.py does.
+    other_splits = {}
+    for name, records in data.eval_splits.items():
+        if name != split:
+            metrics = _task_metrics(trainer.predict(
+                tokenize_records(records, tokenizer, cfg.max_seq_length),
+                metric_key_prefix="eval").metrics, task)
+            other_splits[name] = {"metrics": {k: v for k, v in metrics.items() if k != "score"},
+                                  "score": metrics["score"]}
 
     result: dict[str, Any] = {
         "task": task.name,
@@ -389,6 +397,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
         "eval_split": split,
         "metrics": {k: v for k, v in final.items() if k != "score"},
         "score": final["score"],
+        **({"other_splits": other_splits} if other_splits else {}),
         "history": history,
         "train_loss": train_output.metrics.get("train_loss"),
         "num_train_examples": len(train_set),
@@ -422,4 +431,13 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
     logger.info("Done: %s %s = %s (score %.2f) in %.0f s; model and metrics in %s", task.name,
                 split, ", ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items()),
                 result["score"], result["wall_time_s"], output_dir)
+    for name, other in other_splits.items():
+        logger.info("      %s %s = %s", task.name, name,
+                    ", ".join(f"{k} {v:.2f}" for k, v in other["metrics"].items()))
     return result
+
+
+def _task_metrics(eval_metrics: dict[str, float], task: TaskSpec) -> dict[str, float]:
+    """The task's metrics and score out of the Trainer's ``eval_``-prefixed metrics."""
+    return {k.removeprefix("eval_"): v for k, v in eval_metrics.items()
+            if k.removeprefix("eval_") in (*task.metrics, "score")}

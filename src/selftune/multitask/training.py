@@ -224,7 +224,7 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     if unknown or (teacher_files and len(teacher_files) != len(tasks)):
         raise SelftuneError("--teacher-predictions must name one file for each of --tasks "
                             f"({cfg.tasks}); got {sorted(teacher_files)}")
-    records, dev_records = {}, {}
+    records, dev_records, other_dev_records = {}, {}, {}
     for task in tasks:
         opts = dataclasses.replace(cfg.data_options(), task=task.name)
         data = load_task_data(opts)
@@ -232,7 +232,9 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
         if cfg.double_unordered and task.name in UNORDERED_TASKS:
             rows = with_swapped_pairs(rows)
         records[task.name] = rows
-        dev_records[task.name] = data.eval_splits[next(iter(data.eval_splits))]
+        first, *others = data.eval_splits  # MNLI: matched, then mismatched
+        dev_records[task.name] = data.eval_splits[first]
+        other_dev_records[task.name] = {name: data.eval_splits[name] for name in others}
     teachers = None
     if teacher_files:
         teachers = {}
@@ -279,16 +281,15 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
                                    cfg.layerwise_lr_decay or 1.0), None),
     )
 
+    def evaluate_task(task: TaskSpec, dataset, dev: list) -> dict:
+        logits = trainer.predict(dataset).predictions
+        logits = np.asarray(logits)[:, : task.num_labels] * label_scale(task)
+        metrics = compute_task_metrics(task, logits, np.array([r["label"] for r in dev]))
+        return {"metrics": {k: v for k, v in metrics.items() if k != "score"},
+                "score": metrics["score"]}
+
     def evaluate() -> dict[str, dict]:
-        results = {}
-        for task in tasks:
-            logits = trainer.predict(evals[task.name]).predictions
-            logits = np.asarray(logits)[:, : task.num_labels] * label_scale(task)
-            gold = np.array([r["label"] for r in dev_records[task.name]])
-            metrics = compute_task_metrics(task, logits, gold)
-            results[task.name] = {"metrics": {k: v for k, v in metrics.items() if k != "score"},
-                                  "score": metrics["score"]}
-        return results
+        return {t.name: evaluate_task(t, evals[t.name], dev_records[t.name]) for t in tasks}
 
     if cfg.eval_each_epoch:
         trainer.add_callback(EvaluateTasks(evaluate, trainer.log))
@@ -298,6 +299,14 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     history = history_from_logs(trainer.state.log_history, tasks)
     final = history[-1]["tasks"] if history and history[-1]["step"] == \
         trainer.state.global_step else evaluate()
+    # A task's other dev sets (MNLI's mismatched one), once at the end, as run_glue.py does.
+    final = {name: dict(r) for name, r in final.items()}  # history keeps its own entries
+    for index, task in enumerate(tasks):
+        others = {name: evaluate_task(task, eval_set(index, dev, tokenizer, cfg.max_seq_length),
+                                      dev)
+                  for name, dev in other_dev_records[task.name].items()}
+        if others:
+            final[task.name]["other_splits"] = others
     result: dict[str, Any] = {
         "tasks": final,
         "score": float(np.mean([r["score"] for r in final.values()])),
@@ -326,6 +335,7 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
         if not cfg.keep_checkpoints:
             shutil.rmtree(output_dir / outputs.CHECKPOINTS, ignore_errors=True)
     logger.info("Done: %s; average %.2f; task models in %s", ", ".join(
-        f"{t} {r['score']:.2f}" for t, r in final.items()), result["score"],
-        output_dir / "tasks")
+        f"{t} {r['score']:.2f}" + "".join(f" ({name} {other['score']:.2f})" for name, other
+                                          in r.get("other_splits", {}).items())
+        for t, r in final.items()), result["score"], output_dir / "tasks")
     return result
