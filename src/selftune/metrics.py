@@ -43,6 +43,13 @@ def compute_task_metrics(task: TaskSpec, logits: np.ndarray, labels: np.ndarray)
     return values
 
 
+def metrics_and_score(values: dict, prefix: str = "") -> dict:
+    """``compute_task_metrics``' flat values as results store them: ``{prefix}metrics`` (the
+    task's metrics) and ``{prefix}score``."""
+    return {f"{prefix}metrics": {k: v for k, v in values.items() if k != "score"},
+            f"{prefix}score": values["score"]}
+
+
 def trainer_metrics_fn(task: TaskSpec) -> Callable[[EvalPrediction], dict]:
     """``compute_metrics`` for ``transformers.Trainer``."""
 

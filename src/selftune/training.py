@@ -25,7 +25,7 @@ from selftune.data.loading import TaskData, load_task_data
 from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
 from selftune.evaluation import dataset_logits
-from selftune.metrics import compute_task_metrics, trainer_metrics_fn
+from selftune.metrics import compute_task_metrics, metrics_and_score, trainer_metrics_fn
 from selftune.models.loading import load_for_training, load_tokenizer, resolve_model_path
 from selftune.optim import make_optimizer
 from selftune.runinfo import environment_info, peak_memory_mb
@@ -290,17 +290,13 @@ def evaluate_self_distillation(
         extra = {}
         if cfg.se_combine == "vote":
             vote = metrics_of(objective.vote_logits(predict))
-            extra = {"vote_metrics": {k: v for k, v in vote.items() if k != "score"},
-                     "vote_score": vote["score"]}
-        return {"metrics": {k: v for k, v in averaged.items() if k != "score"},
-                "score": averaged["score"],
+            extra = metrics_and_score(vote, "vote_")
+        return {**metrics_and_score(averaged),
                 "ensemble": f"parameter average of {len(objective.members())} snapshots "
                             f"({cfg.se_pool} pool)",
-                "last_iterate_metrics": {k: v for k, v in student.items() if k != "score"},
-                "last_iterate_score": student["score"], **extra}
+                **metrics_and_score(student, "last_iterate_"), **extra}
     teacher = metrics_of(objective.vote_logits(predict)) if cfg.strategy == "sdv" else averaged
-    return {"teacher_metrics": {k: v for k, v in teacher.items() if k != "score"},
-            "teacher_score": teacher["score"],
+    return {**metrics_and_score(teacher, "teacher_"),
             "teacher": {"sda": "parameter average of the last K snapshots",
                         "sdv": "output vote of the last K snapshots",
                         "ema": "exponential moving average"}[cfg.strategy],
@@ -384,19 +380,16 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
     other_splits = {}
     for name, records in data.eval_splits.items():
         if name != split:
-            metrics = _task_metrics(trainer.predict(
+            other_splits[name] = metrics_and_score(_task_metrics(trainer.predict(
                 tokenize_records(records, tokenizer, cfg.max_seq_length),
-                metric_key_prefix="eval").metrics, task)
-            other_splits[name] = {"metrics": {k: v for k, v in metrics.items() if k != "score"},
-                                  "score": metrics["score"]}
+                metric_key_prefix="eval").metrics, task))
 
     result: dict[str, Any] = {
         "task": task.name,
         "strategy": cfg.strategy,
         "seed": cfg.seed,
         "eval_split": split,
-        "metrics": {k: v for k, v in final.items() if k != "score"},
-        "score": final["score"],
+        **metrics_and_score(final),
         **({"other_splits": other_splits} if other_splits else {}),
         "history": history,
         "train_loss": train_output.metrics.get("train_loss"),

@@ -28,7 +28,7 @@ from selftune.config import DATA, TRAIN, TrainConfig, opt
 from selftune.data.loading import load_task_data
 from selftune.data.tasks import TaskSpec, get_task
 from selftune.errors import SelftuneError
-from selftune.metrics import compute_task_metrics
+from selftune.metrics import compute_task_metrics, metrics_and_score
 from selftune.models.loading import load_tokenizer, resolve_model_path
 from selftune.multitask.data import (
     UNORDERED_TASKS,
@@ -284,9 +284,8 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     def evaluate_task(task: TaskSpec, dataset, dev: list) -> dict:
         logits = trainer.predict(dataset).predictions
         logits = np.asarray(logits)[:, : task.num_labels] * label_scale(task)
-        metrics = compute_task_metrics(task, logits, np.array([r["label"] for r in dev]))
-        return {"metrics": {k: v for k, v in metrics.items() if k != "score"},
-                "score": metrics["score"]}
+        return metrics_and_score(
+            compute_task_metrics(task, logits, np.array([r["label"] for r in dev])))
 
     def evaluate() -> dict[str, dict]:
         return {t.name: evaluate_task(t, evals[t.name], dev_records[t.name]) for t in tasks}
