@@ -143,6 +143,19 @@ def test_finished_output_dir_is_refused(capsys, tmp_path, tiny_model, sentiment_
     assert code == 0
 
 
+def test_overwrite_never_deletes_a_folder_selftune_did_not_write(capsys, tmp_path, tiny_model,
+                                                                   sentiment_files):
+    train, dev = map(str, sentiment_files)
+    own = tmp_path / "my-project"
+    (own / "src").mkdir(parents=True)
+    (own / "notes.txt").write_text("keep me")
+    code, _, err = run_cli(capsys, "train", "--train-file", train, "--validation-file", dev,
+                           "--model", str(tiny_model), "--output-dir", str(own),
+                           "--overwrite-output-dir")
+    assert_one_line_error(code, err, "is not a selftune run folder", "refusing to delete")
+    assert (own / "notes.txt").read_text() == "keep me" and (own / "src").is_dir()
+
+
 def test_hub_access_while_offline_names_the_flag(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("SELFTUNE_DATA", raising=False)
@@ -188,6 +201,20 @@ def test_bad_option_value(capsys, tmp_path, files):
     code, _, err = run_cli(capsys, "train", "--train-file", train, "--validation-file", train,
                            "--warmup-ratio", "1.5")
     assert_one_line_error(code, err, "--warmup-ratio must be in [0, 1)")
+
+
+def test_tracker_without_its_package_names_what_to_install(capsys, tmp_path, sentiment_files,
+                                                            monkeypatch):
+    import transformers.integrations
+
+    monkeypatch.setattr(transformers.integrations, "get_available_reporting_integrations",
+                        lambda: [])  # as on a fresh install: no tracker package
+    train, dev = map(str, sentiment_files)
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--train-file", train, "--validation-file", dev,
+                           "--report-to", "tensorboard", "--output-dir", str(out))
+    assert_one_line_error(code, err, "--report-to tensorboard", "pip install tensorboard")
+    assert not out.exists()  # refused before anything is written
 
 
 def test_real_entry_point_prints_no_traceback(tmp_path):
@@ -265,6 +292,28 @@ def test_unknown_option_value_is_argparse_usage_error(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'magic'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["evaluate", "m"], ["predict", "m", "--input-file", "x.csv"],
+                                     ["teacher-predictions", "m", "--task", "rte",
+                                      "--output-file", "p.jsonl"]])
+@pytest.mark.parametrize("option", [["--batch-size", "0"], ["--max-seq-length", "0"],
+                                    ["--batch-size", "many"]])
+def test_inference_sizes_are_checked_as_they_are_read(capsys, command, option):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, *option])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option[0]}" in err and "Traceback" not in err
+    assert ("must be at least" if option[1] != "many" else "not an integer") in err
+
+
+def test_inference_longer_than_the_model_is_refused(capsys, tmp_path, tiny_model,
+                                                    sentiment_files):
+    train, dev = map(str, sentiment_files)
+    code, _, err = run_cli(capsys, "evaluate", str(tiny_model), "--validation-file", dev,
+                           "--max-seq-length", "256")
+    assert_one_line_error(code, err, "longer than the model's 128 positions")
 
 
 def test_very_long_texts_are_truncated_not_refused(capsys, tmp_path, tiny_model, files):

@@ -86,6 +86,33 @@ def test_a_finetuned_starting_model_does_not_pass_on_its_normalizer(tiny_model, 
     assert not isinstance(load_finetuned(str(second)).base_model.pooler, NormalizedPooler)
 
 
+def test_fine_tuning_again_with_the_same_normalizer_keeps_its_state(tiny_model,
+                                                                    sentiment_files, tmp_path):
+    """BAM!'s --finetune-after starts from the student's task model: a normalizer of the same
+    kind keeps the statistics of the pre-trained model it was given, instead of new ones
+    computed through the fine-tuned encoder."""
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    train(tiny_config(tiny_model, sentiment_files, first, cls_norm="standardize",
+                      learning_rate=1e-2, num_train_epochs=2))
+    second = tmp_path / "second"
+    train(tiny_config(first, sentiment_files, second, cls_norm="standardize",
+                      num_train_epochs=1))
+    prefix = "bert.pooler.cls_norm."
+    before, after = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    stats = [k for k in before if k.startswith(prefix)]
+    assert stats
+    for key in stats:
+        torch.testing.assert_close(after[key], before[key])
+    assert not (second / "cls_stats.safetensors").exists()  # nothing recomputed
+    # Another kind replaces it: new statistics, through the encoder as it now is.
+    third = tmp_path / "third"
+    train(tiny_config(first, sentiment_files, third, cls_norm="center", num_train_epochs=1))
+    recomputed = load_file(third / "cls_stats.safetensors")["mean"]
+    assert not torch.allclose(recomputed, before[prefix + "mean"])
+
+
 def test_normalizer_changes_the_model(tiny_model, sentiment_files, tmp_path):
     plain = train(tiny_config(tiny_model, sentiment_files, tmp_path / "none",
                               num_train_epochs=1))

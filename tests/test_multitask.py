@@ -467,6 +467,11 @@ def test_teachers_trained_one_task_per_run_are_reused_by_the_full_recipe(tiny_mo
     full = run_bam(BamConfig(tasks="rte,stsb", output_dir=str(tmp_path / "bam"), **common))
     assert teacher_files() == stamps
     assert set(full["student"]) == {"rte", "stsb"}
+    # A shared teacher made with other options lies outside what --overwrite-output-dir
+    # clears: the error names the folder to delete instead.
+    with pytest.raises(SelftuneError, match=f"delete {shared / 'rte'} to train it again"):
+        run_bam(BamConfig(tasks="rte", output_dir=str(tmp_path / "other-lr"), teachers_only=True,
+                          overwrite_output_dir=True, **{**common, "teacher_epochs": 2}))
 
 
 def test_bam_runs_sharing_a_teachers_root_train_each_teacher_once(tiny_model, glue_dir,
@@ -513,10 +518,11 @@ def test_bam_student_self_distills_while_its_teachers_stay_plain(tiny_model, glu
     assert not json.loads((root / "student" / "run_config.json").read_text())["group_by_length"]
 
 
-def test_a_teacher_with_another_class_order_is_refused(tiny_model, glue_dir, tmp_path,
-                                                      capsys):
+def test_a_model_with_another_class_order_is_refused(tiny_model, glue_dir, tmp_path, capsys):
+    """As a teacher, or to `selftune evaluate`: its predictions would be permuted."""
     from selftune.bam import compute_teacher_predictions
     from selftune.data.loading import DataOptions
+    from selftune.evaluation import evaluate_model
 
     train(tiny_config(tiny_model, (None, None), tmp_path / "rte", task="rte",
                       data_dir=str(glue_dir), train_file=None, validation_file=None,
@@ -529,6 +535,14 @@ def test_a_teacher_with_another_class_order_is_refused(tiny_model, glue_dir, tmp
     config_file.write_text(json.dumps(config))
     with pytest.raises(SelftuneError, match="orders its classes.*not_entailment.*permuted"):
         compute_teacher_predictions(tmp_path / "rte", get_task("rte"), options, out, False)
+    with pytest.raises(SelftuneError, match="orders its classes.*not_entailment.*permuted"):
+        evaluate_model(str(tmp_path / "rte"), DataOptions(task="rte", data_dir=str(glue_dir)),
+                       None, 128, 4)
+    config["id2label"] = {"0": "yes", "1": "no"}  # other names: taken in the task's order
+    config_file.write_text(json.dumps(config))
+    evaluate_model(str(tmp_path / "rte"), DataOptions(task="rte", data_dir=str(glue_dir)),
+                   None, 128, 4)
+    assert "names its classes ['yes', 'no']" in capsys.readouterr().err
     config["id2label"] = {"0": "LABEL_0", "1": "LABEL_1"}  # no names: taken as the task's order
     config_file.write_text(json.dumps(config))
     compute_teacher_predictions(tmp_path / "rte", get_task("rte"), options, out, False)

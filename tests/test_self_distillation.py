@@ -240,6 +240,8 @@ def test_self_distillation_options_need_a_strategy(tiny_model, sentiment_files, 
     ("ema", {"sd_k": 5}, False), ("sda", {"se_pool": "steps"}, False),
     ("sdv", {"se_combine": "vote"}, False),
     ("se", {"sd_k": 5, "se_pool": "steps", "se_combine": "vote"}, True),
+    ("se", {"snapshot_interval": 10}, False),  # the default pool is per epoch
+    ("se", {"snapshot_interval": 10, "se_pool": "steps"}, True),
     ("ema", {"sd_lambda": 0.5, "snapshot_interval": 10, "teacher_dropout": True}, True),
     ("sda", {"sd_k": 1, "sd_lambda": 0.1}, True),
 ])

@@ -54,14 +54,35 @@ def test_train_writes_a_standard_model_directory(tiny_model, sentiment_files, tm
     assert "step" in (out / "train.log").read_text()
 
 
-def test_a_task_with_two_dev_sets_reports_both(tiny_model, glue_dir_with_mnli,
-                                                tmp_path):
+@pytest.mark.parametrize("strategy", ["baseline", "se"])
+def test_a_task_with_two_dev_sets_reports_both(strategy, tiny_model, glue_dir_with_mnli,
+                                                tmp_path, monkeypatch):
     """MNLI: the score is the matched dev set's (or --eval-split's); the mismatched one is
-    evaluated too, at the end, and equals what `selftune evaluate` measures on it."""
+    evaluated too, at the end, and equals what `selftune evaluate` measures on it — for se on
+    the saved self-ensemble, not on the last iterate."""
+    from selftune import training
+
+    predicted_with = []  # (rows, parameters) of every model scored outside the Trainer
+
+    def spy(model, tokenizer, dataset, batch_size):
+        predicted_with.append((len(dataset), {k: v.clone() for k, v in
+                                              model.state_dict().items()}))
+        return dataset_logits(model, tokenizer, dataset, batch_size)
+
+    dataset_logits = training.dataset_logits
+    monkeypatch.setattr(training, "dataset_logits", spy)
     out = tmp_path / "mnli"
     result = train(TrainConfig(task="mnli", model=str(tiny_model),
                                data_dir=str(glue_dir_with_mnli), output_dir=str(out),
-                               num_train_epochs=1, per_device_train_batch_size=4))
+                               num_train_epochs=2, per_device_train_batch_size=4,
+                               strategy=strategy,
+                               **({"se_pool": "steps"} if strategy == "se" else {})))
+    if strategy == "se":
+        assert set(result["last_iterate_other_splits"]) == {"validation_mismatched"}
+        saved = load_file(out / "model.safetensors")
+        (mismatched,) = [params for rows, params in predicted_with if rows == 4]
+        for name, tensor in saved.items():
+            torch.testing.assert_close(mismatched[name], tensor)
     assert result["eval_split"] == "validation_matched"
     assert set(result["other_splits"]) == {"validation_mismatched"}
     options = DataOptions(task="mnli", data_dir=str(glue_dir_with_mnli))

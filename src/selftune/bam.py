@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,31 +63,12 @@ class BamConfig(MultiTaskConfig):
                               "with that root then reuses them.", BAM)
 
 
-def check_label_order(model_dir: Path, task: TaskSpec, labels: tuple[str, ...] | None) -> None:
-    """A teacher trained elsewhere may order the same classes differently (MNLI checkpoints
-    often do): its soft targets would then be silently permuted. Generic names (LABEL_0...)
-    say nothing about the order; they are taken as the task's, with a warning."""
-    if labels is None or task.label_names is None:
-        return
-    ours = [n.lower() for n in task.label_names]
-    theirs = [n.lower() for n in labels]
-    if theirs == ours:
-        return
-    if all(n == f"label_{i}" for i, n in enumerate(theirs)):
-        logger.warning("%s names its classes %s; taken to be %s, in that order", model_dir,
-                       list(labels), list(task.label_names))
-        return
-    raise SelftuneError(f"{model_dir} orders its classes {list(labels)}, {task.name} orders "
-                        f"them {list(task.label_names)}; its predictions would be permuted. "
-                        "Re-export the teacher with the task's label order")
-
-
 def compute_teacher_predictions(
     model_dir: Path, task: TaskSpec, data_options, out_file: Path, both_orders: bool,
     max_seq_length: int = 128, batch_size: int = 128,
 ) -> Path:
     """A teacher's logits over its task's training set (eval mode), keyed by example id."""
-    from selftune.evaluation import predict_logits
+    from selftune.evaluation import check_label_order, predict_logits
     from selftune.models.loading import load_finetuned, load_tokenizer, model_label_names
 
     model = load_finetuned(str(model_dir))
@@ -111,12 +91,17 @@ def compute_teacher_predictions(
     return out_file
 
 
-def _check_same_options(run_dir: Path, expected) -> None:
+def _check_same_options(run_dir: Path, expected, root: Path) -> None:
     """A finished stage is reused only if it was run with the options this recipe asks for."""
     saved = json.loads((run_dir / outputs.RUN_CONFIG_FILE).read_text())
     if type(expected).from_dict(saved).hash() != expected.hash():
-        raise SelftuneError(f"{run_dir} holds a finished run with other options; use another "
-                            "--output-dir, or --overwrite-output-dir to redo every stage")
+        # --overwrite-output-dir clears the recipe's own folder only, not a shared
+        # --teachers-root outside it.
+        remedy = ("use another --output-dir, or --overwrite-output-dir to redo every stage"
+                  if run_dir.resolve().is_relative_to(root.resolve()) else
+                  f"delete {run_dir} to train it again with these options, or use another "
+                  "--teachers-root")
+        raise SelftuneError(f"{run_dir} holds a finished run with other options; {remedy}")
 
 
 @contextlib.contextmanager
@@ -136,11 +121,11 @@ def _shared_teacher_lock(teacher_dir: Path, take: bool) -> Iterator[None]:
         yield
 
 
-def _train_or_reuse_teacher(teacher_dir: Path, expected) -> None:
+def _train_or_reuse_teacher(teacher_dir: Path, expected, root: Path) -> None:
     from selftune.training import setup_logging, train
 
     if outputs.is_finished(teacher_dir):
-        _check_same_options(teacher_dir, expected)
+        _check_same_options(teacher_dir, expected, root)
         logger.info("Teacher for %s: reusing %s", expected.task, teacher_dir)
     else:
         logger.info("Teacher for %s: training in %s", expected.task, teacher_dir)
@@ -197,8 +182,8 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
                                     "directory (no config.json)")
     root = Path(cfg.output_dir or Path("runs") / "bam" / f"seed{cfg.seed}")
     state = process_state()
-    if cfg.overwrite_output_dir and root.exists() and state.is_main_process:
-        shutil.rmtree(root)
+    if cfg.overwrite_output_dir and state.is_main_process:
+        outputs.remove_run_dir(root)
     state.wait_for_everyone()
     summary: dict[str, Any] = {"tasks": [t.name for t in tasks], "config_hash": cfg.hash()}
     single_task = single_task_options(cfg)
@@ -207,7 +192,7 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
     if cfg.teachers != "none":
         given = {} if cfg.teachers == "auto" else parse_task_paths(given_teachers, "--teachers")
         teachers_root = Path(cfg.teachers_root.format(seed=cfg.seed)) if cfg.teachers_root \
-            else root / "teachers"
+            else root / outputs.BAM_TEACHERS_DIR
         summary["teachers"] = {}
         summary["teacher_dirs"] = {}
         for task in tasks:
@@ -222,7 +207,8 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
                                       state.is_main_process and task.name not in given):
                 if task.name not in given:
                     _train_or_reuse_teacher(teacher_dir,
-                                            teacher_config(cfg, task.name, teacher_dir))
+                                            teacher_config(cfg, task.name, teacher_dir),
+                                            root)
                 # Under torchrun the main process writes the cache; the others then read it.
                 with state.main_process_first():
                     if cache.is_file() and cached_max_seq_length(cache) not in (
@@ -252,7 +238,7 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
         "teacher_predictions": ",".join(f"{t}={p}" for t, p in predictions.items()) or None,
         "overwrite_output_dir": False})
     if outputs.is_finished(student_dir):
-        _check_same_options(student_dir, student_cfg)
+        _check_same_options(student_dir, student_cfg, root)
         student = json.loads((student_dir / outputs.METRICS_FILE).read_text())
         logger.info("Student: reusing %s", student_dir)
     else:
@@ -263,11 +249,11 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
     if cfg.finetune_after:
         summary["finetuned"] = {}
         for task in tasks:
-            out = root / "finetuned" / task.name
+            out = root / outputs.BAM_FINETUNED_DIR / task.name
             finetune_cfg = TrainConfig(**{**single_task, "task": task.name, "output_dir": str(out),
                                           "model": str(student_dir / "tasks" / task.name)})
             if outputs.is_finished(out):
-                _check_same_options(out, finetune_cfg)
+                _check_same_options(out, finetune_cfg, root)
                 result = json.loads((out / outputs.METRICS_FILE).read_text())
             else:
                 result = train(finetune_cfg)
@@ -275,5 +261,5 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
         scores = list(summary["finetuned"].values())
         summary["finetuned_average"] = sum(scores) / len(scores)
     if state.is_main_process:
-        outputs.write_json_atomic(root / "bam.json", summary)
+        outputs.write_json_atomic(root / outputs.BAM_SUMMARY_FILE, summary)
     return summary

@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from selftune.config import add_dataclass_arguments, dataclass_from_namespace
+from selftune.config import add_dataclass_arguments, dataclass_from_namespace, int_at_least
 
 # Single-task options that mean nothing to a multi-task run.
 NOT_FOR_MULTITASK = ("task", "train_file", "validation_file", "text_columns", "label_column",
@@ -66,14 +66,15 @@ def add_bam_commands(commands, formatter, add_common: Callable, groups: dict) ->
                              help="Where to write the predictions (.jsonl).")
     predictions.add_argument("--data-dir", dest="data_dir",
                              help="Local data folder (default: $SELFTUNE_DATA, else the Hub).")
-    predictions.add_argument("--max-train-samples", dest="max_train_samples", type=int,
+    predictions.add_argument("--max-train-samples", dest="max_train_samples",
+                             type=int_at_least(1),
                              help="The same fixed subset the student trains on.")
     predictions.add_argument("--both-orders", action="store_true",
                              help="Also predict every pair with its sentences swapped (for a "
                                   "student trained with --double-unordered on MRPC/STS-B).")
-    predictions.add_argument("--max-seq-length", type=int, default=128,
+    predictions.add_argument("--max-seq-length", type=int_at_least(8), default=128,
                              help="Truncate inputs to this many tokens (default: 128).")
-    predictions.add_argument("--batch-size", type=int, default=128,
+    predictions.add_argument("--batch-size", type=int_at_least(1), default=128,
                              help="Inference batch size (default: 128).")
     add_common(predictions)
 

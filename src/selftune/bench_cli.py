@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from selftune.bench import DEADLINE_MARGIN
+from selftune.config import int_at_least
 from selftune.errors import SelftuneError
 
 BENCH_EPILOG = """\
@@ -50,7 +51,7 @@ def add_bench_commands(commands, formatter, add_common: Callable) -> None:
     bench.add_argument("--runs-dir", dest="runs_dir",
                        help="Where run directories go (default: runs/bench/<grid name>).")
     bench.add_argument("--dry-run", action="store_true", help="List the runs still to do.")
-    bench.add_argument("--max-runs", type=int, help="Stop after this many runs.")
+    bench.add_argument("--max-runs", type=int_at_least(1), help="Stop after this many runs.")
     bench.add_argument("--deadline", metavar="WHEN",
                        help="Start only the runs expected to finish by WHEN: +2h30m (from "
                             "now), 13:40 (the next such local time) or 2026-12-05T13:40. A "

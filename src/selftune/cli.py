@@ -16,7 +16,12 @@ import textwrap
 from collections.abc import Callable, Sequence
 
 from selftune import __version__
-from selftune.config import TrainConfig, add_dataclass_arguments, dataclass_from_namespace
+from selftune.config import (
+    TrainConfig,
+    add_dataclass_arguments,
+    dataclass_from_namespace,
+    int_at_least,
+)
 from selftune.errors import SelftuneError
 
 GROUP_TITLES = {
@@ -74,7 +79,7 @@ def _add_eval_data_options(parser: argparse.ArgumentParser, labelled: bool) -> N
                            help="Evaluate on your own labelled .csv/.tsv/.jsonl file instead.")
         group.add_argument("--label-column", dest="label_column", default="label",
                            help="Label column of --validation-file (default: label).")
-        group.add_argument("--max-eval-samples", dest="max_eval_samples", type=int,
+        group.add_argument("--max-eval-samples", dest="max_eval_samples", type=int_at_least(1),
                            help="Evaluate on a fixed random subset of this size.")
     group.add_argument("--text-columns", dest="text_columns", default="text",
                        help="Text column(s) of your file, comma-separated for pairs "
@@ -82,9 +87,9 @@ def _add_eval_data_options(parser: argparse.ArgumentParser, labelled: bool) -> N
     group.add_argument("--id-column", dest="id_column",
                        help="Column of example ids (default: the row number).")
     run = parser.add_argument_group("inference")
-    run.add_argument("--max-seq-length", dest="max_seq_length", type=int, default=128,
+    run.add_argument("--max-seq-length", dest="max_seq_length", type=int_at_least(8), default=128,
                      help="Truncate inputs to this many tokens (default: 128).")
-    run.add_argument("--batch-size", dest="batch_size", type=int, default=128,
+    run.add_argument("--batch-size", dest="batch_size", type=int_at_least(1), default=128,
                      help="Inference batch size (default: 128).")
     run.add_argument("--trust-remote-code", action="store_true",
                      help="Allow model code from the Hub to run.")
@@ -177,16 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
                           help="Label column of your files (default: label).")
     diagnose.add_argument("--model", default="default",
                           help="Pretrained model (default: the packaged all-MiniLM-L6-v2).")
-    diagnose.add_argument("--max-examples", type=int, default=2000,
+    diagnose.add_argument("--max-examples", type=int_at_least(2), default=2000,
                           help="Analyse a fixed subset of this many training examples "
                                "(default: 2000).")
-    diagnose.add_argument("--steps", type=int, default=20,
+    diagnose.add_argument("--steps", type=int_at_least(1), default=20,
                           help="Fine-tuning steps per normalization for the gradient norms "
                                "(default: 20).")
-    diagnose.add_argument("--batch-size", type=int, default=32, help="Batch size (default: 32).")
+    diagnose.add_argument("--batch-size", type=int_at_least(1), default=32,
+                          help="Batch size (default: 32).")
     diagnose.add_argument("--learning-rate", type=float, default=5e-5,
                           help="AdamW learning rate of the gradient runs (default: 5e-5).")
-    diagnose.add_argument("--max-seq-length", type=int, default=128,
+    diagnose.add_argument("--max-seq-length", type=int_at_least(8), default=128,
                           help="Truncate inputs to this many tokens (default: 128).")
     diagnose.add_argument("--norms", default=",".join(
                               ("none", "center", "standardize", "batchnorm", "layernorm",

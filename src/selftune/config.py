@@ -15,6 +15,7 @@ import json
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,7 +101,8 @@ class TrainConfig:
     per_device_eval_batch_size: int = opt(128, "Evaluation batch size per device.", TRAIN)
     gradient_accumulation_steps: int = opt(1, "Optimizer step every N batches.", TRAIN)
     warmup_ratio: float = opt(0.1, "Share of training steps with a linear learning-rate warm-up "
-                              "(then linear decay to 0).", TRAIN)
+                              "(then the --lr-scheduler-type schedule: by default linear "
+                              "decay to 0).", TRAIN)
     weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and LayerNorm).",
                               TRAIN)
     layerwise_lr_decay: float | None = opt(None, "Layer-wise learning-rate decay (BAM!): a "
@@ -138,8 +140,9 @@ class TrainConfig:
     snapshot_interval: int = opt(1, "sda/sdv/ema (and se with --se-pool steps): push a snapshot "
                                  "(or update the EMA) every N optimizer steps.", SD)
     teacher_dropout: bool = opt(False, "Run the teacher with dropout on (default: eval mode).", SD)
-    se_pool: str = opt("epochs", "se: pool the states at the end of each epoch (default) or the "
-                       "last K step snapshots.", SD, ("epochs", "steps"))
+    se_pool: str = opt("epochs", "se: pool the states at the end of the last K epochs "
+                       "(default; K = --sd-k, so a longer run averages only its last K) or "
+                       "the last K step snapshots.", SD, ("epochs", "steps"))
     se_combine: str = opt("average", "se: the saved model is the pool's parameter average; "
                           "'vote' also reports the output vote of its K models (vote_metrics).",
                           SD, ("average", "vote"))
@@ -150,7 +153,9 @@ class TrainConfig:
                                  "run_config.json and train.log (default: "
                                  "runs/<task>/<strategy>-seed<seed>).", OUTPUT)
     overwrite_output_dir: bool = opt(False, "Replace a finished run in --output-dir (without "
-                                     "it, a finished run is never overwritten).", OUTPUT)
+                                     "it, a finished run is never overwritten). Deletes the "
+                                     "folder first, so only a folder selftune wrote, or an "
+                                     "empty one: any other is refused.", OUTPUT)
     resume: bool = opt(True, "Continue an interrupted run from its last checkpoint in "
                        "--output-dir (--no-resume starts over).", OUTPUT)
     keep_checkpoints: bool = opt(False, "Keep the intermediate checkpoints after the run "
@@ -233,6 +238,23 @@ def _scalar_type(annotation: Any) -> type:
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         return next(a for a in typing.get_args(annotation) if a is not type(None))
     return annotation
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer no smaller than ``minimum``, else a usage error (a
+    zero batch size or a zero-token limit would otherwise fail deep in the run, or silently
+    mean "no limit" to the tokenizer)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its messages
+    return parse
 
 
 def add_dataclass_arguments(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,14 @@ from selftune.data.readers import Record, read_user_file
 from selftune.data.tasks import TaskSpec, custom_task
 from selftune.errors import SelftuneError
 from selftune.metrics import compute_task_metrics
-from selftune.models.loading import load_finetuned, load_tokenizer, model_label_names
+from selftune.models.loading import (
+    check_sequence_length,
+    load_finetuned,
+    load_tokenizer,
+    model_label_names,
+)
+
+logger = logging.getLogger("selftune")
 
 
 def predict_logits(
@@ -27,6 +35,7 @@ def predict_logits(
     batch_size: int, with_labels: bool = False,
 ) -> np.ndarray:
     """Logits for ``records`` in eval mode, batched with dynamic padding by the Trainer."""
+    check_sequence_length(max_seq_length, model)
     dataset = tokenize_records(records, tokenizer, max_seq_length, with_labels=with_labels)
     return dataset_logits(model, tokenizer, dataset, batch_size)
 
@@ -61,6 +70,29 @@ def _check_task_matches(task: TaskSpec, labels: tuple[str, ...] | None, model_di
     if labels is not None and task.label_names is not None and len(labels) != task.num_labels:
         raise SelftuneError(f"{model_dir} predicts {len(labels)} classes {list(labels)}, task "
                             f"{task.name} has {task.num_labels} {list(task.label_names)}")
+    check_label_order(model_dir, task, labels)
+
+
+def check_label_order(model_dir: Path | str, task: TaskSpec,
+                      labels: tuple[str, ...] | None) -> None:
+    """A model trained elsewhere may order the task's classes differently (MNLI checkpoints
+    often do): its predictions (a teacher's soft targets, or what `evaluate` scores) would
+    then be silently permuted, so the task's own names in another order are refused. Other
+    names (LABEL_0..., or a sentiment model's neg/pos used on SST-2) say nothing about the
+    order: they are taken in the task's, with a warning."""
+    if labels is None or task.label_names is None:
+        return
+    ours = [n.lower() for n in task.label_names]
+    theirs = [n.lower() for n in labels]
+    if theirs == ours:
+        return
+    if sorted(theirs) == sorted(ours):
+        raise SelftuneError(
+            f"{model_dir} orders its classes {list(labels)}, {task.name} orders them "
+            f"{list(task.label_names)}; its predictions would be permuted. Re-export the "
+            "model with the task's label order")
+    logger.warning("%s names its classes %s; taken to be %s, in that order", model_dir,
+                   list(labels), list(task.label_names))
 
 
 def evaluate_model(

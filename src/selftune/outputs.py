@@ -27,8 +27,15 @@ METRICS_FILE = "metrics.json"
 RUN_CONFIG_FILE = "run_config.json"
 LOG_FILE = "train.log"
 CHECKPOINTS = "checkpoints"
-# Inside a `selftune bam` folder: the multi-task student's own run folder.
+# Inside a `selftune bam` folder: the multi-task student's run folder, the teachers, the
+# students fine-tuned per task afterwards, and the summary of every stage.
 BAM_STUDENT_DIR = "student"
+BAM_TEACHERS_DIR = "teachers"
+BAM_FINETUNED_DIR = "finetuned"
+BAM_SUMMARY_FILE = "bam.json"
+# What marks a folder as written by selftune, so that --overwrite-output-dir may delete it.
+RUN_MARKERS = (METRICS_FILE, RUN_CONFIG_FILE, LOG_FILE, CHECKPOINTS, BAM_STUDENT_DIR,
+               BAM_TEACHERS_DIR, BAM_FINETUNED_DIR, BAM_SUMMARY_FILE)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -121,14 +128,28 @@ def check_output_dir(
                 "use the same options to resume it, or --overwrite-output-dir to start over")
 
 
+def remove_run_dir(output_dir: Path) -> None:
+    """Delete a run folder for --overwrite-output-dir, but only one selftune wrote (or an empty
+    one): pointed by mistake at a folder of the user's own (".", a home folder, a dataset),
+    the option must not wipe it."""
+    if not output_dir.exists():
+        return
+    if any(output_dir.iterdir()) and not any((output_dir / m).exists() for m in RUN_MARKERS):
+        raise SelftuneError(
+            f"--overwrite-output-dir: {output_dir} is not a selftune run folder (none of "
+            f"{', '.join(RUN_MARKERS)} in it) and is not empty; refusing to delete it. "
+            "Choose a new or empty --output-dir")
+    shutil.rmtree(output_dir)
+
+
 def prepare_output_dir(
     output_dir: Path, config: dict[str, Any], overwrite: bool, resume: bool,
     defaults: dict[str, Any] | None = None,
 ) -> Path | None:
     """Make the folder ready; return the checkpoint to resume from, if any."""
     check_output_dir(output_dir, config, overwrite, resume, defaults)
-    if overwrite and output_dir.exists():
-        shutil.rmtree(output_dir)
+    if overwrite:
+        remove_run_dir(output_dir)
     checkpoint = last_checkpoint(output_dir) if resume else None
     if not resume and (output_dir / CHECKPOINTS).exists():
         shutil.rmtree(output_dir / CHECKPOINTS)

@@ -26,7 +26,12 @@ from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
 from selftune.evaluation import dataset_logits
 from selftune.metrics import compute_task_metrics, metrics_and_score, trainer_metrics_fn
-from selftune.models.loading import load_for_training, load_tokenizer, resolve_model_path
+from selftune.models.loading import (
+    check_sequence_length,
+    load_for_training,
+    load_tokenizer,
+    resolve_model_path,
+)
 from selftune.optim import make_optimizer
 from selftune.runinfo import environment_info, peak_memory_mb
 from selftune.trainer import SelftuneTrainer
@@ -68,6 +73,10 @@ def check_strategy_options(cfg: TrainConfig, strategies: str = "se/sda/sdv/ema")
             raise SelftuneError(f"--{name.replace('_', '-')} does nothing with --strategy "
                                 f"{cfg.strategy} (it applies to "
                                 f"{'/'.join(SD_OPTION_STRATEGIES[name])}); drop the option")
+    if "snapshot_interval" in changed and cfg.strategy == "se" and cfg.se_pool == "epochs":
+        raise SelftuneError("--snapshot-interval does nothing with --strategy se --se-pool "
+                            "epochs (the pool takes the end of each epoch); add --se-pool "
+                            "steps or drop it")
 
 
 def validate_options(cfg: TrainConfig) -> None:
@@ -92,6 +101,22 @@ def validate_options(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise SelftuneError(message)
+    check_trackers(cfg.report_to)
+
+
+def check_trackers(report_to: str) -> None:
+    """A tracker whose package is missing would fail deep inside the Trainer, after the run
+    folder is made: name the package to install instead."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    requested = [] if report_to in ("none", "") else report_to.split(",")
+    available = get_available_reporting_integrations()
+    missing = [name for name in requested if name not in ("all", *available)]
+    if missing:
+        raise SelftuneError(
+            f"--report-to {','.join(missing)}: not available here (an unknown tracker, or its "
+            f"package is not installed: pip install {' '.join(missing)}); installed trackers: "
+            f"{', '.join(available) or 'none'}")
 
 
 class LogToFile(TrainerCallback):
@@ -171,14 +196,6 @@ def _training_arguments(cfg, checkpoint_dir, evaluate, save, report_to) -> Train
     )
 
 
-def check_sequence_length(max_seq_length: int, model) -> None:
-    """Inputs longer than the model's position table would crash mid-run: refuse them now."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and max_seq_length > limit:
-        raise SelftuneError(f"--max-seq-length {max_seq_length} is longer than the model's "
-                            f"{limit} positions; use at most {limit}")
-
-
 def process_state():
     """Accelerate's (possibly distributed) process state. Without a GPU, processes started by
     torchrun are data-parallel CPU processes only if Accelerate is told so (``cpu=True``);
@@ -231,16 +248,42 @@ def history_from_logs(log_history: list[dict]) -> list[dict]:
     return history
 
 
-def add_cls_norm(cfg: TrainConfig, model, tokenizer, train_set, output_dir: Path) -> None:
+def add_cls_norm(cfg: TrainConfig, model, tokenizer, train_set, output_dir: Path,
+                 start_dir: str | None = None) -> None:
     """Insert the [CLS] normalizer; center/standardize get the pre-trained model's statistics
-    over the training set, computed once here and saved with the run (cls_stats.safetensors)."""
+    over the training set, computed once here and saved with the run (cls_stats.safetensors).
+
+    A run that starts from a selftune model saved with the same normalizer (``start_dir``;
+    e.g. BAM!'s --finetune-after from the student's task model) keeps that one: its
+    classifier was trained on what it outputs, and its statistics are already the
+    pre-trained model's (recomputed now, they would be the fine-tuned encoder's)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from selftune.models.cls_norm import compute_cls_stats
-    from selftune.models.heads import default_source, install_cls_norm
+    from selftune.models.heads import (
+        NORM_KEY,
+        SOURCE_KEY,
+        default_source,
+        install_cls_norm,
+        restore_cls_norm,
+        saved_cls_norm,
+    )
 
     source = default_source(model) if cfg.cls_source == "auto" else cfg.cls_source
+    saved = saved_cls_norm(start_dir) if start_dir else None
+    if saved == (cfg.cls_norm, source):
+        setattr(model.config, NORM_KEY, cfg.cls_norm)
+        setattr(model.config, SOURCE_KEY, source)
+        restore_cls_norm(model, Path(start_dir))
+        logger.info("[CLS] normalization %s on the %s representation, with its state as "
+                    "saved in %s", cfg.cls_norm, source, start_dir)
+        return
+    if saved is not None:
+        logger.warning("%s was fine-tuned with [CLS] normalization %s on %s; this run replaces "
+                       "it with --cls-norm %s on %s", start_dir, *saved, cfg.cls_norm, source)
+    if cfg.cls_norm == "none" and cfg.cls_source == "auto":
+        return  # the model as it comes
     stats = None
     if cfg.cls_norm in ("center", "standardize"):
         features = train_set.select_columns(
@@ -271,17 +314,17 @@ def build_objective(cfg: TrainConfig, model, is_regression: bool) -> SelfDistill
 
 
 def evaluate_self_distillation(
-    cfg: TrainConfig, objective: SelfDistillation, trainer: SelftuneTrainer, tokenizer,
-    eval_set, task, student: dict[str, float],
+    cfg: TrainConfig, objective: SelfDistillation, tokenizer, eval_set, other_sets: dict,
+    task, student: dict[str, float], student_other_splits: dict[str, Any],
 ) -> dict[str, Any]:
-    """Dev metrics of the teacher (sda/sdv/ema) or of the self-ensemble (se)."""
-    labels = np.array(eval_set["labels"])
+    """Dev metrics of the teacher (sda/sdv/ema) or of the self-ensemble (se); for se, also on
+    the task's other dev sets (``other_sets``, tokenized), since the ensemble is the model
+    saved."""
+    def metrics_of(logits: np.ndarray, dataset=eval_set) -> dict[str, float]:
+        return compute_task_metrics(task, logits, np.array(dataset["labels"]))
 
-    def metrics_of(logits: np.ndarray) -> dict[str, float]:
-        return compute_task_metrics(task, logits, labels)
-
-    def predict(model) -> np.ndarray:
-        return dataset_logits(model, tokenizer, eval_set, cfg.per_device_eval_batch_size)
+    def predict(model, dataset=eval_set) -> np.ndarray:
+        return dataset_logits(model, tokenizer, dataset, cfg.per_device_eval_batch_size)
 
     averaged = metrics_of(predict(objective.averaged_teacher()))
     if cfg.strategy == "se":
@@ -291,6 +334,12 @@ def evaluate_self_distillation(
         if cfg.se_combine == "vote":
             vote = metrics_of(objective.vote_logits(predict))
             extra = metrics_and_score(vote, "vote_")
+        if other_sets:
+            extra["other_splits"] = {
+                name: metrics_and_score(metrics_of(predict(objective.averaged_teacher(), other),
+                                                   other))
+                for name, other in other_sets.items()}
+            extra["last_iterate_other_splits"] = student_other_splits
         return {**metrics_and_score(averaged),
                 "ensemble": f"parameter average of {len(objective.members())} snapshots "
                             f"({cfg.se_pool} pool)",
@@ -348,8 +397,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
                 len(data.train), len(data.eval_splits[split]), split, model_path)
     train_set = tokenize_records(data.train, tokenizer, cfg.max_seq_length)
     eval_set = tokenize_records(data.eval_splits[split], tokenizer, cfg.max_seq_length)
-    if cfg.cls_norm != "none" or cfg.cls_source != "auto":
-        add_cls_norm(cfg, model, tokenizer, train_set, output_dir)
+    add_cls_norm(cfg, model, tokenizer, train_set, output_dir, model_path)
 
     objective = build_objective(cfg, model, task.is_regression)
     trainer = SelftuneTrainer(
@@ -377,12 +425,11 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
     else:
         final = _task_metrics(trainer.evaluate(), task)
     # The task's other dev sets (MNLI's mismatched one), once at the end, as run_glue.py does.
-    other_splits = {}
-    for name, records in data.eval_splits.items():
-        if name != split:
-            other_splits[name] = metrics_and_score(_task_metrics(trainer.predict(
-                tokenize_records(records, tokenizer, cfg.max_seq_length),
-                metric_key_prefix="eval").metrics, task))
+    other_sets = {name: tokenize_records(records, tokenizer, cfg.max_seq_length)
+                  for name, records in data.eval_splits.items() if name != split}
+    other_splits = {name: metrics_and_score(_task_metrics(
+                        trainer.predict(other, metric_key_prefix="eval").metrics, task))
+                    for name, other in other_sets.items()}
 
     result: dict[str, Any] = {
         "task": task.name,
@@ -408,8 +455,8 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
         **environment_info(),
     }
     if objective is not None:
-        result.update(evaluate_self_distillation(cfg, objective, trainer, tokenizer, eval_set,
-                                                 task, final))
+        result.update(evaluate_self_distillation(cfg, objective, tokenizer, eval_set,
+                                                 other_sets, task, final, other_splits))
     if trainer.is_world_process_zero():
         if objective is not None:
             save_self_distillation(cfg, objective, trainer, tokenizer, output_dir)
@@ -424,7 +471,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
     logger.info("Done: %s %s = %s (score %.2f) in %.0f s; model and metrics in %s", task.name,
                 split, ", ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items()),
                 result["score"], result["wall_time_s"], output_dir)
-    for name, other in other_splits.items():
+    for name, other in result.get("other_splits", {}).items():
         logger.info("      %s %s = %s", task.name, name,
                     ", ".join(f"{k} {v:.2f}" for k, v in other["metrics"].items()))
     return result

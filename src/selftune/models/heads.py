@@ -10,6 +10,7 @@ model.safetensors. ``config.json`` records the choice (``selftune_cls_norm``,
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -82,6 +83,18 @@ def install_cls_norm(
     base.pooler = NormalizedPooler(base.pooler, norm.to(device), source)
     setattr(model.config, NORM_KEY, kind)
     setattr(model.config, SOURCE_KEY, source)
+
+
+def saved_cls_norm(model_dir: str) -> tuple[str, str] | None:
+    """The (normalizer, source) a selftune model directory was saved with, or None."""
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():  # a Hub id: not a selftune model
+        return None
+    config = json.loads(config_file.read_text())
+    kind, source = config.get(NORM_KEY), config.get(SOURCE_KEY, "pooler")
+    if kind in (None, "none") and source == "pooler":
+        return None
+    return kind or "none", source
 
 
 def restore_cls_norm(model: PreTrainedModel, model_dir: Path) -> None:

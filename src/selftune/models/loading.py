@@ -137,6 +137,14 @@ def load_finetuned(path: str, trust_remote_code: bool = False) -> PreTrainedMode
     return model
 
 
+def check_sequence_length(max_seq_length: int, model) -> None:
+    """Inputs longer than the model's position table would crash mid-run: refuse them now."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and max_seq_length > limit:
+        raise SelftuneError(f"--max-seq-length {max_seq_length} is longer than the model's "
+                            f"{limit} positions; use at most {limit}")
+
+
 def model_label_names(model: PreTrainedModel) -> tuple[str, ...] | None:
     """The class names a fine-tuned model was saved with; ``None`` for regression."""
     config = model.config

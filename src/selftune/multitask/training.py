@@ -29,7 +29,7 @@ from selftune.data.loading import load_task_data
 from selftune.data.tasks import TaskSpec, get_task
 from selftune.errors import SelftuneError
 from selftune.metrics import compute_task_metrics, metrics_and_score
-from selftune.models.loading import load_tokenizer, resolve_model_path
+from selftune.models.loading import check_sequence_length, load_tokenizer, resolve_model_path
 from selftune.multitask.data import (
     UNORDERED_TASKS,
     build_train_set,
@@ -246,6 +246,7 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     model = build_multitask_model(model_path, tasks, cfg.trust_remote_code)
+    check_sequence_length(cfg.max_seq_length, model)
     resume_from = open_run_directory(cfg, output_dir)
     data = build_train_set(tasks, records, tokenizer, cfg.max_seq_length, teachers,
                            model.max_labels)
