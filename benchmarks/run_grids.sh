@@ -47,7 +47,8 @@ done
 command -v selftune >/dev/null || { echo "run_grids.sh: activate the venv with selftune first" >&2; exit 2; }
 deadline=""
 if [ -n "${DEADLINE:-}" ]; then
-  deadline=$(python - "$DEADLINE" <<'PY'
+  # The Python selftune runs in (the venv's), whichever `python` comes first on PATH.
+  deadline=$("$(dirname "$(command -v selftune)")/python" - "$DEADLINE" <<'PY'
 import sys
 from selftune.bench import parse_deadline
 from selftune.errors import SelftuneError

@@ -18,6 +18,7 @@ from selftune.bench import (
     append_record,
     expected_duration,
     load_grid,
+    make_record,
     parse_deadline,
     parse_seeds,
     plan_runs,
@@ -92,6 +93,26 @@ def test_a_run_claimed_by_another_worker_is_left_to_it(grid, tmp_path):
     assert not (runs / taken.run_id).exists()
     # The worker died (its lock with it): the next invocation takes the run over.
     assert run_grid(grid, results, runs)["done"] == 1
+
+
+
+def test_a_record_keeps_the_scores_of_a_second_dev_set(grid, tmp_path):
+    run = plan_runs(grid, tmp_path / "runs")[0]
+    mismatched = {"validation_mismatched": {"metrics": {"accuracy": 61.0}, "score": 61.0}}
+    record = make_record(run, {"metrics": {"accuracy": 60.0}, "score": 60.0,
+                               "other_splits": mismatched})
+    assert record["other_splits"] == mismatched and record["score"] == 60.0
+    assert "other_splits" not in make_record(run, {"metrics": {"accuracy": 60.0}, "score": 60.0})
+
+
+def test_max_runs_counts_only_the_runs_this_worker_ran(grid, tmp_path):
+    results, runs = tmp_path / "results.jsonl", tmp_path / "runs"
+    grid.seeds = [0]
+    taken = plan_runs(grid, runs)[0]
+    with directory_lock(runs / taken.run_id, wait=False) as lock:
+        assert lock is not None
+        counts = run_grid(grid, results, runs, max_runs=1)
+    assert counts["busy"] == 1 and counts["done"] == 1  # went past the run held elsewhere
 
 
 def test_a_killed_workers_training_keeps_its_claim_until_it_ends(grid, tmp_path):
@@ -231,6 +252,23 @@ def test_expected_duration_of_a_resumed_run_is_the_share_still_to_do(grid, tmp_p
     assert expected_duration(run, recorded) == 1000.0
 
 
+def test_expected_duration_prefers_runs_timed_in_this_setting(grid, tmp_path):
+    """Runs timed with another thread count (or CPU) are used only when none match."""
+    import torch
+
+    from selftune.runinfo import cpu_model
+
+    run = plan_runs(grid, tmp_path / "runs")[0]
+    here = {"cpu": cpu_model(), "torch_threads": torch.get_num_threads()}
+    elsewhere = {"cpu": cpu_model(), "torch_threads": torch.get_num_threads() + 1}
+    other = [{"task": "custom", "variant": "base", "seed": s, "wall_time_s": 100.0,
+              "machine": elsewhere} for s in (1, 2, 3)]
+    assert expected_duration(run, other) == 100.0  # nothing else to go by
+    alike = [{"task": "custom", "variant": "base", "seed": 4, "wall_time_s": 170.0,
+              "machine": here}]
+    assert expected_duration(run, other + alike) == 170.0
+
+
 def test_a_deadline_estimates_from_the_grids_named_in_timings_from(tmp_path):
     # An ablation grid has no runs of its own recorded yet; the main grid's students are as
     # long as its runs, and `timings_from` lets the deadline use them.
@@ -285,6 +323,13 @@ def test_failed_run_is_reported_and_retried(grid, tmp_path):
     assert counts["failed"] == 1 and not (tmp_path / "r.jsonl").exists()
 
 
+def test_grid_tasks_may_be_a_comma_separated_string(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("tasks: rte, mrpc\nseeds: [0-1]\n")
+    grid = load_grid(path)
+    assert grid.tasks == ["rte", "mrpc"] and grid.seeds == [0, 1]
+
+
 def test_grid_file(tmp_path):
     path = tmp_path / "g.yaml"
     path.write_text("name: g\ntasks: [rte, mrpc]\nseeds: 0-2\ncommon: {data_dir: data}\n"
@@ -312,6 +357,12 @@ def test_grid_file(tmp_path):
      "task_options for \\['sst-2'\\], which are not among the tasks"),
     ("tasks: [rte]\nseeds: 0\ntask_options: {rte: {learning_rate: 1.0e-5}}\n"
      "variants: {multi: {pipeline: bam}}\n", "task_options cannot apply"),
+    ("tasks: [rte]\nseeds: 0\nvariants: {bam: {pipeline: bam, finetune_after: true}}\n",
+     "finetune_after is not supported in a grid"),
+    ("tasks:\nseeds: 0\n", "tasks: a list of task names"),
+    ("tasks: []\nseeds: 0\n", "names no task"),
+    ("tasks: [rte]\nseeds: [0-4, x]\n", "seeds: cannot read"),
+    ("tasks: [rte]\nseeds: 0\nresults: [x]\n", "results is a path"),
 ])
 def test_bad_grid_files(tmp_path, content, message):
     path = tmp_path / "g.yaml"
@@ -323,8 +374,10 @@ def test_bad_grid_files(tmp_path, content, message):
 def test_parse_seeds():
     assert parse_seeds("0-2,7") == [0, 1, 2, 7]
     assert parse_seeds(3) == [3] and parse_seeds([4, 5]) == [4, 5]
-    with pytest.raises(SelftuneError):
-        parse_seeds("a-b")
+    assert parse_seeds(["0-2", 5]) == [0, 1, 2, 5]  # YAML reads [0-2, 5] as a string and an int
+    for bad in ("a-b", "4-0", [1.5], "", [], True):
+        with pytest.raises(SelftuneError, match="seeds: "):
+            parse_seeds(bad)
 
 
 def test_bam_variants_record_one_line_per_task(tiny_model, glue_dir, tmp_path):

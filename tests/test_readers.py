@@ -133,3 +133,18 @@ def test_unknown_task():
     with pytest.raises(SelftuneError, match="unknown task 'glue'"):
         get_task("glue")
     assert get_task("SST-2").name == "sst2" and get_task("STS-B").name == "stsb"
+
+
+def test_ag_news_csv_rows_and_an_empty_file(tmp_path):
+    from selftune.data.readers import read_ag_news_split
+
+    folder = tmp_path / "ag_news"
+    folder.mkdir()
+    (folder / "test.csv").write_text('"3","Stocks rise","Markets, up again"\n'
+                                     '"2","Cup final","A late goal"\n')
+    records = read_ag_news_split(get_task("ag_news"), tmp_path, "test")
+    assert [r["label"] for r in records] == ["Business", "Sports"]
+    assert records[0]["text_a"] == "Stocks rise Markets, up again"
+    (folder / "test.csv").write_text("")
+    with pytest.raises(SelftuneError, match="file is empty"):
+        read_ag_news_split(get_task("ag_news"), tmp_path, "test")

@@ -482,6 +482,16 @@ def test_a_verdict_from_two_pairs_says_it_is_provisional(tmp_path: Path) -> None
     assert gain["verdict"] == "better (2 pairs: provisional)"
 
 
+def test_the_same_gain_on_every_seed_is_judged_by_the_exact_wilcoxon(tmp_path: Path) -> None:
+    """One RTE example (100/277 points) better on each of five seeds: t = ∞, p = 2/2^5."""
+    items = [run("rte", "baseline", s, {"accuracy": RTE_BASE[s]}) for s in SEEDS]
+    items += [run("rte", "step", s, {"accuracy": RTE_BASE[s] + 100 / 277}) for s in SEEDS]
+    md = write_report(write_lines(tmp_path / "r.jsonl", items), tmp_path / "o", "baseline")
+    step = by_variant(table(md, "### rte"))["step"]
+    assert len(SEEDS) == 5 and step["t-test p"] == "–"
+    assert step["verdict"] == "within noise (p=0.0625) (equal differences: exact Wilcoxon)"
+
+
 def test_unpaired_comparison_shows_mann_whitney(tmp_path: Path) -> None:
     items = [run("rte", "baseline", s, {"accuracy": RTE_BASE[s]}) for s in SEEDS]
     items += [run("rte", "gain", s + 10, {"accuracy": RTE_GAIN[s]}) for s in SEEDS]

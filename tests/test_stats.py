@@ -92,14 +92,21 @@ def test_all_zero_differences_give_p_one() -> None:
     assert not c.significant
 
 
-def test_constant_nonzero_difference_is_significant() -> None:
+def test_the_same_difference_on_every_seed_rests_on_the_exact_sign_test() -> None:
+    """t = ∞ (p = 0) whenever every seed gains the same: on RTE (steps of 1/277) three seeds
+    one example better each is no proof. The verdict takes the exact Wilcoxon p, 2/2^n."""
     base = {0: 50.0, 1: 60.0, 2: 70.0}
     other = {s: v + 2.0 for s, v in base.items()}
     c = compare(base, other)
-    assert c.kind == "paired"
-    assert c.diff == pytest.approx(2.0)
-    assert c.t_p is not None and c.t_p < 1e-6
-    assert c.significant
+    assert c.kind == "paired" and c.diff == pytest.approx(2.0)
+    assert c.t_p is None and c.wilcoxon_p == pytest.approx(0.25) and c.p == c.wilcoxon_p
+    assert not c.significant
+    six = {s: 50.0 + s for s in range(6)}
+    c = compare(six, {s: v - 1.0 for s, v in six.items()})
+    assert c.p == pytest.approx(1 / 32) and c.significant and c.diff == pytest.approx(-1.0)
+    # The same as scipy's exact test where scipy can compute it without ties in the ranks.
+    d = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    assert sps.wilcoxon(d, method="exact").pvalue == pytest.approx(1 / 32)
 
 
 def test_the_same_difference_on_two_seeds_gives_no_verdict() -> None:
@@ -108,7 +115,7 @@ def test_the_same_difference_on_two_seeds_gives_no_verdict() -> None:
     # Equal up to float rounding (accuracies are k/n·100) counts as the same difference.
     c = compare({0: 100 * 154 / 277, 1: 100 * 156 / 277}, {0: 100 * 155 / 277, 1: 100 * 157 / 277})
     assert c.kind == "paired" and c.n_pairs == 2
-    assert c.t_p is None and c.p is None and not c.significant
+    assert c.t_p is None and c.p == pytest.approx(0.5) and not c.significant
 
 
 def test_wilcoxon_with_zero_differences_matches_scipy_or_is_none() -> None:

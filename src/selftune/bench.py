@@ -58,6 +58,7 @@ from selftune.config import TrainConfig
 from selftune.errors import SelftuneError
 from selftune.outputs import (
     BAM_STUDENT_DIR,
+    BENCH_RUN_FILE,
     METRICS_FILE,
     directory_lock,
     is_finished,
@@ -103,22 +104,43 @@ class PlannedRun:
 
 
 def parse_seeds(value: str | list | int) -> list[int]:
-    """``"0-4"``, ``"0,1,2"``, ``3`` or a list of ints."""
-    if isinstance(value, int):
-        return [value]
-    if isinstance(value, list):
-        return [int(v) for v in value]
+    """``"0-4"``, ``"0,1,2"``, ``3`` or a list of ints (or of such strings)."""
+    parts = value if isinstance(value, list) else [value]
     seeds: list[int] = []
     try:
-        for part in str(value).split(","):
-            if "-" in part.strip()[1:]:
-                lo, hi = part.split("-", 1)
-                seeds.extend(range(int(lo), int(hi) + 1))
-            elif part.strip():
-                seeds.append(int(part))
+        for part in parts:
+            if isinstance(part, (bool, float)):  # int() would quietly take 1.5 for 1
+                raise ValueError
+            if isinstance(part, int):
+                seeds.append(part)
+                continue
+            for piece in str(part).split(","):
+                piece = piece.strip()
+                if "-" in piece[1:]:
+                    lo, hi = (int(x) for x in piece.split("-", 1))
+                    if hi < lo:
+                        raise ValueError
+                    seeds.extend(range(lo, hi + 1))
+                elif piece:
+                    seeds.append(int(piece))
     except ValueError:
-        raise SelftuneError(f"--seeds: cannot read {value!r}; use e.g. 0-4 or 0,1,2") from None
+        raise SelftuneError(f"seeds: cannot read {value!r}; use e.g. 0-4, 0,1,2 or [0, 1, 2] "
+                            "(whole numbers, ranges from low to high)") from None
+    if not seeds:
+        raise SelftuneError(f"seeds: {value!r} names no seed")
     return seeds
+
+
+def parse_tasks(value: Any) -> list[str]:
+    """``[rte, mrpc]`` or ``"rte,mrpc"``."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
+        raise SelftuneError(f"tasks: a list of task names or a comma-separated string, not "
+                            f"{value!r}")
+    tasks = [t.strip() for t in items if t.strip()]
+    if not tasks:
+        raise SelftuneError("tasks: the grid names no task")
+    return tasks
 
 
 PATHS_RELATIVE_TO_GRID = ("data_dir", "teachers_root")
@@ -153,7 +175,9 @@ def load_grid(path: Path) -> Grid:
             raise SelftuneError(f"{path}: the grid needs '{key}'")
     base = path.parent
 
-    def rel(value: str | None) -> Path | None:
+    def rel(value: str | None, key: str = "a path") -> Path | None:
+        if value is not None and not isinstance(value, str):
+            raise SelftuneError(f"{path}: {key} is a path, not {value!r}")
         return None if value is None else (base / value).resolve()
 
     def with_paths_resolved(options: dict | None) -> dict:
@@ -170,7 +194,7 @@ def load_grid(path: Path) -> Grid:
     if not isinstance(variants, dict):
         raise SelftuneError(f"{path}: 'variants' maps a name to its options")
     task_options = raw.get("task_options") or {}
-    tasks = [str(t) for t in raw["tasks"]]
+    tasks = parse_tasks(raw["tasks"])
     if not isinstance(task_options, dict):
         raise SelftuneError(f"{path}: 'task_options' maps a task to its options")
     strays = sorted(set(task_options) - set(tasks))
@@ -185,9 +209,10 @@ def load_grid(path: Path) -> Grid:
         common=with_paths_resolved(raw.get("common")),
         task_options={task: with_paths_resolved(options)
                       for task, options in task_options.items()},
-        results=rel(raw.get("results")) or path.with_name(f"{path.stem}.results.jsonl"),
-        runs_dir=rel(raw.get("runs_dir")),
-        timings_from=[rel(str(p)) for p in _as_list(raw.get("timings_from"))],
+        results=rel(raw.get("results"), "results")
+        or path.with_name(f"{path.stem}.results.jsonl"),
+        runs_dir=rel(raw.get("runs_dir"), "runs_dir"),
+        timings_from=[rel(p, "timings_from") for p in _as_list(raw.get("timings_from"))],
     )
 
 
@@ -244,6 +269,11 @@ def _plan_bam(grid: Grid, variant: str, options: dict, seed: int, runs_dir: Path
         config = BamConfig.from_dict(values)
     except TypeError as err:
         raise SelftuneError(f"grid variant {variant!r}: {err}") from None
+    if config.finetune_after:
+        # Its results lines hold the multi-task student; the fine-tuned models would be trained
+        # and never recorded, nor weighed by a deadline.
+        raise SelftuneError(f"grid variant {variant!r}: finetune_after is not supported in a "
+                            "grid; run 'selftune bam --finetune-after' on its own")
     return PlannedRun(f"{variant}__seed{seed}", ",".join(grid.tasks), variant, seed, config,
                       command="bam")
 
@@ -379,6 +409,8 @@ def make_record(run: PlannedRun, metrics: dict) -> dict:
         "seed": run.seed,
         "config": run.config.to_dict(),
         **{k: metrics.get(k) for k in keep},
+        # A task with several dev sets (MNLI): the others' scores too.
+        **({"other_splits": metrics["other_splits"]} if metrics.get("other_splits") else {}),
     }
 
 
@@ -407,6 +439,21 @@ def parse_deadline(value: str, now: datetime | None = None) -> datetime:
     return at.astimezone().replace(tzinfo=None) if at.tzinfo else at
 
 
+def current_setting() -> tuple[str, int]:
+    """What a run's speed depends on here: the CPU model and torch's thread count (which
+    OMP_NUM_THREADS sets for the worker and the runs it starts alike)."""
+    import torch
+
+    from selftune.runinfo import cpu_model
+
+    return cpu_model(), torch.get_num_threads()
+
+
+def record_setting(record: dict) -> tuple[Any, Any]:
+    machine = record.get("machine") if isinstance(record.get("machine"), dict) else {}
+    return machine.get("cpu"), machine.get("torch_threads")
+
+
 def expected_duration(run: PlannedRun, recorded: Iterable[dict]) -> float | None:
     """Seconds this run is expected to take: the median wall time of the recorded runs most
     like it (the same task and variant on other seeds; else the same task in any variant, or
@@ -416,11 +463,16 @@ def expected_duration(run: PlannedRun, recorded: Iterable[dict]) -> float | None
     # A resumed run's wall time covers its last attempt only.
     timed = [r for r in recorded
              if isinstance(r.get("wall_time_s"), (int, float)) and not r.get("resumed_from")]
+    setting = current_setting()
 
     def median_wall_time(*candidates: list[dict]) -> float | None:
         for records in candidates:
             if records:
-                return statistics.median(r["wall_time_s"] for r in records)
+                # Runs timed in this setting if there are any: a process at one thread takes
+                # about 1.7x as long as one at two (BENCHMARKS.md, Threads), more than the
+                # deadline's margin covers.
+                alike = [r for r in records if record_setting(r) == setting] or records
+                return statistics.median(r["wall_time_s"] for r in alike)
         return None
 
     def single_task(task: str, variant: str) -> float | None:
@@ -494,10 +546,14 @@ def run_grid(
                 if expected == 0 else f" (~{_format_duration(expected)})"
             print(f"  would run {run.run_id}{length}")
         return {"planned": len(runs), "done": 0, "failed": 0, "skipped": len(runs) - len(todo)}
-    done = failed = busy = deferred = 0
+    done = failed = busy = deferred = attempted = 0
     durations: list[float] = []
-    for index, run in enumerate(todo[:max_runs] if max_runs else todo, start=1):
+    for index, run in enumerate(todo, start=1):
+        if max_runs and attempted >= max_runs:
+            break
         remaining = len(todo) - index + 1
+        if max_runs:
+            remaining = min(remaining, max_runs - attempted)
         eta = f", ETA {_format_duration(sum(durations) / len(durations) * remaining)}" \
             if durations else ""
         print(f"[{index}/{len(todo)}] {run.run_id}{eta}", flush=True)
@@ -512,6 +568,9 @@ def run_grid(
                 deferred += 1
                 continue
             outcome = _run_claimed(run, out, results, train_command, durations, lock.fileno())
+        # --max-runs counts the runs this worker ran (or found finished and recorded), not
+        # those another worker holds or that wait for the next session.
+        attempted += outcome is not False
         if outcome is None:
             failed += 1
         elif outcome:
@@ -563,19 +622,19 @@ def _run_claimed(run: PlannedRun, out: Path, results: Path, train_command: list[
             run.config.overwrite_output_dir = True
         started = time.time()
         out.mkdir(parents=True, exist_ok=True)
-        config_file = out / "bench_run.json"
+        config_file = out / BENCH_RUN_FILE
         write_json_atomic(config_file, run.config.to_dict())
         command = train_command or [sys.executable, "-m", "selftune", run.command]
         # The run holds the claim too: if this worker is killed, the run it started goes on
         # training, and no other worker starts it a second time.
         proc = subprocess.run([*command, "--config", str(config_file)], pass_fds=(lock_fd,))
-        durations.append(time.time() - started)
         metrics = _finished_metrics(out, run)
         if proc.returncode != 0 or metrics is None:
             print(f"  run {run.run_id} failed (exit {proc.returncode}); see "
                   f"{out / 'train.log'}; it will be retried on the next 'selftune bench'",
                   flush=True)
             return None
+        durations.append(time.time() - started)  # a failure, often instant, would skew the ETA
     for record in ([make_record(run, metrics)] if run.command == "train"
                    else bam_records(run, metrics)):
         # A teacher shared by several BAM! runs of a seed is recorded once.
@@ -588,7 +647,7 @@ def _run_claimed(run: PlannedRun, out: Path, results: Path, train_command: list[
 def _holds_other_config(out: Path, run: PlannedRun) -> bool:
     # A train run writes its options to run_config.json as it starts; a BAM! run has only the
     # bench_run.json it was started with until its bam.json is written at the end.
-    saved = out / ("run_config.json" if run.command == "train" else "bench_run.json")
+    saved = out / ("run_config.json" if run.command == "train" else BENCH_RUN_FILE)
     if not saved.is_file():
         return False
     try:

@@ -56,9 +56,13 @@ def add_bench_commands(commands, formatter, add_common: Callable) -> None:
                        help="Start only the runs expected to finish by WHEN: +2h30m (from "
                             "now), 13:40 (the next such local time) or 2026-12-05T13:40. A "
                             "run's expected length is the median wall time of the recorded runs "
-                            f"of its task and variant (other seeds) x{DEADLINE_MARGIN}, or the "
-                            "share of it still to do for a run that resumes; a run that does "
-                            "not fit is left for later and shorter ones are still started.")
+                            "of its task and variant (other seeds; else of its task in any "
+                            "variant; for a BAM! student, of the students, plus its teachers "
+                            "not trained yet), timed on this CPU with this many threads if any "
+                            f"were, x{DEADLINE_MARGIN}; for a run that resumes, the share of it "
+                            "still to do. Results files named in the grid's timings_from "
+                            "count too. A run that does not fit is left for later and shorter "
+                            "ones are still started.")
     add_common(bench)
 
     report = commands.add_parser(
@@ -102,7 +106,14 @@ def _key_values(items: list[str], what: str) -> dict:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from selftune.bench import Grid, load_grid, parse_deadline, parse_seeds, run_grid
+    from selftune.bench import (
+        Grid,
+        load_grid,
+        parse_deadline,
+        parse_seeds,
+        parse_tasks,
+        run_grid,
+    )
 
     if args.grid:
         grid = load_grid(Path(args.grid))
@@ -113,7 +124,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.name:
         grid.name = args.name
     if args.tasks:
-        grid.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        grid.tasks = parse_tasks(args.tasks)
     if args.seeds:
         grid.seeds = parse_seeds(args.seeds)
     grid.common.update(_key_values(args.set, "--set"))

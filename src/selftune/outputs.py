@@ -33,9 +33,11 @@ BAM_STUDENT_DIR = "student"
 BAM_TEACHERS_DIR = "teachers"
 BAM_FINETUNED_DIR = "finetuned"
 BAM_SUMMARY_FILE = "bam.json"
+# The options `selftune bench` starts a run with, in the run's folder.
+BENCH_RUN_FILE = "bench_run.json"
 # What marks a folder as written by selftune, so that --overwrite-output-dir may delete it.
 RUN_MARKERS = (METRICS_FILE, RUN_CONFIG_FILE, LOG_FILE, CHECKPOINTS, BAM_STUDENT_DIR,
-               BAM_TEACHERS_DIR, BAM_FINETUNED_DIR, BAM_SUMMARY_FILE)
+               BAM_TEACHERS_DIR, BAM_FINETUNED_DIR, BAM_SUMMARY_FILE, BENCH_RUN_FILE)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -386,12 +386,15 @@ def _verdict(cmp: Comparison, better: str = "better", worse: str = "worse") -> s
         return "not enough seeds (need ≥ 2 per side)"
     if cmp.p is None:
         return "no test possible"
+    # Every seed moved by the same amount: the t-test degenerates, the exact Wilcoxon decides.
+    how = " (equal differences: exact Wilcoxon)" if cmp.kind == "paired" and cmp.t_p is None \
+        else ""
     if cmp.significant:
         verdict = better if cmp.diff > 0 else worse
         # A t-test with one degree of freedom: two steady differences pass it, and a third
         # seed often undoes that; the reader should see the verdict stands on two seeds.
-        return f"{verdict} (2 pairs: provisional)" if cmp.n_pairs == 2 else verdict
-    return f"within noise (p={_fmt_p(cmp.p)})"
+        return f"{verdict} (2 pairs: provisional)" if cmp.n_pairs == 2 else verdict + how
+    return f"within noise (p={_fmt_p(cmp.p)}){how}"
 
 
 # --------------------------------------------------------------------------------------------

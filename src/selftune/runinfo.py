@@ -22,7 +22,7 @@ def peak_memory_mb() -> float:
     return peak
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -46,7 +46,7 @@ def environment_info() -> dict:
         "versions": {"python": platform.python_version(), **versions},
         "machine": {
             "hostname": socket.gethostname(),
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

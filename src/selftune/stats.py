@@ -74,14 +74,15 @@ class Comparison:
     alpha: float
 
     p: float | None = field(init=False)
-    """The p-value the verdict rests on: t-test if paired, Mann-Whitney U if unpaired."""
+    """The p-value the verdict rests on: t-test if paired (the Wilcoxon p when the differences
+    are all equal, where the t-test degenerates), Mann-Whitney U if unpaired."""
     significant: bool = field(init=False)
     """Whether ``p < alpha``; a difference with ``p >= alpha`` is inside the seed noise."""
 
     def __post_init__(self) -> None:
         # Derived, but stored as fields so ``dataclasses.asdict`` (e.g. a JSON dump) keeps them.
         if self.kind == "paired":
-            p = self.t_p
+            p = self.t_p if self.t_p is not None else self.wilcoxon_p
         elif self.kind == "unpaired":
             p = self.mannwhitney_p
         else:
@@ -153,10 +154,12 @@ def compare(
             # (t-test) or raises/warns (Wilcoxon, version-dependent) here, so decide ourselves.
             t_p: float | None = 1.0
             w_p: float | None = 1.0
-        elif len(shared) < 3 and np.ptp(d) <= 1e-9 * max(1.0, float(np.abs(d).max())):
-            # The same difference on both seeds gives t = ∞ and p = 0; with scores that move
-            # in steps (RTE's dev set: 1/277), two equal steps are no evidence of that.
-            t_p, w_p = None, None
+        elif np.ptp(d) <= 1e-9 * max(1.0, float(np.abs(d).max())):
+            # The same difference on every seed gives t = ∞ and a t-test p of 0, at any number
+            # of seeds; but scores move in steps (RTE's dev set: 1/277), so equal steps happen
+            # by chance. The exact Wilcoxon (sign-flip) p of n same-sign pairs, 2/2^n, is the
+            # honest number, and the verdict rests on it.
+            t_p, w_p = None, min(1.0, 2.0 ** (1 - len(shared)))
         else:
             with warnings.catch_warnings():
                 # Nearly-constant differences trigger precision warnings; the p-value is still

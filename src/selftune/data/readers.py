@@ -206,6 +206,8 @@ def read_ag_news_split(task: TaskSpec, data_dir: Path, split: str) -> list[Recor
             "text_a": _check_text(f"{row[1]} {row[2]}", where),
             "label": task.label_names[int(row[0]) - 1],
         })
+    if not records:
+        raise SelftuneError(f"{path}: file is empty")
     return records
 
 
