@@ -68,16 +68,11 @@ def compute_teacher_predictions(
     max_seq_length: int = 128, batch_size: int = 128,
 ) -> Path:
     """A teacher's logits over its task's training set (eval mode), keyed by example id."""
-    from selftune.evaluation import check_label_order, predict_logits
+    from selftune.evaluation import check_task_matches, predict_logits
     from selftune.models.loading import load_finetuned, load_tokenizer, model_label_names
 
     model = load_finetuned(str(model_dir))
-    labels = model_label_names(model)
-    if (labels is None) != task.is_regression or (
-            labels is not None and len(labels) != task.num_labels):
-        raise SelftuneError(f"{model_dir} is not a {task.name} model (its outputs: "
-                            f"{list(labels) if labels else 'a regression score'})")
-    check_label_order(model_dir, task, labels)
+    check_task_matches(task, model_label_names(model), model_dir)
     if both_orders and task.num_texts != 2:
         raise SelftuneError(f"--both-orders: {task.name} has one sentence per example, so "
                             "there is no other order")

@@ -60,6 +60,7 @@ from selftune.outputs import (
     BAM_STUDENT_DIR,
     BENCH_RUN_FILE,
     METRICS_FILE,
+    RUN_CONFIG_FILE,
     directory_lock,
     is_finished,
     last_checkpoint,
@@ -369,7 +370,7 @@ def bam_records(run: PlannedRun, summary: dict) -> list[dict]:
                         "run_id": f"{task}__{run.variant}__seed{run.seed}",
                         "cost_scope": MULTITASK_COST_SCOPE})
     for task, teacher_dir in _teacher_dirs(run, summary).items():
-        metrics_file, config_file = teacher_dir / METRICS_FILE, teacher_dir / "run_config.json"
+        metrics_file, config_file = teacher_dir / METRICS_FILE, teacher_dir / RUN_CONFIG_FILE
         if not (metrics_file.is_file() and config_file.is_file()):
             continue  # e.g. a teacher given as a model without its training run
         teacher_config = TrainConfig.from_dict(json.loads(config_file.read_text()))
@@ -647,7 +648,7 @@ def _run_claimed(run: PlannedRun, out: Path, results: Path, train_command: list[
 def _holds_other_config(out: Path, run: PlannedRun) -> bool:
     # A train run writes its options to run_config.json as it starts; a BAM! run has only the
     # bench_run.json it was started with until its bam.json is written at the end.
-    saved = out / ("run_config.json" if run.command == "train" else BENCH_RUN_FILE)
+    saved = out / (RUN_CONFIG_FILE if run.command == "train" else BENCH_RUN_FILE)
     if not saved.is_file():
         return False
     try:

@@ -63,7 +63,9 @@ def dataset_logits(model: PreTrainedModel, tokenizer, dataset, batch_size: int) 
     return np.concatenate(outputs).astype(np.float64)
 
 
-def _check_task_matches(task: TaskSpec, labels: tuple[str, ...] | None, model_dir: str) -> None:
+def check_task_matches(task: TaskSpec, labels: tuple[str, ...] | None,
+                       model_dir: Path | str) -> None:
+    """Refuse a model whose outputs are not the task's: kind, number and order of classes."""
     if (labels is None) != task.is_regression:
         kind = "a regression" if labels is None else "a classifier"
         raise SelftuneError(f"{model_dir} is {kind} but task {task.name} is not")
@@ -110,7 +112,7 @@ def evaluate_model(
     else:
         data = load_task_data(opts, include_train=False)
         task = data.task
-        _check_task_matches(task, labels, model_dir)
+        check_task_matches(task, labels, model_dir)
         split = eval_split or next(iter(data.eval_splits))
         if split not in data.eval_splits:
             raise SelftuneError(f"task {task.name} has no split {split!r}; choose one of "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import resource
@@ -22,6 +23,7 @@ def peak_memory_mb() -> float:
     return peak
 
 
+@functools.cache  # read once per process: the deadline asks for it per planned run
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

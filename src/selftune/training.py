@@ -326,20 +326,20 @@ def evaluate_self_distillation(
     def predict(model, dataset=eval_set) -> np.ndarray:
         return dataset_logits(model, tokenizer, dataset, cfg.per_device_eval_batch_size)
 
-    averaged = metrics_of(predict(objective.averaged_teacher()))
+    ensemble = objective.averaged_teacher()
+    averaged = metrics_of(predict(ensemble))
     if cfg.strategy == "se":
         # The self-ensemble (parameter average, the saved model) is the run's model; the last
         # iterate, and with --se-combine vote the output vote of the pool, are kept beside it.
         extra = {}
-        if cfg.se_combine == "vote":
-            vote = metrics_of(objective.vote_logits(predict))
-            extra = metrics_and_score(vote, "vote_")
-        if other_sets:
+        if other_sets:  # before the vote, which loads each pool member into the same model
             extra["other_splits"] = {
-                name: metrics_and_score(metrics_of(predict(objective.averaged_teacher(), other),
-                                                   other))
+                name: metrics_and_score(metrics_of(predict(ensemble, other), other))
                 for name, other in other_sets.items()}
             extra["last_iterate_other_splits"] = student_other_splits
+        if cfg.se_combine == "vote":
+            vote = metrics_of(objective.vote_logits(predict))
+            extra.update(metrics_and_score(vote, "vote_"))
         return {**metrics_and_score(averaged),
                 "ensemble": f"parameter average of {len(objective.members())} snapshots "
                             f"({cfg.se_pool} pool)",
