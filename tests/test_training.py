@@ -175,6 +175,31 @@ def test_unfinished_run_with_other_options_is_refused(tiny_model, sentiment_file
         train(tiny_config(tiny_model, sentiment_files, out, learning_rate=2e-3))
 
 
+def test_overwrite_still_resumes_an_interrupted_run_of_the_same_options(
+        tiny_model, sentiment_files, tmp_path):
+    """--overwrite-output-dir replaces what cannot be resumed (a finished run, other options,
+    --no-resume); the same command rerun after a crash resumes."""
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_model, sentiment_files, out, overwrite_output_dir=True),
+              callbacks=[StopAfterFirstSave()])
+    resumed = train(tiny_config(tiny_model, sentiment_files, out, overwrite_output_dir=True))
+    assert resumed["resumed_from"] is not None
+    again = train(tiny_config(tiny_model, sentiment_files, out, overwrite_output_dir=True))
+    assert again["resumed_from"] is None  # the finished run was replaced, not resumed
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_model, sentiment_files, tmp_path / "other"),
+              callbacks=[StopAfterFirstSave()])
+    changed = train(tiny_config(tiny_model, sentiment_files, tmp_path / "other",
+                                learning_rate=2e-3, overwrite_output_dir=True))
+    assert changed["resumed_from"] is None
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_model, sentiment_files, tmp_path / "third"),
+              callbacks=[StopAfterFirstSave()])
+    assert train(tiny_config(tiny_model, sentiment_files, tmp_path / "third", resume=False,
+                             overwrite_output_dir=True))["resumed_from"] is None
+
+
 def test_run_started_before_an_option_existed_resumes(tiny_model, sentiment_files, tmp_path):
     """A run_config.json written by an older selftune lacks the newer options: they count as
     their defaults, so the same command still resumes the run."""

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from selftune import outputs
-from selftune.config import SD_OPTIONS, TrainConfig, opt
+from selftune.config import OUTPUT, SD_OPTIONS, TrainConfig, opt
 from selftune.data.loading import load_task_data
 from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
@@ -61,6 +61,13 @@ class BamConfig(MultiTaskConfig):
                               "teachers in parallel, start one such run per task (--tasks rte, "
                               "--tasks mrpc, ...) with one --teachers-root; the full recipe "
                               "with that root then reuses them.", BAM)
+    output_dir: str | None = opt(None, "Where the recipe writes teachers/, student/, "
+                                 "finetuned/ (with --finetune-after) and bam.json (default: "
+                                 "runs/bam/seed<seed>).", OUTPUT)
+    overwrite_output_dir: bool = opt(False, "Redo every stage: delete the recipe's folder "
+                                     "first (only a folder selftune wrote, or an empty one; any "
+                                     "other is refused). Without it, finished stages are "
+                                     "reused and an interrupted one resumes.", OUTPUT)
 
 
 def compute_teacher_predictions(

@@ -33,7 +33,8 @@ the next worker to reach it.
 def add_bench_commands(commands, formatter, add_common: Callable) -> None:
     bench = commands.add_parser(
         "bench", help="Run a resumable multi-seed grid of tasks x strategies x seeds.",
-        description="Run a grid of 'selftune train' runs, one per task, variant and seed, and "
+        description="Run a grid of 'selftune train' runs, one per task, variant and seed (a "
+                    "'pipeline: bam' variant: one 'selftune bam' per seed), and "
                     "record each finished run as a line of a JSON Lines results file.",
         formatter_class=formatter, epilog=BENCH_EPILOG)
     bench.add_argument("grid", nargs="?", help="Grid file (.yaml, .toml or .json).")
@@ -50,7 +51,8 @@ def add_bench_commands(commands, formatter, add_common: Callable) -> None:
                                          "<grid>.results.jsonl).")
     bench.add_argument("--runs-dir", dest="runs_dir",
                        help="Where run directories go (default: runs/bench/<grid name>).")
-    bench.add_argument("--dry-run", action="store_true", help="List the runs still to do.")
+    bench.add_argument("--dry-run", action="store_true",
+                       help="List the runs still to do and the expected length of each.")
     bench.add_argument("--max-runs", type=int_at_least(1), help="Stop after this many runs.")
     bench.add_argument("--deadline", metavar="WHEN",
                        help="Start only the runs expected to finish by WHEN: +2h30m (from "

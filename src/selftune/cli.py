@@ -1,4 +1,5 @@
-"""The ``selftune`` command line: train, evaluate, predict, tasks.
+"""The ``selftune`` command line: train, evaluate, predict, export, diagnose-cls, tasks (and
+bench, report, bam, multitask, teacher-predictions from their own modules).
 
 Every user mistake ends in a one-line ``selftune: error: ...`` and exit status 2, never a
 traceback (``--debug`` shows it). An interrupted ``train`` resumes when the same command is run
@@ -32,6 +33,9 @@ GROUP_TITLES = {
                          "Xu et al. 2020)",
     "output": "output and resuming",
 }
+
+MODEL_DIR_HELP = ("A model directory written by 'selftune train', or any sequence classifier "
+                  "(a local directory or a Hub id).")
 
 TRAIN_EPILOG = """\
 examples:
@@ -123,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
         epilog="example:\n  selftune evaluate runs/rte/baseline-seed42 --task rte "
                "--data-dir ../shared/data")
-    evaluate.add_argument("model_dir", help="A model directory written by 'selftune train'.")
+    evaluate.add_argument("model_dir", help=MODEL_DIR_HELP)
     _add_eval_data_options(evaluate, labelled=True)
     evaluate.add_argument("--output-file", dest="output_file",
                           help="Also write the metrics to this JSON file.")
@@ -137,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
         epilog="example:\n  selftune predict runs/sst2/baseline-seed42 --input-file "
                "reviews.csv --text-columns review --output-file predictions.csv")
-    predict.add_argument("model_dir", help="A model directory written by 'selftune train'.")
+    predict.add_argument("model_dir", help=MODEL_DIR_HELP)
     predict.add_argument("--input-file", dest="input_file", required=True,
                          help="Texts to classify: .csv, .tsv (tab-separated) or .jsonl.")
     predict.add_argument("--output-file", dest="output_file", default="predictions.jsonl",
@@ -154,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the classifier's weights. layernorm, or a normalizer on the last-layer "
                     "[CLS] (--cls-source cls), cannot be folded: such models load with selftune.",
         formatter_class=HelpFormatter)
-    export.add_argument("model_dir", help="A model directory written by 'selftune train'.")
+    export.add_argument("model_dir", help=MODEL_DIR_HELP)
     export.add_argument("out_dir", help="Where to write the plain model directory.")
     _add_common(export)
 

@@ -50,8 +50,8 @@ class TrainConfig:
                            "qnli, rte, wnli, imdb, ag_news, mr, cr, mpqa. With --train-file, an "
                            "optional name for your own task.", DATA)
     data_dir: str | None = opt(None, "Local data folder laid out like ../shared/data "
-                               "(glue/<Task>/{train,dev}.tsv, imdb/, mr/, cr/, mpqa/). Default: "
-                               "$SELFTUNE_DATA, else the Hugging Face Hub.", DATA)
+                               "(glue/<Task>/{train,dev}.tsv, imdb/, ag_news/, mr/, cr/, "
+                               "mpqa/). Default: $SELFTUNE_DATA, else the Hugging Face Hub.", DATA)
     train_file: str | None = opt(None, "Your own training data: .csv, .tsv (tab-separated, "
                                  "quoting off) or .jsonl.", DATA)
     validation_file: str | None = opt(None, "Your own dev data, same format as --train-file.", DATA)
@@ -86,7 +86,8 @@ class TrainConfig:
                         "(a reconstruction of Zhou et al. 2019, whose methods are not published, "
                         "and IsoBN, Zhou et al. 2021): none; center / standardize (fixed "
                         "per-dimension statistics of the pre-trained model over the training "
-                        "set); batchnorm / layernorm (no affine); isobn.", MODEL,
+                        "set; standardize divides by sqrt(std^2 + 1e-5)); batchnorm / "
+                        "layernorm (no affine); isobn.", MODEL,
                         ("none", "center", "standardize", "batchnorm", "layernorm", "isobn"))
     cls_source: str = opt("auto", "Which [CLS] representation --cls-norm applies to: the pooler "
                           "output (what BERT's classifier reads), the last layer's [CLS] hidden "
@@ -153,9 +154,12 @@ class TrainConfig:
                                  "run_config.json and train.log (default: "
                                  "runs/<task>/<strategy>-seed<seed>).", OUTPUT)
     overwrite_output_dir: bool = opt(False, "Replace a finished run in --output-dir (without "
-                                     "it, a finished run is never overwritten). Deletes the "
-                                     "folder first, so only a folder selftune wrote, or an "
-                                     "empty one: any other is refused.", OUTPUT)
+                                     "it, a finished run is never overwritten), or an "
+                                     "unfinished one with other options; an interrupted run "
+                                     "with these options still resumes (--no-resume to start "
+                                     "over). Deletes the folder first, so only a folder "
+                                     "selftune wrote, or an empty one: any other is refused.",
+                                     OUTPUT)
     resume: bool = opt(True, "Continue an interrupted run from its last checkpoint in "
                        "--output-dir (--no-resume starts over).", OUTPUT)
     keep_checkpoints: bool = opt(False, "Keep the intermediate checkpoints after the run "

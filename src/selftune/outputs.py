@@ -104,8 +104,6 @@ def check_output_dir(
 
     A finished run is refused unless ``overwrite``. An unfinished run with other options is
     refused too: resuming it under a second configuration would make its results meaningless.
-    An option the saved configuration lacks (added to selftune since the run started) counts
-    as its value in ``defaults``, which keeps the old behaviour.
     """
     if output_dir.exists() and not output_dir.is_dir():
         raise SelftuneError(f"--output-dir {output_dir} exists and is not a folder")
@@ -115,19 +113,29 @@ def check_output_dir(
         raise SelftuneError(
             f"{output_dir} already holds a finished run ({METRICS_FILE}); choose another "
             "--output-dir or pass --overwrite-output-dir to replace it")
+    changed = changed_options(output_dir, config, defaults) if resume else []
+    if changed:
+        raise SelftuneError(
+            f"{output_dir} holds an unfinished run with other options ({', '.join(changed)}); "
+            "use the same options to resume it, or --overwrite-output-dir to start over")
+
+
+def changed_options(
+    output_dir: Path, config: dict[str, Any], defaults: dict[str, Any] | None = None,
+) -> list[str]:
+    """The options in which ``config`` differs from the run saved in ``output_dir`` (none when
+    no run is saved there). An option the saved configuration lacks (added to selftune since
+    the run started) counts as its value in ``defaults``, which keeps the old behaviour."""
     saved_config = output_dir / RUN_CONFIG_FILE
-    if resume and saved_config.is_file():
-        try:
-            previous = {**(defaults or {}), **json.loads(saved_config.read_text())}
-        except json.JSONDecodeError:
-            previous = {}
-        ignore = {"overwrite_output_dir", "resume", "keep_checkpoints", "report_to"}
-        changed = sorted(k for k in set(previous) | set(config)
-                         if k not in ignore and previous.get(k) != config.get(k))
-        if changed:
-            raise SelftuneError(
-                f"{output_dir} holds an unfinished run with other options ({', '.join(changed)}); "
-                "use the same options to resume it, or --overwrite-output-dir to start over")
+    if not saved_config.is_file():
+        return []
+    try:
+        previous = {**(defaults or {}), **json.loads(saved_config.read_text())}
+    except json.JSONDecodeError:
+        previous = {}
+    ignore = {"overwrite_output_dir", "resume", "keep_checkpoints", "report_to"}
+    return sorted(k for k in set(previous) | set(config)
+                  if k not in ignore and previous.get(k) != config.get(k))
 
 
 def remove_run_dir(output_dir: Path) -> None:
@@ -150,7 +158,10 @@ def prepare_output_dir(
 ) -> Path | None:
     """Make the folder ready; return the checkpoint to resume from, if any."""
     check_output_dir(output_dir, config, overwrite, resume, defaults)
-    if overwrite:
+    # --overwrite-output-dir replaces what cannot be resumed; an interrupted run of these same
+    # options is resumed all the same, so rerunning a command after a crash loses nothing.
+    if overwrite and (not resume or is_finished(output_dir)
+                      or changed_options(output_dir, config, defaults)):
         remove_run_dir(output_dir)
     checkpoint = last_checkpoint(output_dir) if resume else None
     if not resume and (output_dir / CHECKPOINTS).exists():

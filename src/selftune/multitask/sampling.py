@@ -12,8 +12,8 @@ Each task's examples come from its own stream: a shuffled pass over the task's i
 reshuffled when exhausted (so small tasks are repeated and large ones are still covered
 without repeats before a full pass). The streams continue across epochs, and everything is a
 function of ``(seed, epoch)`` alone, so ``set_epoch`` gives the same batches whatever was
-iterated before (as ``DistributedSampler``). The sampler is for one process; under DDP each
-rank would need its own slice of the batches.
+iterated before (as ``DistributedSampler``). Under several processes, ``ProcessChunks`` below
+gives each rank its slice of every global batch.
 """
 
 from __future__ import annotations

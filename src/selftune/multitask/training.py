@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, TrainerCallback
 
 from selftune import outputs
-from selftune.config import DATA, TRAIN, TrainConfig, opt
+from selftune.config import DATA, OUTPUT, TRAIN, TrainConfig, opt
 from selftune.data.loading import load_task_data
 from selftune.data.tasks import TaskSpec, get_task
 from selftune.errors import SelftuneError
@@ -69,6 +69,13 @@ class MultiTaskConfig(TrainConfig):
                                   TRAIN, aliases=("--epochs",))
     layerwise_lr_decay: float | None = opt(0.9, "Layer-wise learning-rate decay (BAM!: 0.9; "
                                            "1.0 turns it off).", TRAIN)
+    strategy: str = opt("baseline", "Self-distillation inside the multi-task run: baseline "
+                        "(none); sda / sdv (from the parameter average / output vote of the "
+                        "student's last K snapshots); ema (from an EMA teacher). se is for "
+                        "single-task runs.", TRAIN, ("baseline", "sda", "sdv", "ema"))
+    output_dir: str | None = opt(None, "Where the run writes tasks/<task>/ (one model directory "
+                                 "per task), metrics.json, run_config.json and train.log "
+                                 "(default: runs/multitask/seed<seed>).", OUTPUT)
 
     tasks: str = opt("rte,mrpc,stsb,cola", "Comma-separated tasks trained together.", DATA)
     teacher_predictions: str | None = opt(
