@@ -21,10 +21,12 @@ POSITIVE = {"good", "great", "fine", "wonderful"}
 NEGATIVE = {"bad", "awful", "boring", "dull"}
 
 
-def make_tiny_model(path: Path, **config_overrides) -> Path:
-    """Save a randomly initialised 2-layer BERT of width 32 with a word-level tokenizer."""
+def make_tiny_model(path: Path, with_head: bool = False, **config_overrides) -> Path:
+    """Save a randomly initialised 2-layer BERT of width 32 with a word-level tokenizer (with
+    ``with_head``, a sequence classifier with a random two-class head: what ``evaluate`` and
+    ``predict`` take)."""
     import torch
-    from transformers import BertConfig, BertModel, BertTokenizer
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
@@ -32,7 +34,7 @@ def make_tiny_model(path: Path, **config_overrides) -> Path:
                         num_attention_heads=2, intermediate_size=64,
                         max_position_embeddings=128, **config_overrides)
     torch.manual_seed(0)
-    BertModel(config).save_pretrained(path)
+    (BertForSequenceClassification if with_head else BertModel)(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -40,6 +42,11 @@ def make_tiny_model(path: Path, **config_overrides) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-classifier"), with_head=True)
 
 
 @pytest.fixture(scope="session")

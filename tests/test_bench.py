@@ -21,6 +21,7 @@ from selftune.bench import (
     make_record,
     parse_deadline,
     parse_seeds,
+    parse_tasks,
     plan_runs,
     run_grid,
 )
@@ -503,3 +504,106 @@ def test_an_unfinished_bam_run_of_other_options_is_redone(tmp_path):
     (out / "bench_run.json").write_text(json.dumps({**run.config.to_dict(),
                                                     "learning_rate": 3e-4}))
     assert _holds_other_config(out, run)
+
+
+def bench_cli(capsys, monkeypatch, tmp_path, *argv: str) -> tuple[int, str, str]:
+    from selftune.cli import main
+
+    monkeypatch.chdir(tmp_path)  # a default results file or runs folder lands here
+    code = main(["bench", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_refused(code: int, err: str, *fragments: str) -> None:
+    """A one-line 'selftune: error: ...' and exit status 2, never a traceback."""
+    lines = [line for line in err.strip().splitlines() if line.startswith("selftune: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+QUICK = ("--tasks", "rte", "--seeds", "0", "--dry-run")
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--variant", ""], ["is empty"]),
+    (["--variant", ":learning_rate=1e-4"], ["is empty"]),
+    (["--variant", "a/b:learning_rate=1e-4"], ["'a/b' cannot name a folder"]),
+    (["--variant", ".."], ["'..' cannot name a folder"]),
+    (["--name", "../../evil"], ["--name", "'../../evil' cannot name a folder"]),
+    (["--variant", "a", "--variant", "a:learning_rate=1e-4"], ["'a' is given twice"]),
+    (["--variant", "a:learning_rate=1e-4,learning_rate=2e-4"], ["learning_rate is given twice"]),
+    (["--set", "output_dir=runs/shared"], ["--set: output_dir is set by 'selftune bench'",
+                                           "--runs-dir"]),
+    (["--set", "overwrite_output_dir=true"], ["--set: overwrite_output_dir"]),
+    (["--set", "resume=false"], ["--set: resume"]),
+    (["--set", "seed=3"], ["--set: seed", "--seeds"]),
+    (["--variant", "a:output_dir=elsewhere"], ["--variant a: output_dir", "--runs-dir"]),
+    (["--variant", "low:learning_rate=-1"], ["grid variant 'low' (rte)",
+                                             "--learning-rate must be positive"]),
+])
+def test_bench_command_line_mistakes_are_one_line_errors(argv, fragments, capsys, monkeypatch,
+                                                         tmp_path):
+    code, out, err = bench_cli(capsys, monkeypatch, tmp_path, *QUICK, *argv)
+    assert_refused(code, err, *fragments)
+    assert "would run" not in out and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("content, message", [
+    ("variants: {'': {}}\n", "variant name is empty"),
+    ("variants: {'a/b': {}}\n", "variant name 'a/b' cannot name a folder"),
+    ("variants: {0.5: {}}\n", "variant name 0.5 is not a string"),
+    ("name: ../evil\n", "grid name .* '../evil' cannot name a folder"),
+    ("variants:\n  a: {learning_rate: 1.0e-4}\n  a: {learning_rate: 2.0e-4}\n",
+     "'a' is given twice \\(lines 4 and 5\\); the second would silently replace"),
+    ("common: {learning_rate: 1.0e-4, learning_rate: 2.0e-4}\n", "'learning_rate' is given twice"),
+    ("common: {output_dir: runs/shared}\n", "common options .*output_dir is set by 'selftune "
+                                            "bench'.*--runs-dir"),
+    ("variants: {a: {overwrite_output_dir: true}}\n", "grid variant 'a': overwrite_output_dir"),
+    ("task_options: {rte: {seed: 3}}\n", "task_options of rte: seed is set by"),
+    ("variants: {a: {resume: false}}\n", "grid variant 'a': resume is set by"),
+    ("variants: {low: {learning_rate: -1}}\n", "grid variant 'low' \\(rte\\): --learning-rate "
+                                               "must be positive"),
+    ("variants: {b: {pipeline: bam, teacher_learning_rate: -1}}\n",
+     "grid variant 'b', its rte teacher: --learning-rate must be positive"),
+    ("variants: {b: {pipeline: bam, learning_rate: -1}}\n",
+     "grid variant 'b': --learning-rate must be positive"),
+])
+def test_grid_files_with_unsafe_names_duplicates_or_options_bench_sets_are_refused(
+        content, message, tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("tasks: [rte]\nseeds: 0\n" + content)
+    with pytest.raises(SelftuneError, match=message):
+        plan_runs(load_grid(path), tmp_path)
+
+
+def test_a_json_grid_with_a_variant_given_twice_is_refused(tmp_path):
+    path = tmp_path / "g.json"
+    path.write_text('{"tasks": ["rte"], "seeds": 0, "variants": {"a": {}, "a": {}}}')
+    with pytest.raises(SelftuneError, match="'a' is given twice"):
+        load_grid(path)
+
+
+def test_a_task_given_twice_or_an_unsafe_task_name_is_refused(tmp_path):
+    with pytest.raises(SelftuneError, match=r"\['rte'\] given twice"):
+        parse_tasks("rte,mrpc,rte")
+    with pytest.raises(SelftuneError, match="task '../x' cannot name a folder"):
+        plan_runs(Grid("g", ["../x"], [0], common={"train_file": "t.csv"}), tmp_path)
+
+
+def test_a_failed_run_points_to_its_log_only_when_it_wrote_one(grid, tmp_path, capsys):
+    grid.seeds, grid.variants = [0], {"base": {}}
+    # Failed before its log started (e.g. a bad option): its error was printed above.
+    counts = run_grid(grid, tmp_path / "r.jsonl", tmp_path / "runs", train_command=["false"])
+    out = capsys.readouterr().out
+    assert counts["failed"] == 1
+    assert "train.log" not in out and "see its error above" in out
+    assert "a rerun of this grid retries it" in out and "will be retried" not in out
+    # Failed after writing its log: the message names it.
+    log = tmp_path / "runs" / "custom__base__seed0" / "train.log"
+    write_log_then_fail = [sys.executable, "-c",
+                           f"import pathlib, sys; pathlib.Path({str(log)!r}).write_text('x'); "
+                           "sys.exit(1)"]
+    run_grid(grid, tmp_path / "r.jsonl", tmp_path / "runs", train_command=write_log_then_fail)
+    assert f"see {log}" in capsys.readouterr().out

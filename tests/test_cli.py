@@ -308,10 +308,10 @@ def test_inference_sizes_are_checked_as_they_are_read(capsys, command, option):
     assert ("must be at least" if option[1] != "many" else "not an integer") in err
 
 
-def test_inference_longer_than_the_model_is_refused(capsys, tmp_path, tiny_model,
+def test_inference_longer_than_the_model_is_refused(capsys, tmp_path, tiny_classifier,
                                                     sentiment_files):
     train, dev = map(str, sentiment_files)
-    code, _, err = run_cli(capsys, "evaluate", str(tiny_model), "--validation-file", dev,
+    code, _, err = run_cli(capsys, "evaluate", str(tiny_classifier), "--validation-file", dev,
                            "--max-seq-length", "256")
     assert_one_line_error(code, err, "longer than the model's 128 positions")
 
@@ -370,3 +370,112 @@ def test_user_file_option_with_a_registry_task(capsys, tmp_path, glue_dir, optio
     assert_one_line_error(code, err, option[0], "only apply to your own files",
                           "stsb is a regression task")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", [["evaluate", "--validation-file", "DEV"],
+                                     ["predict", "--input-file", "DEV", "--output-file", "P.csv"],
+                                     ["export", "OUT"]])
+def test_a_model_without_a_trained_head_is_refused(capsys, tmp_path, tiny_model, sentiment_files,
+                                                   command):
+    """A pretrained encoder's head would be drawn at random: predictions that change per run."""
+    dev = str(sentiment_files[1])
+    args = [a.replace("DEV", dev).replace("P.csv", str(tmp_path / "p.csv"))
+            .replace("OUT", str(tmp_path / "exported")) for a in command]
+    code, _, err = run_cli(capsys, args[0], str(tiny_model), *args[1:])
+    assert_one_line_error(code, err, "not a fine-tuned sequence classifier", "classifier.weight")
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_output_dir_that_is_the_model_is_refused(capsys, tmp_path, tiny_model, sentiment_files):
+    import shutil
+
+    model = tmp_path / "my-model"
+    shutil.copytree(tiny_model, model)
+    before = (model / "model.safetensors").read_bytes()
+    train, dev = map(str, sentiment_files)
+    for extra in ([], ["--overwrite-output-dir"]):
+        code, _, err = run_cli(capsys, "train", "--train-file", train, "--validation-file", dev,
+                               "--model", str(model), "--output-dir", str(model) + "/", *extra)
+        assert_one_line_error(code, err, "is the --model directory")
+    assert (model / "model.safetensors").read_bytes() == before
+
+
+def test_run_into_a_folder_of_the_users_own_is_refused(capsys, tmp_path, tiny_model,
+                                                       sentiment_files):
+    own = tmp_path / "papers"
+    own.mkdir()
+    (own / "draft.tex").write_text("keep me")
+    train, dev = map(str, sentiment_files)
+    code, _, err = run_cli(capsys, *train_args(tmp_path, tiny_model, train, dev)[:-1], str(own))
+    assert_one_line_error(code, err, "is not a selftune run folder", "write the run into it")
+    assert sorted(p.name for p in own.iterdir()) == ["draft.tex"]
+
+
+def test_label_column_read_as_text_is_refused(capsys, tmp_path, tiny_model, sentiment_files):
+    train, dev = map(str, sentiment_files)
+    code, _, err = run_cli(capsys, *train_args(tmp_path, tiny_model, train, dev,
+                                               "--text-columns", "label"))
+    assert_one_line_error(code, err, "['label'] given for more than one role")
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    (["--max-grad-norm", "-1"], "--max-grad-norm must be non-negative"),
+    (["--seed", str(2**32)], "--seed must be in [0, 2^32)")])
+def test_numbers_out_of_range(capsys, tmp_path, tiny_model, sentiment_files, option, message):
+    train, dev = map(str, sentiment_files)
+    code, _, err = run_cli(capsys, *train_args(tmp_path, tiny_model, train, dev, *option))
+    assert_one_line_error(code, err, message)
+
+
+def test_predictions_never_replace_the_input(capsys, tmp_path, tiny_classifier, files):
+    data = files("t.csv", "text\ngood\n")
+    code, _, err = run_cli(capsys, "predict", str(tiny_classifier), "--input-file", data,
+                           "--output-file", data)
+    assert_one_line_error(code, err, "is the --input-file")
+    assert open(data).read() == "text\ngood\n"
+
+
+@pytest.mark.parametrize("command", [["predict", "--input-file", "DEV", "--output-file", "D.csv"],
+                                     ["evaluate", "--validation-file", "DEV", "--output-file",
+                                      "D"]])
+def test_output_file_that_is_a_folder(capsys, tmp_path, tiny_classifier, sentiment_files,
+                                      command):
+    (tmp_path / "D.csv").mkdir()
+    (tmp_path / "D").mkdir()
+    args = [str(tmp_path / a) if a in ("D", "D.csv") else a.replace("DEV", str(
+        sentiment_files[1])) for a in command]
+    code, _, err = run_cli(capsys, args[0], str(tiny_classifier), *args[1:])
+    assert_one_line_error(code, err, "is a folder; give a file name")
+
+
+def test_evaluate_takes_a_registry_task_or_a_file_not_both(capsys, tiny_classifier,
+                                                            sentiment_files, glue_dir):
+    code, _, err = run_cli(capsys, "evaluate", str(tiny_classifier), "--task", "rte",
+                           "--data-dir", str(glue_dir), "--validation-file",
+                           str(sentiment_files[1]))
+    assert_one_line_error(code, err, "not both")
+
+
+def test_model_with_invalid_config_json(capsys, tmp_path, tiny_model, sentiment_files):
+    import shutil
+
+    model = tmp_path / "broken"
+    shutil.copytree(tiny_model, model)
+    (model / "config.json").write_text("{not json")
+    train, dev = map(str, sentiment_files)
+    code, _, err = run_cli(capsys, "train", "--train-file", train, "--validation-file", dev,
+                           "--model", str(model), "--output-dir", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "config.json is not valid JSON")
+
+
+def test_encoder_decoder_model_is_refused(capsys, tmp_path, sentiment_files):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    model = tmp_path / "t5"
+    T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1,
+                                        num_heads=2, d_kv=8)).save_pretrained(model)
+    (model / "vocab.json").write_text("{}")  # passes the tokenizer-file check; never read
+    train, dev = map(str, sentiment_files)
+    code, _, err = run_cli(capsys, "train", "--train-file", train, "--validation-file", dev,
+                           "--model", str(model), "--output-dir", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "encoder-decoder model (t5)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -220,6 +221,11 @@ def test_multitask_student_with_sda_exports_its_teacher(tiny_model, glue_dir, tm
     ({"strategy": "se"}, "single-task runs"),
     ({"sd_k": 5}, "--sd-k only apply to --strategy sda/sdv/ema"),
     ({"strategy": "sda", "se_pool": "steps"}, "--se-pool"),
+    ({"distill_weight": 0.3}, "--distill-weight does nothing with --teacher-annealing linear"),
+    ({"teacher_annealing": "fixed"}, "--teacher-annealing fixed does nothing without teachers"),
+    ({"teacher_predictions": "rte=a.jsonl,stsb=b.jsonl,cola=c.jsonl,mrpc=d.jsonl"},
+     "--teacher-predictions must name one file for each of --tasks"),
+    ({"teacher_predictions": "rte=a.jsonl,rte=b.jsonl"}, "--teacher-predictions names rte twice"),
 ])
 def test_multitask_strategy_options_are_checked(option, message, tiny_model, glue_dir, tmp_path):
     with pytest.raises(SelftuneError, match=message):
@@ -552,14 +558,19 @@ def test_a_model_with_another_class_order_is_refused(tiny_model, glue_dir, tmp_p
         compute_teacher_predictions(tmp_path / "rte", get_task("cola"), options, out, True)
 
 
-def test_a_given_teachers_cached_predictions_follow_the_input_length(tiny_model, glue_dir,
-                                                                     tmp_path):
+def given_rte_teacher(tiny_model, glue_dir, tmp_path) -> tuple[Path, Path, dict]:
+    """A trained RTE teacher, where its cached predictions will go, and BAM! options using it."""
     teacher = tmp_path / "rte-teacher"
     train(tiny_config(tiny_model, (None, None), teacher, task="rte", data_dir=str(glue_dir),
                       train_file=None, validation_file=None, num_train_epochs=1))
-    cache = teacher / "train_predictions.jsonl"
     common = dict(tasks="rte", model=str(tiny_model), data_dir=str(glue_dir),
                   teachers=f"rte={teacher}", num_train_epochs=1, per_device_train_batch_size=4)
+    return teacher, teacher / "train_predictions.jsonl", common
+
+
+def test_a_given_teachers_cached_predictions_follow_the_input_length(tiny_model, glue_dir,
+                                                                     tmp_path):
+    teacher, cache, common = given_rte_teacher(tiny_model, glue_dir, tmp_path)
     run_bam(BamConfig(output_dir=str(tmp_path / "a"), **common))
     assert json.loads(cache.read_text().splitlines()[0])["max_seq_length"] == 128
     run_bam(BamConfig(output_dir=str(tmp_path / "b"), max_seq_length=8, **common))
@@ -592,6 +603,11 @@ def test_teacher_predictions_must_cover_the_student_data(tiny_model, glue_dir, t
     ({"teachers": "rte"}, "--teachers expects task=PATH"),
     ({"teachers_only": True, "teachers": "none"}, "--teachers-only trains the teachers"),
     ({"teachers_only": True, "finetune_after": True}, "--teachers-only trains the teachers"),
+    ({"teachers": "rte=runs/x,mrpc=runs/x"}, "teacher for mrpc, which is not among --tasks"),
+    ({"teachers": "rte=runs/x,rte=runs/y"}, "--teachers names rte twice"),
+    ({"distill_weight": 0.3}, "--distill-weight does nothing with --teacher-annealing linear"),
+    ({"teachers": "none", "teacher_annealing": "fixed"},
+     "--teacher-annealing fixed does nothing without teachers"),
 ])
 def test_bam_options_are_checked_before_any_training(option, message, tiny_model, glue_dir,
                                                      tmp_path):
@@ -628,3 +644,102 @@ def test_multitask_cls_norm_is_shared_and_exported(norm, tiny_model, glue_dir, t
     reloaded = evaluate_model(str(out / "tasks" / "rte"),
                               DataOptions(task="rte", data_dir=str(glue_dir)), None, 128, 16)
     assert reloaded["score"] == pytest.approx(result["tasks"]["rte"]["score"], abs=1e-6)
+
+
+def test_option_checks_accept_every_option_at_its_default():
+    """Configs built from a grid carry every option: only changed values are refused."""
+    from selftune.multitask.training import check_multitask_options
+
+    for teachers in ("none", "auto"):  # benchmarks/bam.yaml: multi and bam
+        check_multitask_options(BamConfig(teachers=teachers), with_teachers=teachers != "none")
+    for weight in (1.0, 0.5):  # benchmarks/bam_ablation.yaml: lambda-0, lambda-0.5
+        check_multitask_options(BamConfig(teacher_annealing="fixed", distill_weight=weight),
+                                with_teachers=True)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--output-file", "tp.csv"], "give a file name ending in .jsonl"),
+    (["--output-file", "tp.jsonl", "--both-orders"], "--both-orders is for the tasks whose "
+                                                     "pairs have no order (mrpc, stsb"),
+])
+def test_teacher_predictions_refuses_what_it_would_ignore(argv, message, capsys, tmp_path,
+                                                           monkeypatch):
+    from selftune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["teacher-predictions", "no-model", "--task", "rte", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "selftune: error: --" in err and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def _header(cache: Path) -> dict:
+    return json.loads(cache.read_text().splitlines()[0])
+
+
+def test_teacher_cache_is_made_again_when_the_training_data_changed(tiny_model, glue_dir,
+                                                                    tmp_path):
+    """Same ids, other rows: the cache's fingerprint tells. A file without one (written before
+    fingerprints, as the committed benchmark caches) is reused while it covers the ids."""
+    from selftune.bam import _cached_teacher_predictions, teacher_records
+    from selftune.multitask.teacher_cache import training_fingerprint
+
+    teacher = tmp_path / "rte-teacher"
+    train(tiny_config(tiny_model, (None, None), teacher, task="rte", data_dir=str(glue_dir),
+                      train_file=None, validation_file=None, num_train_epochs=1))
+    cfg = BamConfig(tasks="rte", model=str(tiny_model), data_dir=str(glue_dir),
+                    teachers=f"rte={teacher}")
+    task, cache = get_task("rte"), teacher / "train_predictions.jsonl"
+
+    def fingerprint() -> str:
+        return training_fingerprint(teacher_records(task, cfg.data_options(), False))
+
+    _cached_teacher_predictions(teacher, task, cfg, cache, False)
+    first = cache.read_text()
+    assert _header(cache)["train_sha256"] == fingerprint()
+    # Rows reordered (GLUE ids are row numbers): the same ids now name other examples.
+    train_file = glue_dir / "glue" / "RTE" / "train.tsv"
+    original = train_file.read_text()
+    header, *rows = original.splitlines(keepends=True)
+    train_file.write_text(header + "".join(reversed(rows)))
+    _cached_teacher_predictions(teacher, task, cfg, cache, False)
+    assert _header(cache)["train_sha256"] == fingerprint() != json.loads(
+        first.splitlines()[0])["train_sha256"]
+    before = {json.loads(line)["example_id"]: json.loads(line)["logits"]
+              for line in first.splitlines()[1:]}
+    after = {json.loads(line)["example_id"]: json.loads(line)["logits"]
+             for line in cache.read_text().splitlines()[1:]}
+    assert after["train-0"] == pytest.approx(before["train-15"], abs=1e-4)
+    # An old file without the fingerprint is reused as it is, even on other data.
+    lines = cache.read_text().splitlines()
+    old_header = {k: v for k, v in _header(cache).items() if k != "train_sha256"}
+    cache.write_text("\n".join([json.dumps(old_header), *lines[1:]]) + "\n")
+    legacy = cache.read_text()
+    train_file.write_text(original)
+    _cached_teacher_predictions(teacher, task, cfg, cache, False)
+    assert cache.read_text() == legacy
+
+
+def test_a_stale_teacher_cache_with_other_ids_is_made_again_or_named(tiny_model, glue_dir,
+                                                                     tmp_path):
+    teacher, cache, common = given_rte_teacher(tiny_model, glue_dir, tmp_path)
+    run_bam(BamConfig(output_dir=str(tmp_path / "a"), **common))
+
+    def make_stale() -> None:  # an old file (no fingerprint) made on data with other ids
+        lines = cache.read_text().splitlines()
+        header = {k: v for k, v in _header(cache).items() if k != "train_sha256"}
+        cache.write_text("\n".join([json.dumps(header), *(
+            line.replace('"train-', '"other-') for line in lines[1:])]) + "\n")
+
+    make_stale()
+    run_bam(BamConfig(output_dir=str(tmp_path / "b"), **common))  # selftune's own cache
+    assert "train_sha256" in _header(cache) and '"other-' not in cache.read_text()
+    # Without the teacher's model it cannot be made again: the error names the file.
+    from selftune.bam import _cached_teacher_predictions
+
+    make_stale()
+    (teacher / "config.json").rename(teacher / "config.json.away")
+    stale = re.escape(str(cache)) + " has no prediction for 16 of the 16 training examples"
+    with pytest.raises(SelftuneError, match=stale + ".*delete the folder"):
+        _cached_teacher_predictions(teacher, get_task("rte"), BamConfig(**common), cache, False)

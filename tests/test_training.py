@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,6 +198,28 @@ def test_overwrite_still_resumes_an_interrupted_run_of_the_same_options(
         train(tiny_config(tiny_model, sentiment_files, tmp_path / "third"),
               callbacks=[StopAfterFirstSave()])
     assert train(tiny_config(tiny_model, sentiment_files, tmp_path / "third", resume=False,
+                             overwrite_output_dir=True))["resumed_from"] is None
+
+
+def test_resume_does_not_depend_on_how_paths_are_spelled(tiny_model, sentiment_files, tmp_path,
+                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train_file, dev_file = (Path(p).relative_to(tmp_path) for p in sentiment_files)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_model, (train_file, dev_file), "runs/r"),
+              callbacks=[StopAfterFirstSave()])
+    resumed = train(tiny_config(tiny_model, sentiment_files, str(tmp_path / "runs" / "r") + "/"))
+    assert resumed["resumed_from"] is not None
+
+
+def test_unreadable_run_config_is_named(tiny_model, sentiment_files, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_model, sentiment_files, out), callbacks=[StopAfterFirstSave()])
+    (out / "run_config.json").write_text("{truncated")
+    with pytest.raises(SelftuneError, match="run_config.json is unreadable"):
+        train(tiny_config(tiny_model, sentiment_files, out))
+    assert train(tiny_config(tiny_model, sentiment_files, out,
                              overwrite_output_dir=True))["resumed_from"] is None
 
 

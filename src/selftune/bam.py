@@ -29,10 +29,16 @@ from typing import Any
 from selftune import outputs
 from selftune.config import OUTPUT, SD_OPTIONS, TrainConfig, opt
 from selftune.data.loading import load_task_data
+from selftune.data.readers import Record
 from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
 from selftune.multitask.data import UNORDERED_TASKS, with_swapped_pairs
-from selftune.multitask.teacher_cache import cached_max_seq_length, write_predictions
+from selftune.multitask.teacher_cache import (
+    read_header,
+    read_predictions,
+    training_fingerprint,
+    write_predictions,
+)
 from selftune.multitask.training import MultiTaskConfig, parse_task_paths, train_multitask
 
 logger = logging.getLogger("selftune")
@@ -78,19 +84,70 @@ def compute_teacher_predictions(
     from selftune.evaluation import check_task_matches, predict_logits
     from selftune.models.loading import load_finetuned, load_tokenizer, model_label_names
 
-    model = load_finetuned(str(model_dir))
-    check_task_matches(task, model_label_names(model), model_dir)
     if both_orders and task.num_texts != 2:
         raise SelftuneError(f"--both-orders: {task.name} has one sentence per example, so "
                             "there is no other order")
+    if both_orders and task.name not in UNORDERED_TASKS:
+        raise SelftuneError(f"--both-orders is for the tasks whose pairs have no order "
+                            f"({', '.join(UNORDERED_TASKS)}: the ones --double-unordered "
+                            f"swaps); a student trains on {task.name} in one order only")
+    model = load_finetuned(str(model_dir))
+    check_task_matches(task, model_label_names(model), model_dir)
     tokenizer = load_tokenizer(str(model_dir))
-    records = load_task_data(dataclasses.replace(data_options, task=task.name)).train
-    if both_orders:
-        records = with_swapped_pairs(records)
+    records = teacher_records(task, data_options, both_orders)
     logits = predict_logits(model, tokenizer, records, max_seq_length, batch_size)
     write_predictions(out_file, task, [str(r["example_id"]) for r in records], logits,
-                      str(model_dir), max_seq_length)
+                      str(model_dir), max_seq_length, training_fingerprint(records))
     return out_file
+
+
+def teacher_records(task: TaskSpec, data_options, both_orders: bool) -> list[Record]:
+    """The training examples a teacher predicts on (the student's, with the swapped copies)."""
+    records = load_task_data(dataclasses.replace(data_options, task=task.name)).train
+    return with_swapped_pairs(records) if both_orders else records
+
+
+def _stale_cache_reason(cache: Path, task: TaskSpec, records: list[Record],
+                        max_seq_length: int) -> str | None:
+    """Why cached predictions cannot serve this student (None: reuse them)."""
+    header = read_header(cache)
+    if header.get("max_seq_length") not in (None, max_seq_length):
+        return "was made with another --max-seq-length"
+    fingerprint = header.get("train_sha256")
+    if fingerprint is not None:
+        return None if fingerprint == training_fingerprint(records) else \
+            "was made on other training data (its train_sha256 differs)"
+    # A file from before train_sha256 (such as the committed caches of benchmarks/bam_teachers)
+    # is reused as before whenever it covers the training ids: those teachers are kept in git
+    # pruned to their predictions, so their caches cannot be made again, and the benchmark
+    # grids must go on reusing them as they are. Only the ids of such a file can be checked.
+    predictions = read_predictions(cache, task)
+    missing = sum(str(r["example_id"]) not in predictions for r in records)
+    if missing:
+        return (f"has no prediction for {missing} of the {len(records)} training examples "
+                "(made on other data)")
+    return None
+
+
+def _cached_teacher_predictions(teacher_dir: Path, task: TaskSpec, cfg: BamConfig, cache: Path,
+                                both: bool) -> None:
+    """Reuse the teacher's cached predictions if they were made on this student's training
+    data and input length, else make them (again). The cache is the recipe's own file inside
+    the teacher folder, so a stale one is replaced rather than refused."""
+    if cache.is_file():
+        records = teacher_records(task, cfg.data_options(), both)
+        reason = _stale_cache_reason(cache, task, records, cfg.max_seq_length)
+        if reason is None:
+            return
+        if not (teacher_dir / "config.json").is_file():
+            raise SelftuneError(f"{cache} {reason}, and {teacher_dir} no longer holds the "
+                                "teacher's model to make it again; delete the folder to train "
+                                "the teacher again")
+        logger.info("%s %s: made again", cache, reason)
+    _check_can_predict(teacher_dir, cache)
+    logger.info("Teacher predictions for %s → %s", task.name, cache)
+    compute_teacher_predictions(teacher_dir, task, cfg.data_options(), cache, both,
+                                cfg.max_seq_length, cfg.per_device_eval_batch_size)
 
 
 def _check_same_options(run_dir: Path, expected, root: Path) -> None:
@@ -168,7 +225,8 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
 
     setup_logging(None)  # the stage messages below reach the console from the start
     # Before hours of teacher training, not after (grouping is for the teachers only).
-    tasks = check_multitask_options(dataclasses.replace(cfg, group_by_length=False))
+    tasks = check_multitask_options(dataclasses.replace(cfg, group_by_length=False),
+                                    with_teachers=cfg.teachers != "none")
     if cfg.teachers_only and (cfg.teachers != "auto" or cfg.finetune_after):
         raise SelftuneError("--teachers-only trains the teachers of --teachers auto and stops "
                             "before the student: it takes neither other --teachers nor "
@@ -178,6 +236,11 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
                             "must be positive")
     given_teachers = cfg.teachers.replace("{seed}", str(cfg.seed))
     if cfg.teachers not in ("auto", "none"):
+        extra = sorted(set(parse_task_paths(given_teachers, "--teachers"))
+                       - {t.name for t in tasks})
+        if extra:
+            raise SelftuneError(f"--teachers gives a teacher for {', '.join(extra)}, which is "
+                                f"not among --tasks ({cfg.tasks}); drop it or add the task")
         for task, path in parse_task_paths(given_teachers, "--teachers").items():
             if not (path / "config.json").is_file():
                 raise SelftuneError(f"--teachers: the {task} teacher {path} is not a model "
@@ -213,17 +276,7 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
                                             root)
                 # Under torchrun the main process writes the cache; the others then read it.
                 with state.main_process_first():
-                    if cache.is_file() and cached_max_seq_length(cache) not in (
-                            None, cfg.max_seq_length):
-                        logger.info("%s was made with another --max-seq-length: made again",
-                                    cache)
-                        cache.unlink()
-                    if not cache.is_file():
-                        _check_can_predict(teacher_dir, cache)
-                        logger.info("Teacher predictions for %s → %s", task.name, cache)
-                        compute_teacher_predictions(teacher_dir, task, cfg.data_options(),
-                                                    cache, both, cfg.max_seq_length,
-                                                    cfg.per_device_eval_batch_size)
+                    _cached_teacher_predictions(teacher_dir, task, cfg, cache, both)
             predictions[task.name] = cache
             metrics_file = teacher_dir / outputs.METRICS_FILE
             if metrics_file.is_file():

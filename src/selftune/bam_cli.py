@@ -91,7 +91,11 @@ def _run_teacher_predictions(args: argparse.Namespace) -> int:
     from selftune.bam import compute_teacher_predictions
     from selftune.data.loading import DataOptions
     from selftune.data.tasks import get_task
+    from selftune.errors import SelftuneError
 
+    if Path(args.output_file).suffix != ".jsonl":
+        raise SelftuneError(f"--output-file {args.output_file}: teacher predictions are "
+                            "written as JSON Lines; give a file name ending in .jsonl")
     task = get_task(args.task)
     opts = DataOptions(task=task.name, data_dir=args.data_dir,
                        max_train_samples=args.max_train_samples)

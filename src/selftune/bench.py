@@ -59,6 +59,7 @@ from selftune.errors import SelftuneError
 from selftune.outputs import (
     BAM_STUDENT_DIR,
     BENCH_RUN_FILE,
+    LOG_FILE,
     METRICS_FILE,
     RUN_CONFIG_FILE,
     directory_lock,
@@ -141,7 +142,61 @@ def parse_tasks(value: Any) -> list[str]:
     tasks = [t.strip() for t in items if t.strip()]
     if not tasks:
         raise SelftuneError("tasks: the grid names no task")
+    twice = sorted({t for t in tasks if tasks.count(t) > 1})
+    if twice:
+        raise SelftuneError(f"tasks: {twice} given twice; name each task once")
     return tasks
+
+
+# A grid's, a variant's and a task's names become folder and file names (runs/bench/<grid>/
+# <task>__<variant>__seed<k>, <grid>.results.jsonl): no path separators, no '..'.
+SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_name(name: Any, what: str) -> None:
+    if isinstance(name, str) and SAFE_NAME.fullmatch(name) and name not in (".", ".."):
+        return
+    problem = "is empty" if name == "" else f"{name!r} is not a string (quote it)" \
+        if not isinstance(name, str) else f"{name!r} cannot name a folder"
+    raise SelftuneError(f"{what} {problem}: it names the runs' folders and results, so use "
+                        "letters, digits, '-', '_' and '.' only (not '.' or '..'), e.g. lr1e-4")
+
+
+# Options that 'selftune bench' sets on every run itself: a grid's value would be overridden,
+# or would undo what bench does (skip finished runs, resume interrupted ones).
+BENCH_CONTROLLED = {
+    "output_dir": "each run goes to <runs dir>/<run id>; use --runs-dir (or runs_dir in the "
+                  "grid) to put the runs elsewhere",
+    "overwrite_output_dir": "it starts a run over when its options changed and never redoes a "
+                            "finished one; delete a run's folder to redo it",
+    "resume": "it resumes an interrupted run from its checkpoint; delete a run's folder to "
+              "start it over",
+    "task": "list the tasks in the grid's tasks (or --tasks)",
+    "tasks": "list the tasks in the grid's tasks (or --tasks)",
+    "seed": "list the seeds in the grid's seeds (or --seeds)",
+}
+
+
+def check_bench_options(options: dict, where: str) -> None:
+    """Refuse the options that 'selftune bench' sets on each run (BENCH_CONTROLLED)."""
+    for key in options:
+        if key in BENCH_CONTROLLED:
+            raise SelftuneError(f"{where}: {key} is set by 'selftune bench' for each run; "
+                                f"{BENCH_CONTROLLED[key]}")
+
+
+def check_grid(grid: Grid) -> None:
+    """The grid's names (safe folder names) and options (none that bench sets itself)."""
+    check_name(grid.name, "grid name (the grid's name, or --name)")
+    for task in grid.tasks:
+        check_name(task, "task")
+    for variant in grid.variants:
+        check_name(variant, "variant name")
+    check_bench_options(grid.common, "the grid's common options (or --set)")
+    for task, options in grid.task_options.items():
+        check_bench_options(options, f"task_options of {task}")
+    for variant, options in grid.variants.items():
+        check_bench_options(options or {}, f"grid variant {variant!r}")
 
 
 PATHS_RELATIVE_TO_GRID = ("data_dir", "teachers_root")
@@ -153,15 +208,16 @@ def load_grid(path: Path) -> Grid:
     text = path.read_text()
     try:
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            raw = yaml.safe_load(text)
+            raw = _yaml_load_unique_keys(text)
         elif path.suffix == ".toml":
             import tomllib
 
-            raw = tomllib.loads(text)
+            raw = tomllib.loads(text)  # refuses a key given twice by itself
         else:
-            raw = json.loads(text)
+            raw = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as err:
+        raise SelftuneError(f"{path}: {err}; the second would silently replace the first") \
+            from None
     except Exception as err:
         raise SelftuneError(f"{path}: cannot parse the grid ({err})") from None
     if not isinstance(raw, dict):
@@ -217,6 +273,45 @@ def load_grid(path: Path) -> Grid:
     )
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple]) -> dict:
+    """A JSON object's pairs as a dict, refusing a key given twice (json keeps the last)."""
+    keys = [key for key, _ in pairs]
+    twice = next((key for key in keys if keys.count(key) > 1), None)
+    if twice is not None:
+        raise _DuplicateKey(f"{twice!r} is given twice")
+    return dict(pairs)
+
+
+def _yaml_load_unique_keys(text: str) -> Any:
+    """yaml.safe_load, refusing a mapping key given twice (e.g. two variants of one name),
+    which PyYAML would silently resolve to the last."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # '<<: *defaults' keys may be overridden on purpose
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        if key in seen:
+                            raise _DuplicateKey(f"{key!r} is given twice (lines {seen[key]} "
+                                                f"and {line})")
+                        seen[key] = line
+                    except TypeError:
+                        continue  # an unhashable key: the loader names it
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def _as_list(value: Any) -> list:
     return [] if value is None else value if isinstance(value, list) else [value]
 
@@ -228,6 +323,7 @@ def plan_runs(grid: Grid, runs_dir: Path) -> list[PlannedRun]:
     def is_bam(options: dict | None) -> bool:  # "pipeline: bam" in the variant or in common
         return {**grid.common, **(options or {})}.get("pipeline") == "bam"
 
+    check_grid(grid)
     runs = []
     for seed in grid.seeds:
         students = [_plan_bam(grid, variant, options or {}, seed, runs_dir)
@@ -248,8 +344,31 @@ def plan_runs(grid: Grid, runs_dir: Path) -> list[PlannedRun]:
                     config = TrainConfig.from_dict(values)
                 except TypeError as err:
                     raise SelftuneError(f"grid variant {variant!r}: {err}") from None
+                _check_options(config, f"grid variant {variant!r} ({task})")
                 runs.append(PlannedRun(run_id, task, variant, seed, config))
     return runs
+
+
+def _check_options(config: Any, where: str, bam: bool = False) -> None:
+    """The range and strategy checks 'selftune train' makes of a run's options before any
+    work (for a BAM! run: of the student's options and of each --teachers auto teacher's),
+    made here for every run before the first starts: a bad value fails at once, not hours
+    into a grid. No data or model is read."""
+    from selftune.training import check_strategy_options, validate_options
+
+    try:
+        validate_options(config)
+        check_strategy_options(config, **({"strategies": "sda/sdv/ema"} if bam else {}))
+        if bam and config.teachers == "auto":
+            from selftune.bam import teacher_config
+
+            for task in config.tasks.split(","):
+                _check_options(teacher_config(config, task, Path(config.output_dir or ".")),
+                               f"{where}, its {task} teacher")
+    except SelftuneError as err:
+        if str(err).startswith(where):
+            raise
+        raise SelftuneError(f"{where}: {err}") from None
 
 
 def _plan_bam(grid: Grid, variant: str, options: dict, seed: int, runs_dir: Path) -> PlannedRun:
@@ -275,6 +394,7 @@ def _plan_bam(grid: Grid, variant: str, options: dict, seed: int, runs_dir: Path
         # and never recorded, nor weighed by a deadline.
         raise SelftuneError(f"grid variant {variant!r}: finetune_after is not supported in a "
                             "grid; run 'selftune bam --finetune-after' on its own")
+    _check_options(config, f"grid variant {variant!r}", bam=True)
     return PlannedRun(f"{variant}__seed{seed}", ",".join(grid.tasks), variant, seed, config,
                       command="bam")
 
@@ -631,9 +751,12 @@ def _run_claimed(run: PlannedRun, out: Path, results: Path, train_command: list[
         proc = subprocess.run([*command, "--config", str(config_file)], pass_fds=(lock_fd,))
         metrics = _finished_metrics(out, run)
         if proc.returncode != 0 or metrics is None:
-            print(f"  run {run.run_id} failed (exit {proc.returncode}); see "
-                  f"{out / 'train.log'}; it will be retried on the next 'selftune bench'",
-                  flush=True)
+            log = _log_written_since(run, out, started)
+            # A run that fails before its log starts (e.g. a bad option) printed its error.
+            where = f"see {log}" if log else "see its error above"
+            print(f"  run {run.run_id} failed (exit {proc.returncode}); {where}. Not recorded: "
+                  "a rerun of this grid retries it (and fails the same way until the cause is "
+                  "fixed)", flush=True)
             return None
         durations.append(time.time() - started)  # a failure, often instant, would skew the ETA
     for record in ([make_record(run, metrics)] if run.command == "train"
@@ -643,6 +766,17 @@ def _run_claimed(run: PlannedRun, out: Path, results: Path, train_command: list[
     score = metrics.get("score", metrics.get("student_average"))
     print(f"  {run.run_id}: score {score:.2f}", flush=True)
     return True
+
+
+def _log_written_since(run: PlannedRun, out: Path, started: float) -> Path | None:
+    """The run's train.log written to last since ``started`` (a BAM! run: its student's or
+    a teacher's), or None when its attempt wrote none."""
+    logs = [out / LOG_FILE] if run.command == "train" else [
+        out / BAM_STUDENT_DIR / LOG_FILE,
+        *(d / LOG_FILE for d in _teacher_dirs(run, {}).values())]
+    written = [(log.stat().st_mtime, log) for log in logs if log.is_file()]
+    written = [(mtime, log) for mtime, log in written if mtime >= started - 1]
+    return max(written)[1] if written else None
 
 
 def _holds_other_config(out: Path, run: PlannedRun) -> bool:

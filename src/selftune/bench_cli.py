@@ -103,13 +103,18 @@ def _key_values(items: list[str], what: str) -> dict:
         if "=" not in item:
             raise SelftuneError(f"{what} expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        values[key.strip().replace("-", "_")] = _parse_value(value)
+        key = key.strip().replace("-", "_")
+        if key in values:  # the last would silently win
+            raise SelftuneError(f"{what}: {key} is given twice; give each option once")
+        values[key] = _parse_value(value)
     return values
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     from selftune.bench import (
         Grid,
+        check_bench_options,
+        check_name,
         load_grid,
         parse_deadline,
         parse_seeds,
@@ -129,12 +134,22 @@ def _run_bench(args: argparse.Namespace) -> int:
         grid.tasks = parse_tasks(args.tasks)
     if args.seeds:
         grid.seeds = parse_seeds(args.seeds)
-    grid.common.update(_key_values(args.set, "--set"))
+    sets = _key_values(args.set, "--set")
+    check_bench_options(sets, "--set")
+    grid.common.update(sets)
     if args.variant:
         grid.variants = {}
         for spec in args.variant:
             name, _, options = spec.partition(":")
-            grid.variants[name] = _key_values([o for o in options.split(",") if o], "--variant")
+            check_name(name, f"--variant {spec!r}: the name")
+            if name in grid.variants:
+                raise SelftuneError(f"--variant {name!r} is given twice; give each variant "
+                                    "once, with all its options: "
+                                    "'NAME:KEY=VALUE,KEY=VALUE'")
+            where = f"--variant {name}"
+            grid.variants[name] = _key_values([o for o in options.split(",") if o], where)
+            check_bench_options(grid.variants[name], where)
+    check_name(grid.name, "--name" if args.name else "grid name")
     results = Path(args.results) if args.results else grid.results or Path(
         f"{grid.name}.results.jsonl")
     runs_dir = Path(args.runs_dir) if args.runs_dir else grid.runs_dir or (

@@ -15,6 +15,7 @@ import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from selftune import __version__
 from selftune.config import (
@@ -202,10 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
                               ("none", "center", "standardize", "batchnorm", "layernorm",
                                "isobn")),
                           help="Normalizations to compare, comma-separated (default: all).")
-    diagnose.add_argument("--sources", default="cls,pooler",
+    diagnose.add_argument("--sources",
                           help="Representations: cls (last-layer [CLS] hidden state), pooler "
-                               "(default: both).")
-    diagnose.add_argument("--seed", type=int, default=0, help="Seed (default: 0).")
+                               "(default: both; cls alone for a model without a pooler).")
+    diagnose.add_argument("--seed", type=int_at_least(0), default=0, help="Seed (default: 0).")
     diagnose.add_argument("--out-dir", dest="out_dir",
                           help="Where to write (default: diagnostics/<task>).")
     _add_common(diagnose)
@@ -233,10 +234,16 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from selftune.data.loading import DataOptions
-    from selftune.evaluation import evaluate_model
+    from selftune.data.tasks import TASKS
+    from selftune.evaluation import check_output_file, evaluate_model
 
     if not args.task and not args.validation_file:
         raise SelftuneError("give --task NAME or --validation-file FILE to evaluate on")
+    if args.task in TASKS and args.validation_file:
+        raise SelftuneError(f"give --task {args.task} (its dev split) or --validation-file (your "
+                            "own labelled file), not both")
+    if args.output_file:
+        check_output_file(Path(args.output_file))
     opts = DataOptions(task=args.task, data_dir=args.data_dir,
                        validation_file=args.validation_file,
                        text_columns=_columns(args.text_columns), label_column=args.label_column,
@@ -245,8 +252,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                             args.batch_size, args.trust_remote_code)
     text = json.dumps(result, indent=2)
     if args.output_file:
-        from pathlib import Path
-
         from selftune.outputs import write_json_atomic
 
         write_json_atomic(Path(args.output_file), result)
@@ -265,8 +270,6 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from selftune.models.heads import fold_cls_norm
     from selftune.models.loading import load_finetuned, load_tokenizer
 
@@ -281,25 +284,22 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_diagnose(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import transformers
 
     from selftune.data.features import tokenize_records
     from selftune.data.loading import DataOptions, load_task_data
-    from selftune.diagnostics import diagnose
-    from selftune.models.cls_norm import CLS_NORM_KINDS
-    from selftune.models.loading import load_for_training, load_tokenizer, resolve_model_path
+    from selftune.diagnostics import check_model, check_options, diagnose
+    from selftune.models.loading import (
+        check_sequence_length,
+        load_for_training,
+        load_tokenizer,
+        resolve_model_path,
+    )
 
     norms = tuple(n.strip() for n in args.norms.split(",") if n.strip())
-    sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
-    bad = [n for n in norms if n not in CLS_NORM_KINDS] + \
-        [s for s in sources if s not in ("cls", "pooler")]
-    if bad or not norms or not sources:
-        raise SelftuneError(f"unknown --norms/--sources value(s) {bad}; norms: "
-                            f"{', '.join(CLS_NORM_KINDS)}; sources: cls, pooler")
-    if args.steps < 1 or args.max_examples < 2 or args.batch_size < 2:
-        raise SelftuneError("--steps must be >= 1, --max-examples and --batch-size >= 2")
+    sources = (None if args.sources is None
+               else tuple(s.strip() for s in args.sources.split(",") if s.strip()))
+    check_options(norms, sources, args.steps, args.batch_size, args.learning_rate, args.seed)
     opts = DataOptions(task=args.task, data_dir=args.data_dir, train_file=args.train_file,
                        validation_file=args.validation_file,
                        text_columns=_columns(args.text_columns), label_column=args.label_column,
@@ -309,6 +309,8 @@ def _run_diagnose(args: argparse.Namespace) -> int:
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path)
     model = load_for_training(path, data.task)
+    sources = check_model(model, sources)
+    check_sequence_length(args.max_seq_length, model)
     train_set = tokenize_records(data.train, tokenizer, args.max_seq_length)
     out = Path(args.out_dir or Path("diagnostics") / data.task.name)
     print(diagnose(model, tokenizer, train_set, out, norms, sources, args.steps,
@@ -329,8 +331,6 @@ def _run_tasks(args: argparse.Namespace) -> int:
 
 
 def _load_config_file(path: str, config_class: type) -> dict:
-    from pathlib import Path
-
     import yaml
 
     file = Path(path)

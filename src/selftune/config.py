@@ -110,7 +110,7 @@ class TrainConfig:
                                            "layer at depth d learns at lr·decay^(L+2−d) (heads "
                                            "L+2, pooler L+1, encoder layer i at i+1, embeddings "
                                            "0). BAM! uses 0.9. Default: off.", TRAIN)
-    max_grad_norm: float = opt(1.0, "Clip gradients to this global norm.", TRAIN)
+    max_grad_norm: float = opt(1.0, "Clip gradients to this global norm (0: no clipping).", TRAIN)
     lr_scheduler_type: str = opt("linear", "Learning-rate schedule after warm-up "
                                  "(any transformers scheduler name).", TRAIN)
     nan_policy: str = opt("stop", "When the training loss is NaN or infinite: stop the run with "
@@ -162,8 +162,10 @@ class TrainConfig:
                                      OUTPUT)
     resume: bool = opt(True, "Continue an interrupted run from its last checkpoint in "
                        "--output-dir (--no-resume starts over).", OUTPUT)
-    keep_checkpoints: bool = opt(False, "Keep the intermediate checkpoints after the run "
-                                 "finishes (they are deleted by default to save disk).", OUTPUT)
+    keep_checkpoints: bool = opt(False, "Keep the last checkpoint (model, optimizer and "
+                                 "teacher state) after the run finishes; it is deleted by "
+                                 "default to save disk. Only the newest checkpoint is kept "
+                                 "while a run goes.", OUTPUT)
 
     def data_options(self) -> DataOptions:
         names = {f.name for f in dataclasses.fields(DataOptions)}

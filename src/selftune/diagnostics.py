@@ -17,6 +17,8 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +28,59 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
-from selftune.models.cls_norm import CLS_NORM_KINDS, compute_cls_stats
+from selftune.errors import SelftuneError
+from selftune.models.cls_norm import CLS_NORM_KINDS, CLS_SOURCES, compute_cls_stats
 
 TOP_K = (1, 5, 10)
+logger = logging.getLogger(__name__)
+
+
+def check_options(kinds: tuple[str, ...], sources: tuple[str, ...] | None, steps: int,
+                  batch_size: int, learning_rate: float, seed: int) -> None:
+    """Refuse option values that would otherwise fail deep in the run (with a traceback)."""
+    for flag, values, valid in (("--norms", kinds, CLS_NORM_KINDS),
+                                ("--sources", sources, CLS_SOURCES)):
+        if values is None:
+            continue
+        if not values:
+            raise SelftuneError(f"{flag} is empty; give one or more of {', '.join(valid)}, "
+                                "comma-separated")
+        bad = [v for v in values if v not in valid]
+        if bad:
+            raise SelftuneError(f"unknown {flag} value(s) {', '.join(map(repr, bad))}; "
+                                f"valid values: {', '.join(valid)}")
+    checks = [
+        (steps >= 1, "--steps must be at least 1"),
+        # batchnorm/isobn statistics of a single example are undefined
+        (batch_size >= 2, "--batch-size must be at least 2"),
+        (math.isfinite(learning_rate) and learning_rate > 0,
+         f"--learning-rate must be positive, got {learning_rate:g}"),
+        (0 <= seed < 2 ** 32, f"--seed must be between 0 and {2 ** 32 - 1}, got {seed}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SelftuneError(message)
+
+
+def check_model(model, sources: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The sources to measure (``None``: cls and pooler, or cls alone without a pooler), after
+    refusing a model the gradient runs cannot normalize or a pooler it does not have."""
+    from selftune.models.heads import POOLED_HEAD_TYPES
+
+    base = model.base_model
+    if model.config.model_type not in POOLED_HEAD_TYPES or not hasattr(base, "pooler"):
+        raise SelftuneError(
+            f"diagnose-cls needs an encoder whose classifier reads the pooled [CLS], as "
+            f"--cls-norm does (model types {', '.join(POOLED_HEAD_TYPES)}); "
+            f"{type(model).__name__} classifies otherwise")
+    if base.pooler is not None:
+        return sources or ("cls", "pooler")
+    if sources is None:
+        logger.warning("the model has no pooler: measuring the last-layer [CLS] only")
+        return ("cls",)
+    if "pooler" in sources:
+        raise SelftuneError("the model has no pooler; use --sources cls")
+    return sources
 
 
 @dataclass
@@ -115,12 +167,18 @@ def gradient_norms(
 
 def diagnose(
     model, tokenizer, train_set, out_dir: Path, kinds: tuple[str, ...] = CLS_NORM_KINDS,
-    sources: tuple[str, ...] = ("cls", "pooler"), steps: int = 20, batch_size: int = 32,
+    sources: tuple[str, ...] | None = None, steps: int = 20, batch_size: int = 32,
     learning_rate: float = 5e-5, seed: int = 0, task_name: str = "",
 ) -> str:
-    """Run the analysis, write diagnostics.md / .json and PNG plots; return the Markdown."""
+    """Run the analysis, write diagnostics.md / .json and PNG plots; return the Markdown.
+
+    ``sources=None`` measures the [CLS] hidden state and the pooler output, or the [CLS] alone
+    when the model has no pooler.
+    """
     from tqdm.auto import tqdm
 
+    check_options(kinds, sources, steps, batch_size, learning_rate, seed)
+    sources = check_model(model, sources)
     out_dir.mkdir(parents=True, exist_ok=True)
     features = train_set.remove_columns([c for c in ("example_id",) if c in train_set.column_names])
     collator = DataCollatorWithPadding(tokenizer)

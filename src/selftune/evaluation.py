@@ -17,7 +17,7 @@ from transformers import DataCollatorWithPadding, PreTrainedModel
 from selftune.data.features import tokenize_records
 from selftune.data.loading import DataOptions, load_task_data
 from selftune.data.readers import Record, read_user_file
-from selftune.data.tasks import TaskSpec, custom_task
+from selftune.data.tasks import TASKS, TaskSpec, custom_task
 from selftune.errors import SelftuneError
 from selftune.metrics import compute_task_metrics
 from selftune.models.loading import (
@@ -79,13 +79,13 @@ def check_label_order(model_dir: Path | str, task: TaskSpec,
                       labels: tuple[str, ...] | None) -> None:
     """A model trained elsewhere may order the task's classes differently (MNLI checkpoints
     often do): its predictions (a teacher's soft targets, or what `evaluate` scores) would
-    then be silently permuted, so the task's own names in another order are refused. Other
-    names (LABEL_0..., or a sentiment model's neg/pos used on SST-2) say nothing about the
-    order: they are taken in the task's, with a warning."""
+    then be silently permuted, so the task's own names in another order are refused, and so
+    are the classes of another registry task (an RTE model scored on MRPC). Other names
+    (LABEL_0..., or a sentiment model's negative/positive used on IMDb's neg/pos) say nothing
+    about the order: they are taken in the task's, with a warning."""
     if labels is None or task.label_names is None:
         return
-    ours = [n.lower() for n in task.label_names]
-    theirs = [n.lower() for n in labels]
+    ours, theirs = _class_names(task.label_names), _class_names(labels)
     if theirs == ours:
         return
     if sorted(theirs) == sorted(ours):
@@ -93,8 +93,22 @@ def check_label_order(model_dir: Path | str, task: TaskSpec,
             f"{model_dir} orders its classes {list(labels)}, {task.name} orders them "
             f"{list(task.label_names)}; its predictions would be permuted. Re-export the "
             "model with the task's label order")
+    other_tasks = [t.name for t in TASKS.values() if t.label_names is not None
+                   and sorted(_class_names(t.label_names)) == sorted(theirs)]
+    if other_tasks:
+        raise SelftuneError(
+            f"{model_dir} predicts the classes of {'/'.join(other_tasks)} {list(labels)}, not "
+            f"those of {task.name} {list(task.label_names)}: a model of another task")
     logger.warning("%s names its classes %s; taken to be %s, in that order", model_dir,
                    list(labels), list(task.label_names))
+
+
+# Spellings of one class across tasks and checkpoints.
+CLASS_SYNONYMS = {"negative": "neg", "positive": "pos"}
+
+
+def _class_names(names: tuple[str, ...]) -> list[str]:
+    return [CLASS_SYNONYMS.get(n.lower(), n.lower()) for n in names]
 
 
 def evaluate_model(
@@ -159,6 +173,10 @@ def predict_file(
     out_path = Path(output_file)
     if out_path.suffix.lower() not in (".jsonl", ".csv", ".tsv"):
         raise SelftuneError(f"--output-file must end in .jsonl, .csv or .tsv: {output_file}")
+    check_output_file(out_path)
+    if out_path.resolve() == Path(input_file).resolve():
+        raise SelftuneError(f"--output-file {output_file} is the --input-file: the predictions "
+                            "would replace your data; choose another file")
     model = load_finetuned(model_dir, trust_remote_code)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     labels = model_label_names(model)
@@ -176,6 +194,12 @@ def predict_file(
         rows.append(row)
     _write_rows(out_path, rows)
     return len(rows)
+
+
+def check_output_file(path: Path) -> None:
+    """Refuse, before any work, an output file that cannot be written."""
+    if path.is_dir():
+        raise SelftuneError(f"--output-file {path} is a folder; give a file name")
 
 
 def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:

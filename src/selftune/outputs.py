@@ -107,6 +107,11 @@ def check_output_dir(
     """
     if output_dir.exists() and not output_dir.is_dir():
         raise SelftuneError(f"--output-dir {output_dir} exists and is not a folder")
+    model = config.get("model")
+    if isinstance(model, str) and Path(model).expanduser().resolve() == output_dir.resolve():
+        raise SelftuneError(f"--output-dir {output_dir} is the --model directory: the run "
+                            "would replace the model it starts from; choose another folder")
+    check_selftune_folder(output_dir, "delete it" if overwrite else "write the run into it")
     if overwrite:
         return
     if is_finished(output_dir):
@@ -130,12 +135,37 @@ def changed_options(
     if not saved_config.is_file():
         return []
     try:
-        previous = {**(defaults or {}), **json.loads(saved_config.read_text())}
-    except json.JSONDecodeError:
-        previous = {}
-    ignore = {"overwrite_output_dir", "resume", "keep_checkpoints", "report_to"}
+        saved = json.loads(saved_config.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        raise SelftuneError(
+            f"{saved_config} is unreadable ({err}), so this unfinished run cannot be checked "
+            "for resuming; --overwrite-output-dir starts it over") from None
+    previous = {**(defaults or {}), **saved}
+    # The folder is the one given, however spelled; where it was first given does not matter.
+    ignore = {"output_dir", "overwrite_output_dir", "resume", "keep_checkpoints", "report_to"}
     return sorted(k for k in set(previous) | set(config)
-                  if k not in ignore and previous.get(k) != config.get(k))
+                  if k not in ignore and not _same_option(k, previous.get(k), config.get(k)))
+
+
+# Options naming files or folders: `train.csv` and `/home/me/train.csv` are one file.
+PATH_OPTIONS = frozenset({"model", "data_dir", "train_file", "validation_file"})
+
+
+def _same_option(name: str, saved: Any, given: Any) -> bool:
+    if saved == given:
+        return True
+    if name in PATH_OPTIONS and isinstance(saved, str) and isinstance(given, str):
+        return Path(saved).expanduser().resolve() == Path(given).expanduser().resolve()
+    return False
+
+
+def _resumable(output_dir: Path, config: dict[str, Any], defaults: dict[str, Any] | None) -> bool:
+    try:
+        return not changed_options(output_dir, config, defaults)
+    except SelftuneError:  # an unreadable run_config.json: nothing to resume
+        return False
 
 
 def remove_run_dir(output_dir: Path) -> None:
@@ -144,12 +174,20 @@ def remove_run_dir(output_dir: Path) -> None:
     the option must not wipe it."""
     if not output_dir.exists():
         return
-    if any(output_dir.iterdir()) and not any((output_dir / m).exists() for m in RUN_MARKERS):
-        raise SelftuneError(
-            f"--overwrite-output-dir: {output_dir} is not a selftune run folder (none of "
-            f"{', '.join(RUN_MARKERS)} in it) and is not empty; refusing to delete it. "
-            "Choose a new or empty --output-dir")
+    check_selftune_folder(output_dir, "delete it")
     shutil.rmtree(output_dir)
+
+
+def check_selftune_folder(output_dir: Path, action: str) -> None:
+    """Refuse a non-empty folder selftune did not write: pointed by mistake at a folder of the
+    user's own (".", a home folder, the pretrained model's), a run would mix its files with the
+    user's or replace them (a model directory's config.json and weights)."""
+    if (output_dir.is_dir() and any(output_dir.iterdir())
+            and not any((output_dir / m).exists() for m in RUN_MARKERS)):
+        raise SelftuneError(
+            f"--output-dir {output_dir} is not a selftune run folder (none of "
+            f"{', '.join(RUN_MARKERS)} in it) and is not empty; refusing to {action}. "
+            "Choose a new or empty --output-dir")
 
 
 def prepare_output_dir(
@@ -161,7 +199,7 @@ def prepare_output_dir(
     # --overwrite-output-dir replaces what cannot be resumed; an interrupted run of these same
     # options is resumed all the same, so rerunning a command after a crash loses nothing.
     if overwrite and (not resume or is_finished(output_dir)
-                      or changed_options(output_dir, config, defaults)):
+                      or not _resumable(output_dir, config, defaults)):
         remove_run_dir(output_dir)
     checkpoint = last_checkpoint(output_dir) if resume else None
     if not resume and (output_dir / CHECKPOINTS).exists():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,6 +90,8 @@ def validate_options(cfg: TrainConfig) -> None:
         (cfg.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be positive"),
         (0 <= cfg.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
         (cfg.weight_decay >= 0, "--weight-decay must be non-negative"),
+        (cfg.max_grad_norm >= 0, "--max-grad-norm must be non-negative (0 turns clipping off)"),
+        (0 <= cfg.seed < 2**32, "--seed must be in [0, 2^32)"),  # numpy's seed range
         (cfg.max_seq_length >= 8, "--max-seq-length must be at least 8"),
         (cfg.logging_steps > 0, "--logging-steps must be positive"),
         (cfg.save_steps is None or cfg.save_steps > 0, "--save-steps must be positive"),
@@ -129,6 +132,22 @@ class LogToFile(TrainerCallback):
             file_logger.info("step %d (epoch %.2f): %s", state.global_step, state.epoch or 0, shown)
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a message comes: a handler holding the stderr
+    of its creation writes into a closed stream once pytest or a notebook has swapped it."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(log_file: Path | None) -> None:
     """Log to the console and, for a run, to its train.log (appending across resumes)."""
     root = logging.getLogger("selftune")
@@ -136,7 +155,7 @@ def setup_logging(log_file: Path | None) -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
-    console = logging.StreamHandler()
+    console = ConsoleHandler()
     console.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(console)
     if log_file is not None:

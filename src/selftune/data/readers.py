@@ -241,13 +241,18 @@ def read_user_file(
     Labels are kept as written (strings or numbers); the caller decides classification or
     regression. Without ``id_column``, the example id is the row number.
     """
+    roles = [*text_columns, *([label_column] if label_column else []),
+             *([id_column] if id_column else [])]
+    repeated = sorted({c for c in roles if roles.count(c) > 1})
+    if repeated:
+        # A label read as text leaks the answer into the input; say so before any training.
+        raise SelftuneError(f"column(s) {repeated} given for more than one role: --text-columns, "
+                            "--label-column and --id-column must name different columns")
     rows = list(_iter_user_rows(path))
     if not rows:
         raise SelftuneError(f"{path}: no data rows (the file is empty or has only a header)")
     columns = list(rows[0][1].keys())
-    wanted = [*text_columns, *([label_column] if label_column else []),
-              *([id_column] if id_column else [])]
-    missing = [c for c in wanted if c not in columns]
+    missing = [c for c in roles if c not in columns]
     if missing:
         hint = ""
         if len(columns) == 1 and any(sep in columns[0] for sep in "\t,;"):

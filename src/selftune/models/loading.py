@@ -6,6 +6,7 @@ the user asks for it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -55,9 +56,13 @@ def resolve_model_path(name: str | None) -> str:
 def check_model_dir(path: Path, need_tokenizer: bool = True) -> None:
     """A local model directory must hold a config, safetensors weights and a tokenizer."""
     if not path.is_dir():
-        raise SelftuneError(f"{path} is not a directory; --model takes a model directory or id")
+        raise SelftuneError(f"{path} is not a directory; give a model directory or a Hub id")
     if not (path / "config.json").is_file():
         raise SelftuneError(f"{path} has no config.json; is it a Hugging Face model directory?")
+    try:
+        json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise SelftuneError(f"{path / 'config.json'} is not valid JSON ({err})") from None
     weights = list(path.glob("*.safetensors"))
     if not weights:
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
@@ -103,6 +108,10 @@ def load_for_training(
     transformers.logging.set_verbosity_error()
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+        if getattr(config, "is_encoder_decoder", False):
+            raise SelftuneError(
+                f"{name} is an encoder-decoder model ({config.model_type}); selftune fine-tunes "
+                "encoders such as BERT, RoBERTa, DeBERTa or MiniLM")
         # A model fine-tuned by selftune names its [CLS] normalizer in its config; a run that
         # starts from it gets the normalizer of its own --cls-norm, not that one.
         for key in (NORM_KEY, SOURCE_KEY):
@@ -127,12 +136,22 @@ def load_finetuned(path: str, trust_remote_code: bool = False) -> PreTrainedMode
     # A [CLS] normalizer's buffers are "unexpected" to the plain class: restored just below.
     transformers.logging.set_verbosity_error()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, use_safetensors=True, trust_remote_code=trust_remote_code)
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
+            path, use_safetensors=True, trust_remote_code=trust_remote_code,
+            output_loading_info=True)
     except (OSError, ValueError) as err:
         raise SelftuneError(f"could not load the model in {path}: {err}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
+    # A missing head is drawn at random: its predictions would change from load to load. (The
+    # encoder may lack its pooler: a --cls-source cls run has none to save.)
+    encoder = f"{model.base_model_prefix}."
+    missing = sorted(k for k in loading.get("missing_keys", ()) if not k.startswith(encoder))
+    if missing:
+        shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+        raise SelftuneError(
+            f"{path} is not a fine-tuned sequence classifier: it has no weights for {shown} "
+            f"(a pretrained encoder?); fine-tune it first: selftune train --model {path} ...")
     restore_cls_norm(model, Path(path))
     return model
 

@@ -4,17 +4,25 @@ File format (JSON Lines, UTF-8): a header line, then one line per training examp
 
     {"format": "selftune-teacher-predictions", "version": 1, "task": "rte",
      "label_names": ["entailment", "not_entailment"], "model": "runs/bam/teachers/rte",
-     "num_examples": 2490, "max_seq_length": 128}
+     "num_examples": 2490, "max_seq_length": 128, "train_sha256": "9f86d0..."}
     {"example_id": "train-0", "logits": [1.25, -0.73]}
     ...
 
 ``logits`` are the teacher's raw outputs in eval mode (one value for a regression task, on the
 task's own scale, e.g. 0-5 for STS-B). Ids include the swapped copies (``train-7:swap``) when the
 predictions were made for training on both sentence orders.
+
+``train_sha256`` (optional) is the fingerprint of the training examples the predictions were made
+on (:func:`training_fingerprint`: ids, texts and labels, in id order), so that ``selftune bam``
+recomputes a cached file when the data changed under the same ids (rows edited or reordered).
+Files written before it existed lack it, as does ``max_seq_length`` in the oldest ones; readers
+ignore header fields they do not know, so the version stays 1 and old and new files are read
+alike.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -28,14 +36,29 @@ from selftune.errors import SelftuneError
 FORMAT = "selftune-teacher-predictions"
 
 
+def training_fingerprint(records: list[Record]) -> str:
+    """sha256 over the examples' ids, texts and labels in id order: it changes when a text or
+    label under an id changes (GLUE ids are row numbers, so reordering rows changes it too),
+    not when rows keyed by their own id column are merely reordered."""
+    digest = hashlib.sha256()
+    for record in sorted(records, key=lambda r: str(r["example_id"])):
+        digest.update(json.dumps([str(record["example_id"]), record.get("text_a"),
+                                  record.get("text_b"), record.get("label")],
+                                 ensure_ascii=False).encode() + b"\n")
+    return digest.hexdigest()
+
+
 def write_predictions(path: Path, task: TaskSpec, ids: list[str], logits: np.ndarray,
-                      model: str, max_seq_length: int | None = None) -> None:
+                      model: str, max_seq_length: int | None = None,
+                      fingerprint: str | None = None) -> None:
     """Write atomically: a killed run never leaves a file that looks complete."""
     header = {"format": FORMAT, "version": 1, "task": task.name,
               "label_names": list(task.label_names) if task.label_names else None,
               "model": model, "num_examples": len(ids)}
     if max_seq_length is not None:
         header["max_seq_length"] = max_seq_length
+    if fingerprint is not None:
+        header["train_sha256"] = fingerprint
     tmp = path.with_name(f".{path.name}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "w") as f:
@@ -47,13 +70,14 @@ def write_predictions(path: Path, task: TaskSpec, ids: list[str], logits: np.nda
     os.replace(tmp, path)
 
 
-def cached_max_seq_length(path: Path) -> int | None:
-    """The input length a predictions file was made with (None if its header does not say)."""
+def read_header(path: Path) -> dict:
+    """A predictions file's header line ({} if it has none that parses)."""
     with open(path) as f:
         try:
-            return json.loads(f.readline()).get("max_seq_length")
-        except (json.JSONDecodeError, AttributeError):
-            return None
+            header = json.loads(f.readline())
+        except json.JSONDecodeError:
+            return {}
+    return header if isinstance(header, dict) else {}
 
 
 def read_predictions(path: Path, task: TaskSpec) -> dict[str, list[float]]:
@@ -96,5 +120,7 @@ def check_coverage(predictions: dict[str, list[float]], records: list[Record], p
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise SelftuneError(
             f"{path}: no teacher prediction for {len(missing)} of the {len(records)} {task.name} "
-            f"training examples (ids {shown}); recompute the predictions on the same data "
-            "(same --data-dir, --max-train-samples and --double-unordered)")
+            f"training examples (ids {shown}): it was made on other data; replace {path} with "
+            "predictions made on the student's data ('selftune teacher-predictions' with the "
+            "same --data-dir and --max-train-samples, and --both-orders for mrpc/stsb when "
+            "the student trains with --double-unordered)")

@@ -99,8 +99,11 @@ class MultiTaskConfig(TrainConfig):
                                  "both).", MT)
 
 
-def check_multitask_options(cfg: MultiTaskConfig) -> list[TaskSpec]:
-    """Every option of a multi-task run, checked before any work; returns the tasks."""
+def check_multitask_options(cfg: MultiTaskConfig,
+                            with_teachers: bool | None = None) -> list[TaskSpec]:
+    """Every option of a multi-task run, checked before any work; returns the tasks.
+    ``with_teachers``: whether the run distills from teachers (default: whether it has
+    --teacher-predictions)."""
     from selftune.training import check_strategy_options, validate_options
 
     validate_options(cfg)
@@ -122,6 +125,19 @@ def check_multitask_options(cfg: MultiTaskConfig) -> list[TaskSpec]:
                             "come from the task sampler")
     if not 0 <= cfg.distill_weight <= 1:
         raise SelftuneError("--distill-weight must be in [0, 1]")
+    # Options that would be silently ignored: refused when changed from their defaults (a
+    # config built from a grid carries every option, with its default value).
+    if with_teachers is None:
+        with_teachers = bool(cfg.teacher_predictions)
+    if not with_teachers and cfg.teacher_annealing != "linear":
+        raise SelftuneError(f"--teacher-annealing {cfg.teacher_annealing} does nothing "
+                            "without teachers (plain multi-task training); give teachers or "
+                            "drop the option")
+    if cfg.teacher_annealing == "linear" and \
+            cfg.distill_weight != MultiTaskConfig.distill_weight:
+        raise SelftuneError("--distill-weight does nothing with --teacher-annealing linear "
+                            "(the teacher's share falls from 1 to 0); add --teacher-annealing "
+                            "fixed or drop the option")
     if not 0 < cfg.sampling_alpha <= 1:
         raise SelftuneError("--sampling-alpha must be in (0, 1]")
     if cfg.output_dir is None:
@@ -137,7 +153,10 @@ def parse_task_paths(value: str | None, what: str) -> dict[str, Path]:
         if "=" not in item:
             raise SelftuneError(f"{what} expects task=PATH,..., got {item!r}")
         task, path = item.split("=", 1)
-        pairs[get_task(task.strip()).name] = Path(path.strip())
+        name = get_task(task.strip()).name
+        if name in pairs:
+            raise SelftuneError(f"{what} names {name} twice; give one path per task")
+        pairs[name] = Path(path.strip())
     return pairs
 
 
