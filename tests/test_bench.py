@@ -554,6 +554,8 @@ def test_bench_command_line_mistakes_are_one_line_errors(argv, fragments, capsys
     ("variants: {'': {}}\n", "variant name is empty"),
     ("variants: {'a/b': {}}\n", "variant name 'a/b' cannot name a folder"),
     ("variants: {0.5: {}}\n", "variant name 0.5 is not a string"),
+    ("variants: {a__seed0: {}}\n", "variant name 'a__seed0' cannot name a folder"),
+    ("variants: {teacher: {}}\n", "'teacher' is taken by the BAM! teachers"),
     ("name: ../evil\n", "grid name .* '../evil' cannot name a folder"),
     ("variants:\n  a: {learning_rate: 1.0e-4}\n  a: {learning_rate: 2.0e-4}\n",
      "'a' is given twice \\(lines 4 and 5\\); the second would silently replace"),

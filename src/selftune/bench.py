@@ -154,12 +154,15 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 def check_name(name: Any, what: str) -> None:
-    if isinstance(name, str) and SAFE_NAME.fullmatch(name) and name not in (".", ".."):
+    # Run ids join task, variant and seed with '__': a name holding it could make two ids one.
+    if (isinstance(name, str) and SAFE_NAME.fullmatch(name) and name not in (".", "..")
+            and "__" not in name):
         return
     problem = "is empty" if name == "" else f"{name!r} is not a string (quote it)" \
         if not isinstance(name, str) else f"{name!r} cannot name a folder"
     raise SelftuneError(f"{what} {problem}: it names the runs' folders and results, so use "
-                        "letters, digits, '-', '_' and '.' only (not '.' or '..'), e.g. lr1e-4")
+                        "letters, digits, '-', '_' and '.' only (not '.', '..' or '__'), "
+                        "e.g. lr1e-4")
 
 
 # Options that 'selftune bench' sets on every run itself: a grid's value would be overridden,
@@ -192,6 +195,9 @@ def check_grid(grid: Grid) -> None:
         check_name(task, "task")
     for variant in grid.variants:
         check_name(variant, "variant name")
+        if variant == TEACHER_VARIANT:
+            raise SelftuneError(f"variant name {variant!r} is taken by the BAM! teachers' own "
+                                "runs; choose another name")
     check_bench_options(grid.common, "the grid's common options (or --set)")
     for task, options in grid.task_options.items():
         check_bench_options(options, f"task_options of {task}")
