@@ -568,9 +568,21 @@ def test_bench_command_line_mistakes_are_one_line_errors(argv, fragments, capsys
     ("variants: {low: {learning_rate: -1}}\n", "grid variant 'low' \\(rte\\): --learning-rate "
                                                "must be positive"),
     ("variants: {b: {pipeline: bam, teacher_learning_rate: -1}}\n",
-     "grid variant 'b', its rte teacher: --learning-rate must be positive"),
+     "grid variant 'b': --teacher-learning-rate, --teacher-epochs and --teacher-batch-size "
+     "must be positive"),
+    ("variants: {b: {pipeline: bam, teacher_layerwise_lr_decay: 2}}\n",
+     "grid variant 'b', its rte teacher: --layerwise-lr-decay must be in"),
     ("variants: {b: {pipeline: bam, learning_rate: -1}}\n",
      "grid variant 'b': --learning-rate must be positive"),
+    # The recipe's own checks, at planning rather than after the teachers' hours:
+    ("variants: {b: {pipeline: bam, distill_weight: 0.3}}\n",
+     "grid variant 'b': --distill-weight does nothing with --teacher-annealing linear"),
+    ("variants: {b: {pipeline: bam, teachers_root: 't/{task}'}}\n",
+     "grid variant 'b': --teachers-root .*t/{task}: only '{seed}' may stand in braces"),
+    ("common: {pipeline: bam, teachers_root: 't/seed{seed}'}\n"
+     "variants: {a: {}, b: {teacher_epochs: 1}}\n",
+     "variant 'b' shares the teachers in .*t/seed0 with another variant but trains them with "
+     "other teacher options"),
 ])
 def test_grid_files_with_unsafe_names_duplicates_or_options_bench_sets_are_refused(
         content, message, tmp_path):

@@ -148,3 +148,13 @@ def test_ag_news_csv_rows_and_an_empty_file(tmp_path):
     (folder / "test.csv").write_text("")
     with pytest.raises(SelftuneError, match="file is empty"):
         read_ag_news_split(get_task("ag_news"), tmp_path, "test")
+
+
+def test_text_columns_are_one_or_two_names_spaces_and_empty_items_dropped():
+    from selftune.data.loading import parse_text_columns
+
+    assert parse_text_columns("premise, ") == ("premise",)
+    assert parse_text_columns(" a ,b") == ("a", "b")
+    for bad in ("", " , ", "a,b,c"):
+        with pytest.raises(SelftuneError, match="--text-columns takes one column"):
+            parse_text_columns(bad)

@@ -154,6 +154,8 @@ def test_interrupted_run_resumes_to_the_same_result(save_steps, options, tiny_mo
                                 **options))
     assert resumed["resumed_from"] is not None
     assert resumed["metrics"] == pytest.approx(reference["metrics"], abs=1e-9)
+    # Over the whole run, not only the steps after the resume.
+    assert resumed["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-6)
     texts = ["the movie was good", "it was really dull"]
     np.testing.assert_allclose(dev_logits(out, texts), dev_logits(tmp_path / "ref", texts),
                                atol=1e-6)
@@ -208,7 +210,9 @@ def test_resume_does_not_depend_on_how_paths_are_spelled(tiny_model, sentiment_f
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(tiny_model, (train_file, dev_file), "runs/r"),
               callbacks=[StopAfterFirstSave()])
-    resumed = train(tiny_config(tiny_model, sentiment_files, str(tmp_path / "runs" / "r") + "/"))
+    # Nor on the options the results' config hash leaves out, such as how often to log.
+    resumed = train(tiny_config(tiny_model, sentiment_files, str(tmp_path / "runs" / "r") + "/",
+                                logging_steps=1))
     assert resumed["resumed_from"] is not None
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from selftune import outputs
 from selftune.config import OUTPUT, SD_OPTIONS, TrainConfig, opt
-from selftune.data.loading import load_task_data
+from selftune.data.loading import DataOptions, load_task_data
 from selftune.data.readers import Record
 from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
@@ -77,8 +77,9 @@ class BamConfig(MultiTaskConfig):
 
 
 def compute_teacher_predictions(
-    model_dir: Path, task: TaskSpec, data_options, out_file: Path, both_orders: bool,
-    max_seq_length: int = 128, batch_size: int = 128,
+    model_dir: Path, task: TaskSpec, data_options: DataOptions, out_file: Path,
+    both_orders: bool, max_seq_length: int = 128, batch_size: int = 128,
+    trust_remote_code: bool = False,
 ) -> Path:
     """A teacher's logits over its task's training set (eval mode), keyed by example id."""
     from selftune.evaluation import check_task_matches, predict_logits
@@ -91,9 +92,9 @@ def compute_teacher_predictions(
         raise SelftuneError(f"--both-orders is for the tasks whose pairs have no order "
                             f"({', '.join(UNORDERED_TASKS)}: the ones --double-unordered "
                             f"swaps); a student trains on {task.name} in one order only")
-    model = load_finetuned(str(model_dir))
+    model = load_finetuned(str(model_dir), trust_remote_code)
     check_task_matches(task, model_label_names(model), model_dir)
-    tokenizer = load_tokenizer(str(model_dir))
+    tokenizer = load_tokenizer(str(model_dir), trust_remote_code)
     records = teacher_records(task, data_options, both_orders)
     logits = predict_logits(model, tokenizer, records, max_seq_length, batch_size)
     write_predictions(out_file, task, [str(r["example_id"]) for r in records], logits,
@@ -101,7 +102,7 @@ def compute_teacher_predictions(
     return out_file
 
 
-def teacher_records(task: TaskSpec, data_options, both_orders: bool) -> list[Record]:
+def teacher_records(task: TaskSpec, data_options: DataOptions, both_orders: bool) -> list[Record]:
     """The training examples a teacher predicts on (the student's, with the swapped copies)."""
     records = load_task_data(dataclasses.replace(data_options, task=task.name)).train
     return with_swapped_pairs(records) if both_orders else records
@@ -147,7 +148,8 @@ def _cached_teacher_predictions(teacher_dir: Path, task: TaskSpec, cfg: BamConfi
     _check_can_predict(teacher_dir, cache)
     logger.info("Teacher predictions for %s → %s", task.name, cache)
     compute_teacher_predictions(teacher_dir, task, cfg.data_options(), cache, both,
-                                cfg.max_seq_length, cfg.per_device_eval_batch_size)
+                                cfg.max_seq_length, cfg.per_device_eval_batch_size,
+                                cfg.trust_remote_code)
 
 
 def _check_same_options(run_dir: Path, expected, root: Path) -> None:
@@ -219,12 +221,12 @@ def teacher_config(cfg: BamConfig, task: str, teacher_dir: Path) -> TrainConfig:
                           "output_dir": str(teacher_dir)})
 
 
-def run_bam(cfg: BamConfig) -> dict[str, Any]:
+def check_bam_options(cfg: BamConfig) -> list[TaskSpec]:
+    """Every option of the recipe that can be checked without data or models, before hours of
+    teacher training (also by `selftune bench` for each planned run); returns the tasks."""
     from selftune.multitask.training import check_multitask_options
-    from selftune.training import process_state, setup_logging, train
 
-    setup_logging(None)  # the stage messages below reach the console from the start
-    # Before hours of teacher training, not after (grouping is for the teachers only).
+    # Grouping is for the teachers only; the copy keeps the default output folder unset.
     tasks = check_multitask_options(dataclasses.replace(cfg, group_by_length=False),
                                     with_teachers=cfg.teachers != "none")
     if cfg.teachers_only and (cfg.teachers != "auto" or cfg.finetune_after):
@@ -234,14 +236,37 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
     if min(cfg.teacher_learning_rate, cfg.teacher_epochs, cfg.teacher_batch_size) <= 0:
         raise SelftuneError("--teacher-learning-rate, --teacher-epochs and --teacher-batch-size "
                             "must be positive")
-    given_teachers = cfg.teachers.replace("{seed}", str(cfg.seed))
     if cfg.teachers not in ("auto", "none"):
-        extra = sorted(set(parse_task_paths(given_teachers, "--teachers"))
-                       - {t.name for t in tasks})
+        extra = sorted(set(given_teacher_dirs(cfg)) - {t.name for t in tasks})
         if extra:
             raise SelftuneError(f"--teachers gives a teacher for {', '.join(extra)}, which is "
                                 f"not among --tasks ({cfg.tasks}); drop it or add the task")
-        for task, path in parse_task_paths(given_teachers, "--teachers").items():
+    if cfg.teachers_root and "{" in cfg.teachers_root.replace("{seed}", ""):
+        raise SelftuneError(f"--teachers-root {cfg.teachers_root}: only '{{seed}}' may stand in "
+                            "braces")
+    return tasks
+
+
+def given_teacher_dirs(cfg: BamConfig) -> dict[str, Path]:
+    """The teachers named by --teachers task=DIR,... ('{seed}' replaced)."""
+    return parse_task_paths(cfg.teachers.replace("{seed}", str(cfg.seed)), "--teachers")
+
+
+def teachers_root(cfg: BamConfig, root: Path) -> Path:
+    """Where --teachers auto keeps its teachers: --teachers-root ('{seed}' replaced), or the
+    recipe's own teachers/ folder."""
+    if cfg.teachers_root:
+        return Path(cfg.teachers_root.replace("{seed}", str(cfg.seed)))
+    return root / outputs.BAM_TEACHERS_DIR
+
+
+def run_bam(cfg: BamConfig) -> dict[str, Any]:
+    from selftune.training import process_state, setup_logging, train
+
+    setup_logging(None)  # the stage messages below reach the console from the start
+    tasks = check_bam_options(cfg)
+    if cfg.teachers not in ("auto", "none"):
+        for task, path in given_teacher_dirs(cfg).items():
             if not (path / "config.json").is_file():
                 raise SelftuneError(f"--teachers: the {task} teacher {path} is not a model "
                                     "directory (no config.json)")
@@ -255,13 +280,12 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
 
     predictions: dict[str, Path] = {}
     if cfg.teachers != "none":
-        given = {} if cfg.teachers == "auto" else parse_task_paths(given_teachers, "--teachers")
-        teachers_root = Path(cfg.teachers_root.format(seed=cfg.seed)) if cfg.teachers_root \
-            else root / outputs.BAM_TEACHERS_DIR
+        given = {} if cfg.teachers == "auto" else given_teacher_dirs(cfg)
+        auto_root = teachers_root(cfg, root)
         summary["teachers"] = {}
         summary["teacher_dirs"] = {}
         for task in tasks:
-            teacher_dir = given.get(task.name) or teachers_root / task.name
+            teacher_dir = given.get(task.name) or auto_root / task.name
             summary["teacher_dirs"][task.name] = str(teacher_dir)
             both = cfg.double_unordered and task.name in UNORDERED_TASKS
             cache = teacher_dir / ("train_predictions.both-orders.jsonl" if both

@@ -76,6 +76,9 @@ def add_bam_commands(commands, formatter, add_common: Callable, groups: dict) ->
                              help="Truncate inputs to this many tokens (default: 128).")
     predictions.add_argument("--batch-size", type=int_at_least(1), default=128,
                              help="Inference batch size (default: 128).")
+    predictions.add_argument("--trust-remote-code", action="store_true",
+                             help="Allow the teacher's own modelling code from its directory "
+                                  "(off by default, for safety).")
     add_common(predictions)
 
 
@@ -100,7 +103,8 @@ def _run_teacher_predictions(args: argparse.Namespace) -> int:
     opts = DataOptions(task=task.name, data_dir=args.data_dir,
                        max_train_samples=args.max_train_samples)
     out = compute_teacher_predictions(Path(args.model_dir), task, opts, Path(args.output_file),
-                                      args.both_orders, args.max_seq_length, args.batch_size)
+                                      args.both_orders, args.max_seq_length, args.batch_size,
+                                      args.trust_remote_code)
     print(f"wrote teacher predictions to {out}")
     return 0
 

@@ -58,6 +58,7 @@ from selftune.config import TrainConfig
 from selftune.errors import SelftuneError
 from selftune.outputs import (
     BAM_STUDENT_DIR,
+    BAM_SUMMARY_FILE,
     BENCH_RUN_FILE,
     LOG_FILE,
     METRICS_FILE,
@@ -363,8 +364,13 @@ def _check_options(config: Any, where: str, bam: bool = False) -> None:
     from selftune.training import check_strategy_options, validate_options
 
     try:
-        validate_options(config)
-        check_strategy_options(config, **({"strategies": "sda/sdv/ema"} if bam else {}))
+        if bam:
+            from selftune.bam import check_bam_options
+
+            check_bam_options(config)
+        else:
+            validate_options(config)
+            check_strategy_options(config)
         if bam and config.teachers == "auto":
             from selftune.bam import teacher_config
 
@@ -418,10 +424,16 @@ def _plan_shared_teachers(bam_runs: list[PlannedRun]) -> list[PlannedRun]:
         if run.config.teachers != "auto" or not run.config.teachers_root:
             continue  # teachers inside a student's own folder stay part of its run
         for task, teacher_dir in _teacher_dirs(run, {}).items():
-            if teacher_dir not in teachers:  # variants of a seed share their teachers
-                teachers[teacher_dir] = PlannedRun(
-                    f"{task}__{TEACHER_VARIANT}__seed{run.seed}", task, TEACHER_VARIANT,
-                    run.seed, teacher_config(run.config, task, teacher_dir))
+            planned = PlannedRun(f"{task}__{TEACHER_VARIANT}__seed{run.seed}", task,
+                                 TEACHER_VARIANT, run.seed,
+                                 teacher_config(run.config, task, teacher_dir))
+            first = teachers.setdefault(teacher_dir, planned)  # variants share their teachers
+            if first.config.hash() != planned.config.hash():
+                # The recipe would refuse the shared teacher hours later, at the student.
+                raise SelftuneError(
+                    f"grid variant {run.variant!r} shares the teachers in {teacher_dir.parent} "
+                    "with another variant but trains them with other teacher options; give "
+                    "it its own teachers_root or the same teacher_* options")
     return list(teachers.values())
 
 
@@ -516,10 +528,10 @@ def _teacher_dirs(run: PlannedRun, summary: dict) -> dict[str, Path]:
         return {task: Path(d) for task, d in summary["teacher_dirs"].items()}
     if teachers != "auto":
         return {}
-    root = getattr(run.config, "teachers_root", None)
-    teacher_root = Path(root.format(seed=run.seed)) if root else \
-        Path(run.config.output_dir or "") / "teachers"
-    return {task: teacher_root / task for task in run.task.split(",")}
+    from selftune.bam import teachers_root
+
+    root = teachers_root(run.config, Path(run.config.output_dir or ""))
+    return {task: root / task for task in run.task.split(",")}
 
 
 def make_record(run: PlannedRun, metrics: dict) -> dict:
@@ -801,7 +813,7 @@ def _holds_other_config(out: Path, run: PlannedRun) -> bool:
 def _finished_metrics(out: Path, run: PlannedRun) -> dict | None:
     """metrics.json of a finished run with this exact configuration, else None (for a bam
     run: its bam.json summary)."""
-    path = out / (METRICS_FILE if run.command == "train" else "bam.json")
+    path = out / (METRICS_FILE if run.command == "train" else BAM_SUMMARY_FILE)
     if not path.is_file():
         return None
     metrics = json.loads(path.read_text())

@@ -1,5 +1,5 @@
 """The ``selftune`` command line: train, evaluate, predict, export, diagnose-cls, tasks (and
-bench, report, bam, multitask, teacher-predictions from their own modules).
+bench, report, bam, teacher-predictions from their own modules).
 
 Every user mistake ends in a one-line ``selftune: error: ...`` and exit status 2, never a
 traceback (``--debug`` shows it). An interrupted ``train`` resumes when the same command is run
@@ -24,6 +24,7 @@ from selftune.config import (
     dataclass_from_namespace,
     int_at_least,
 )
+from selftune.data.loading import parse_text_columns
 from selftune.errors import SelftuneError
 
 GROUP_TITLES = {
@@ -246,7 +247,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         check_output_file(Path(args.output_file))
     opts = DataOptions(task=args.task, data_dir=args.data_dir,
                        validation_file=args.validation_file,
-                       text_columns=_columns(args.text_columns), label_column=args.label_column,
+                       text_columns=parse_text_columns(args.text_columns),
+                       label_column=args.label_column,
                        id_column=args.id_column, max_eval_samples=args.max_eval_samples)
     result = evaluate_model(args.model_dir, opts, args.eval_split, args.max_seq_length,
                             args.batch_size, args.trust_remote_code)
@@ -263,7 +265,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     from selftune.evaluation import predict_file
 
     count = predict_file(args.model_dir, args.input_file, args.output_file,
-                         _columns(args.text_columns), args.id_column, args.max_seq_length,
+                         parse_text_columns(args.text_columns), args.id_column,
+                         args.max_seq_length,
                          args.batch_size, args.trust_remote_code)
     print(f"wrote {count} predictions to {args.output_file}")
     return 0
@@ -302,7 +305,8 @@ def _run_diagnose(args: argparse.Namespace) -> int:
     check_options(norms, sources, args.steps, args.batch_size, args.learning_rate, args.seed)
     opts = DataOptions(task=args.task, data_dir=args.data_dir, train_file=args.train_file,
                        validation_file=args.validation_file,
-                       text_columns=_columns(args.text_columns), label_column=args.label_column,
+                       text_columns=parse_text_columns(args.text_columns),
+                       label_column=args.label_column,
                        max_train_samples=args.max_examples)
     data = load_task_data(opts)
     transformers.set_seed(args.seed)
@@ -344,13 +348,6 @@ def _load_config_file(path: str, config_class: type) -> dict:
         raise SelftuneError(f"--config {path}: expected a mapping of option names to values")
     checked = config_class.from_dict(values)  # names, types and choices, before anything runs
     return {name: getattr(checked, name) for name in values}
-
-
-def _columns(value: str) -> tuple[str, ...]:
-    columns = tuple(c.strip() for c in value.split(",") if c.strip())
-    if not 1 <= len(columns) <= 2:
-        raise SelftuneError("--text-columns takes one column, or two comma-separated for pairs")
-    return columns
 
 
 def _handlers() -> dict[str, Callable[[argparse.Namespace], int]]:

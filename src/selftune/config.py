@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from selftune.data.loading import DataOptions
+from selftune.data.loading import DataOptions, parse_text_columns
 from selftune.errors import SelftuneError
 
 
@@ -170,7 +170,7 @@ class TrainConfig:
     def data_options(self) -> DataOptions:
         names = {f.name for f in dataclasses.fields(DataOptions)}
         values = {n: getattr(self, n) for n in names if n != "text_columns"}
-        values["text_columns"] = tuple(c.strip() for c in self.text_columns.split(",") if c)
+        values["text_columns"] = parse_text_columns(self.text_columns)
         return DataOptions(**values)
 
     def to_dict(self) -> dict[str, Any]:

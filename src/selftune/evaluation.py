@@ -34,7 +34,7 @@ def predict_logits(
     model: PreTrainedModel, tokenizer, records: list[Record], max_seq_length: int,
     batch_size: int, with_labels: bool = False,
 ) -> np.ndarray:
-    """Logits for ``records`` in eval mode, batched with dynamic padding by the Trainer."""
+    """Logits for ``records`` in eval mode, in batches with dynamic padding."""
     check_sequence_length(max_seq_length, model)
     dataset = tokenize_records(records, tokenizer, max_seq_length, with_labels=with_labels)
     return dataset_logits(model, tokenizer, dataset, batch_size)

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from selftune.config import NOT_HASHED
 from selftune.errors import SelftuneError
 
 METRICS_FILE = "metrics.json"
@@ -79,7 +80,11 @@ def is_finished(output_dir: Path) -> bool:
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
-    folder = output_dir / CHECKPOINTS
+    return newest_complete_checkpoint(output_dir / CHECKPOINTS)
+
+
+def newest_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest ``checkpoint-N`` in ``folder`` that was written completely."""
     if not folder.is_dir():
         return None
     done = [p for p in folder.glob("checkpoint-*")
@@ -143,12 +148,15 @@ def changed_options(
             f"{saved_config} is unreadable ({err}), so this unfinished run cannot be checked "
             "for resuming; --overwrite-output-dir starts it over") from None
     previous = {**(defaults or {}), **saved}
-    # The folder is the one given, however spelled; where it was first given does not matter.
-    ignore = {"output_dir", "overwrite_output_dir", "resume", "keep_checkpoints", "report_to"}
     return sorted(k for k in set(previous) | set(config)
-                  if k not in ignore and not _same_option(k, previous.get(k), config.get(k)))
+                  if k not in NOT_COMPARED_ON_RESUME
+                  and not _same_option(k, previous.get(k), config.get(k)))
 
 
+# What a resumed run may change: the options that do not change what it computes (those the
+# results' config hash leaves out, as `selftune bench` compares runs by it), but its seed.
+# (The folder is the one given, however spelled; where the data sits may move.)
+NOT_COMPARED_ON_RESUME = NOT_HASHED - {"seed"}
 # Options naming files or folders: `train.csv` and `/home/me/train.csv` are one file.
 PATH_OPTIONS = frozenset({"model", "data_dir", "train_file", "validation_file"})
 

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import datasets
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from selftune.data.length_grouping import EpochSeededLengthGroupedSampler
 from selftune.models.cls_norm import has_running_statistics
@@ -183,6 +184,13 @@ class SelftuneTrainer(Trainer):
         self.eval_seconds += time.perf_counter() - started
         return result
 
+    def mean_logged_loss(self) -> float | None:
+        """Mean of the training losses logged over the whole run. The Trainer's own
+        ``train_loss`` covers only the steps of this session: a resumed run would report a
+        partial mean, or 0.0 when it resumed from its final checkpoint."""
+        losses = [entry["loss"] for entry in self.state.log_history if "loss" in entry]
+        return float(np.mean(losses)) if losses else None
+
     def training_throughput(self, train_runtime: float) -> tuple[float, float]:
         """(seconds spent training, examples per second) in this session, evaluation excluded."""
         steps = self.state.global_step - self.session_start_step
@@ -259,12 +267,17 @@ class SelftuneTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """``Trainer.train``; resuming also restores the objective's state (teacher window...)."""
+        if resume_from_checkpoint is True:
+            # Resolved once, so the Trainer and the objective resume from the same checkpoint;
+            # unlike the Trainer's own lookup, a half-written one (killed mid-save) is skipped.
+            from selftune.outputs import newest_complete_checkpoint
+
+            found = newest_complete_checkpoint(Path(self.args.output_dir))
+            if found is None:
+                raise ValueError(f"no complete checkpoint in {self.args.output_dir} to resume")
+            resume_from_checkpoint = str(found)
         if resume_from_checkpoint and self.objective is not None:
-            checkpoint = resume_from_checkpoint
-            if isinstance(checkpoint, bool):
-                checkpoint = get_last_checkpoint(self.args.output_dir)
-            if checkpoint:
-                self.load_objective_state(checkpoint)
+            self.load_objective_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def load_objective_state(self, checkpoint: str | Path) -> None:

@@ -458,7 +458,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
         **metrics_and_score(final),
         **({"other_splits": other_splits} if other_splits else {}),
         "history": history,
-        "train_loss": train_output.metrics.get("train_loss"),
+        "train_loss": trainer.mean_logged_loss(),
         "num_train_examples": len(train_set),
         "num_eval_examples": len(eval_set),
         "global_steps": trainer.state.global_step,

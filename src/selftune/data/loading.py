@@ -158,6 +158,14 @@ def _to_label_ids(data: TaskData) -> TaskData:
                     {s: convert(v, s) for s, v in data.eval_splits.items()}, data.source)
 
 
+def parse_text_columns(value: str) -> tuple[str, ...]:
+    """``--text-columns``: one column, or two comma-separated for sentence pairs."""
+    columns = tuple(c.strip() for c in value.split(",") if c.strip())
+    if not 1 <= len(columns) <= 2:
+        raise SelftuneError("--text-columns takes one column, or two comma-separated for pairs")
+    return columns
+
+
 def _load_user_files(opts: DataOptions) -> TaskData:
     if not (opts.train_file and opts.validation_file):
         raise SelftuneError("give both --train-file and --validation-file")

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -37,7 +37,8 @@ class NormalizedPooler(nn.Module):
         super().__init__()
         self.source = source
         if source == "pooler":
-            # Attributes, not a submodule, so the weights keep their names (pooler.dense.*).
+            # The pooler's own layers, registered directly on this module (not under a child
+            # "pooler"), so the weights keep their names (pooler.dense.*).
             self.dense = pooler.dense
             self.activation = pooler.activation
         self.cls_norm = norm
@@ -109,7 +110,9 @@ def restore_cls_norm(model: PreTrainedModel, model_dir: Path) -> None:
     prefix = f"{model.base_model_prefix}.pooler.cls_norm."
     saved: dict[str, torch.Tensor] = {}
     for file in sorted(model_dir.glob("*.safetensors")):
-        saved.update({k: v for k, v in load_file(str(file)).items() if k.startswith(prefix)})
+        with safe_open(str(file), framework="pt") as weights:  # only these few tensors
+            saved.update({k: weights.get_tensor(k) for k in weights.keys()
+                          if k.startswith(prefix)})
     expected = {f"{prefix}{k}" for k in model.base_model.pooler.cls_norm.state_dict()}
     missing = sorted(expected - set(saved))
     if missing:

@@ -19,9 +19,6 @@ from selftune.losses import annealed_loss, teacher_lambda
 if TYPE_CHECKING:
     from selftune.self_distillation import SelfDistillation
 
-SCHEDULES = ("linear", "fixed")
-REDUCTIONS = ("mean", "sum")
-
 
 class TeacherAnnealing:
     def __init__(

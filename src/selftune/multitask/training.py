@@ -75,7 +75,8 @@ class MultiTaskConfig(TrainConfig):
                         "single-task runs.", TRAIN, ("baseline", "sda", "sdv", "ema"))
     output_dir: str | None = opt(None, "Where the run writes tasks/<task>/ (one model directory "
                                  "per task), metrics.json, run_config.json and train.log "
-                                 "(default: runs/multitask/seed<seed>).", OUTPUT)
+                                 "(`selftune bam` puts it in <output-dir>/student; called "
+                                 "from Python, default runs/multitask/seed<seed>).", OUTPUT)
 
     tasks: str = opt("rte,mrpc,stsb,cola", "Comma-separated tasks trained together.", DATA)
     teacher_predictions: str | None = opt(
@@ -337,7 +338,7 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
         "tasks": final,
         "score": float(np.mean([r["score"] for r in final.values()])),
         "history": history,
-        "train_loss": train_output.metrics.get("train_loss"),
+        "train_loss": trainer.mean_logged_loss(),
         "num_train_examples": data.sizes,
         "task_shares": shares,
         "with_teachers": teachers is not None,
