@@ -246,8 +246,7 @@ def test_self_distillation_options_need_a_strategy(tiny_model, sentiment_files, 
     ("sda", {"sd_k": 1, "sd_lambda": 0.1}, True),
 ])
 def test_an_option_the_strategy_does_not_use_is_refused(strategy, option, applies):
-    from selftune.config import TrainConfig
-    from selftune.training import check_strategy_options
+    from selftune.config import TrainConfig, check_strategy_options
 
     cfg = TrainConfig(strategy=strategy, **option)
     if applies:

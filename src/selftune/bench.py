@@ -361,7 +361,7 @@ def _check_options(config: Any, where: str, bam: bool = False) -> None:
     work (for a BAM! run: of the student's options and of each --teachers auto teacher's),
     made here for every run before the first starts: a bad value fails at once, not hours
     into a grid. No data or model is read."""
-    from selftune.training import check_strategy_options, validate_options
+    from selftune.config import check_strategy_options, validate_options
 
     try:
         if bam:

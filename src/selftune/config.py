@@ -296,3 +296,71 @@ def add_dataclass_arguments(
 def dataclass_from_namespace(cls: type, namespace: argparse.Namespace) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in vars(namespace).items() if k in names})
+
+
+# ---- checks of option values, before any work (also made by `selftune bench` for each
+# planned run, without loading data or models)
+
+
+def check_strategy_options(cfg: TrainConfig, strategies: str = "se/sda/sdv/ema") -> None:
+    """Self-distillation options that the chosen strategy does not use would be silently
+    ignored: refuse them."""
+    defaults = TrainConfig()
+    changed = [name for name in SD_OPTIONS if getattr(cfg, name) != getattr(defaults, name)]
+    if cfg.strategy == "baseline":
+        if changed:
+            flags = ", ".join("--" + n.replace("_", "-") for n in changed)
+            raise SelftuneError(f"{flags} only apply to --strategy {strategies}; add --strategy "
+                                "or drop the option")
+        return
+    for name in changed:
+        if cfg.strategy not in SD_OPTION_STRATEGIES[name]:
+            raise SelftuneError(f"--{name.replace('_', '-')} does nothing with --strategy "
+                                f"{cfg.strategy} (it applies to "
+                                f"{'/'.join(SD_OPTION_STRATEGIES[name])}); drop the option")
+    if "snapshot_interval" in changed and cfg.strategy == "se" and cfg.se_pool == "epochs":
+        raise SelftuneError("--snapshot-interval does nothing with --strategy se --se-pool "
+                            "epochs (the pool takes the end of each epoch); add --se-pool "
+                            "steps or drop it")
+
+
+def validate_options(cfg: TrainConfig) -> None:
+    """Ranges of the numeric options (types and choices are checked when they are read)."""
+    checks = [
+        (cfg.num_train_epochs > 0, "--num-train-epochs must be positive"),
+        (cfg.learning_rate > 0, "--learning-rate must be positive"),
+        (cfg.per_device_train_batch_size > 0, "--per-device-train-batch-size must be positive"),
+        (cfg.per_device_eval_batch_size > 0, "--per-device-eval-batch-size must be positive"),
+        (cfg.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be positive"),
+        (0 <= cfg.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
+        (cfg.weight_decay >= 0, "--weight-decay must be non-negative"),
+        (cfg.max_grad_norm >= 0, "--max-grad-norm must be non-negative (0 turns clipping off)"),
+        (0 <= cfg.seed < 2**32, "--seed must be in [0, 2^32)"),  # numpy's seed range
+        (cfg.max_seq_length >= 8, "--max-seq-length must be at least 8"),
+        (cfg.logging_steps > 0, "--logging-steps must be positive"),
+        (cfg.save_steps is None or cfg.save_steps > 0, "--save-steps must be positive"),
+        (cfg.sd_k >= 1, "--sd-k must be at least 1"),
+        (cfg.sd_lambda >= 0, "--sd-lambda must be non-negative"),
+        (cfg.snapshot_interval >= 1, "--snapshot-interval must be at least 1"),
+        (cfg.layerwise_lr_decay is None or 0 < cfg.layerwise_lr_decay <= 1,
+         "--layerwise-lr-decay must be in (0, 1]"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SelftuneError(message)
+    check_trackers(cfg.report_to)
+
+
+def check_trackers(report_to: str) -> None:
+    """A tracker whose package is missing would fail deep inside the Trainer, after the run
+    folder is made: name the package to install instead."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    requested = [] if report_to in ("none", "") else report_to.split(",")
+    available = get_available_reporting_integrations()
+    missing = [name for name in requested if name not in ("all", *available)]
+    if missing:
+        raise SelftuneError(
+            f"--report-to {','.join(missing)}: not available here (an unknown tracker, or its "
+            f"package is not installed: pip install {' '.join(missing)}); installed trackers: "
+            f"{', '.join(available) or 'none'}")

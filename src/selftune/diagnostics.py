@@ -21,17 +21,20 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from transformers import DataCollatorWithPadding
+from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase
 
 from selftune.errors import SelftuneError
 from selftune.models.cls_norm import CLS_NORM_KINDS, CLS_SOURCES, compute_cls_stats
 
 TOP_K = (1, 5, 10)
+if TYPE_CHECKING:
+    import datasets
+
 logger = logging.getLogger(__name__)
 
 
@@ -62,17 +65,13 @@ def check_options(kinds: tuple[str, ...], sources: tuple[str, ...] | None, steps
             raise SelftuneError(message)
 
 
-def check_model(model, sources: tuple[str, ...] | None) -> tuple[str, ...]:
+def check_model(model: PreTrainedModel, sources: tuple[str, ...] | None) -> tuple[str, ...]:
     """The sources to measure (``None``: cls and pooler, or cls alone without a pooler), after
     refusing a model the gradient runs cannot normalize or a pooler it does not have."""
-    from selftune.models.heads import POOLED_HEAD_TYPES
+    from selftune.models.heads import check_pooled_head
 
+    check_pooled_head(model, "diagnose-cls")
     base = model.base_model
-    if model.config.model_type not in POOLED_HEAD_TYPES or not hasattr(base, "pooler"):
-        raise SelftuneError(
-            f"diagnose-cls needs an encoder whose classifier reads the pooled [CLS], as "
-            f"--cls-norm does (model types {', '.join(POOLED_HEAD_TYPES)}); "
-            f"{type(model).__name__} classifies otherwise")
     if base.pooler is not None:
         return sources or ("cls", "pooler")
     if sources is None:
@@ -166,7 +165,8 @@ def gradient_norms(
 
 
 def diagnose(
-    model, tokenizer, train_set, out_dir: Path, kinds: tuple[str, ...] = CLS_NORM_KINDS,
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_set: datasets.Dataset,
+    out_dir: Path, kinds: tuple[str, ...] = CLS_NORM_KINDS,
     sources: tuple[str, ...] | None = None, steps: int = 20, batch_size: int = 32,
     learning_rate: float = 5e-5, seed: int = 0, task_name: str = "",
 ) -> str:

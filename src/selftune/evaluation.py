@@ -6,17 +6,17 @@ import csv
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import DataCollatorWithPadding, PreTrainedModel
+from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase
 
 from selftune.data.features import tokenize_records
 from selftune.data.loading import DataOptions, load_task_data
-from selftune.data.readers import Record, read_user_file
+from selftune.data.readers import Record, label_text, read_user_file, regression_label
 from selftune.data.tasks import TASKS, TaskSpec, custom_task
 from selftune.errors import SelftuneError
 from selftune.metrics import compute_task_metrics
@@ -27,11 +27,15 @@ from selftune.models.loading import (
     model_label_names,
 )
 
+if TYPE_CHECKING:
+    import datasets
+
 logger = logging.getLogger("selftune")
 
 
 def predict_logits(
-    model: PreTrainedModel, tokenizer, records: list[Record], max_seq_length: int,
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[Record],
+    max_seq_length: int,
     batch_size: int, with_labels: bool = False,
 ) -> np.ndarray:
     """Logits for ``records`` in eval mode, in batches with dynamic padding."""
@@ -40,7 +44,8 @@ def predict_logits(
     return dataset_logits(model, tokenizer, dataset, batch_size)
 
 
-def dataset_logits(model: PreTrainedModel, tokenizer, dataset, batch_size: int) -> np.ndarray:
+def dataset_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                   dataset: datasets.Dataset, batch_size: int) -> np.ndarray:
     """Logits for an already tokenized dataset (eval mode, no_grad, dynamic padding).
 
     A plain loop on purpose: inside a ``torchrun`` job a ``Trainer`` would shard and gather the
@@ -145,12 +150,9 @@ def _labelled_file(path: Path, opts: DataOptions, labels: tuple[str, ...] | None
     for r in records:
         where = f"{path} example {r['example_id']}"
         if labels is None:
-            from selftune.data.readers import _regression_label
-
-            r["label"] = _regression_label(r["label"], where)
+            r["label"] = regression_label(r["label"], where)
             continue
-        raw = str(int(r["label"])) if isinstance(r["label"], float) and r["label"].is_integer() \
-            else str(r["label"])
+        raw = label_text(r["label"])
         if raw in labels:
             r["label"] = labels.index(raw)
         elif raw.isdigit() and int(raw) < len(labels):

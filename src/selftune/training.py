@@ -20,7 +20,7 @@ import transformers
 from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments
 
 from selftune import outputs
-from selftune.config import SD_OPTION_STRATEGIES, SD_OPTIONS, TrainConfig
+from selftune.config import TrainConfig, check_strategy_options, validate_options
 from selftune.data.features import tokenize_records
 from selftune.data.loading import TaskData, load_task_data
 from selftune.data.tasks import TaskSpec
@@ -38,6 +38,10 @@ from selftune.runinfo import environment_info, peak_memory_mb
 from selftune.trainer import SelftuneTrainer
 
 if TYPE_CHECKING:
+    from accelerate import PartialState
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers.trainer_utils import TrainOutput
+
     from selftune.self_distillation import SelfDistillation
 
 logger = logging.getLogger("selftune")
@@ -56,70 +60,6 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     validate_options(cfg)
     check_strategy_options(cfg)
     return cfg
-
-
-def check_strategy_options(cfg: TrainConfig, strategies: str = "se/sda/sdv/ema") -> None:
-    """Self-distillation options that the chosen strategy does not use would be silently
-    ignored: refuse them."""
-    defaults = TrainConfig()
-    changed = [name for name in SD_OPTIONS if getattr(cfg, name) != getattr(defaults, name)]
-    if cfg.strategy == "baseline":
-        if changed:
-            flags = ", ".join("--" + n.replace("_", "-") for n in changed)
-            raise SelftuneError(f"{flags} only apply to --strategy {strategies}; add --strategy "
-                                "or drop the option")
-        return
-    for name in changed:
-        if cfg.strategy not in SD_OPTION_STRATEGIES[name]:
-            raise SelftuneError(f"--{name.replace('_', '-')} does nothing with --strategy "
-                                f"{cfg.strategy} (it applies to "
-                                f"{'/'.join(SD_OPTION_STRATEGIES[name])}); drop the option")
-    if "snapshot_interval" in changed and cfg.strategy == "se" and cfg.se_pool == "epochs":
-        raise SelftuneError("--snapshot-interval does nothing with --strategy se --se-pool "
-                            "epochs (the pool takes the end of each epoch); add --se-pool "
-                            "steps or drop it")
-
-
-def validate_options(cfg: TrainConfig) -> None:
-    """Ranges of the numeric options (types and choices are checked when they are read)."""
-    checks = [
-        (cfg.num_train_epochs > 0, "--num-train-epochs must be positive"),
-        (cfg.learning_rate > 0, "--learning-rate must be positive"),
-        (cfg.per_device_train_batch_size > 0, "--per-device-train-batch-size must be positive"),
-        (cfg.per_device_eval_batch_size > 0, "--per-device-eval-batch-size must be positive"),
-        (cfg.gradient_accumulation_steps > 0, "--gradient-accumulation-steps must be positive"),
-        (0 <= cfg.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
-        (cfg.weight_decay >= 0, "--weight-decay must be non-negative"),
-        (cfg.max_grad_norm >= 0, "--max-grad-norm must be non-negative (0 turns clipping off)"),
-        (0 <= cfg.seed < 2**32, "--seed must be in [0, 2^32)"),  # numpy's seed range
-        (cfg.max_seq_length >= 8, "--max-seq-length must be at least 8"),
-        (cfg.logging_steps > 0, "--logging-steps must be positive"),
-        (cfg.save_steps is None or cfg.save_steps > 0, "--save-steps must be positive"),
-        (cfg.sd_k >= 1, "--sd-k must be at least 1"),
-        (cfg.sd_lambda >= 0, "--sd-lambda must be non-negative"),
-        (cfg.snapshot_interval >= 1, "--snapshot-interval must be at least 1"),
-        (cfg.layerwise_lr_decay is None or 0 < cfg.layerwise_lr_decay <= 1,
-         "--layerwise-lr-decay must be in (0, 1]"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise SelftuneError(message)
-    check_trackers(cfg.report_to)
-
-
-def check_trackers(report_to: str) -> None:
-    """A tracker whose package is missing would fail deep inside the Trainer, after the run
-    folder is made: name the package to install instead."""
-    from transformers.integrations import get_available_reporting_integrations
-
-    requested = [] if report_to in ("none", "") else report_to.split(",")
-    available = get_available_reporting_integrations()
-    missing = [name for name in requested if name not in ("all", *available)]
-    if missing:
-        raise SelftuneError(
-            f"--report-to {','.join(missing)}: not available here (an unknown tracker, or its "
-            f"package is not installed: pip install {' '.join(missing)}); installed trackers: "
-            f"{', '.join(available) or 'none'}")
 
 
 class LogToFile(TrainerCallback):
@@ -215,7 +155,7 @@ def _training_arguments(cfg, checkpoint_dir, evaluate, save, report_to) -> Train
     )
 
 
-def process_state():
+def process_state() -> PartialState:
     """Accelerate's (possibly distributed) process state. Without a GPU, processes started by
     torchrun are data-parallel CPU processes only if Accelerate is told so (``cpu=True``);
     otherwise, until a ``TrainingArguments`` exists, each of them believes it is the main one."""
@@ -267,7 +207,8 @@ def history_from_logs(log_history: list[dict]) -> list[dict]:
     return history
 
 
-def add_cls_norm(cfg: TrainConfig, model, tokenizer, train_set, output_dir: Path,
+def add_cls_norm(cfg: TrainConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 train_set: datasets.Dataset, output_dir: Path,
                  start_dir: str | None = None) -> None:
     """Insert the [CLS] normalizer; center/standardize get the pre-trained model's statistics
     over the training set, computed once here and saved with the run (cls_stats.safetensors).
@@ -321,7 +262,8 @@ def add_cls_norm(cfg: TrainConfig, model, tokenizer, train_set, output_dir: Path
     logger.info("[CLS] normalization %s on the %s representation", cfg.cls_norm, source)
 
 
-def build_objective(cfg: TrainConfig, model, is_regression: bool) -> SelfDistillation | None:
+def build_objective(cfg: TrainConfig, model: PreTrainedModel,
+                    is_regression: bool) -> SelfDistillation | None:
     """The training objective of a strategy; ``None`` is the model's own loss (baseline)."""
     if cfg.strategy == "baseline":
         return None
@@ -333,8 +275,9 @@ def build_objective(cfg: TrainConfig, model, is_regression: bool) -> SelfDistill
 
 
 def evaluate_self_distillation(
-    cfg: TrainConfig, objective: SelfDistillation, tokenizer, eval_set, other_sets: dict,
-    task, student: dict[str, float], student_other_splits: dict[str, Any],
+    cfg: TrainConfig, objective: SelfDistillation, tokenizer: PreTrainedTokenizerBase,
+    eval_set: datasets.Dataset, other_sets: dict[str, datasets.Dataset], task: TaskSpec,
+    student: dict[str, float], student_other_splits: dict[str, Any],
 ) -> dict[str, Any]:
     """Dev metrics of the teacher (sda/sdv/ema) or of the self-ensemble (se); for se, also on
     the task's other dev sets (``other_sets``, tokenized), since the ensemble is the model
@@ -436,8 +379,6 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
                     None),
     )
     train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    train_seconds, examples_per_s = trainer.training_throughput(
-        train_output.metrics.get("train_runtime", 0.0))
     history = history_from_logs(trainer.state.log_history)
     if history and history[-1]["step"] == trainer.state.global_step:
         final = {**history[-1]["metrics"], "score": history[-1]["score"]}
@@ -458,20 +399,11 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
         **metrics_and_score(final),
         **({"other_splits": other_splits} if other_splits else {}),
         "history": history,
-        "train_loss": trainer.mean_logged_loss(),
         "num_train_examples": len(train_set),
         "num_eval_examples": len(eval_set),
-        "global_steps": trainer.state.global_step,
-        "wall_time_s": time.time() - started,
-        "train_time_s": train_seconds,
-        "train_examples_per_s": examples_per_s,
-        "peak_memory_mb": peak_memory_mb(),
-        "resumed_from": str(resume_from) if resume_from else None,
-        "skipped_steps": trainer.skipped_steps,
         "data_source": data.source,
         "model_path": model_path,
-        "config_hash": cfg.hash(),
-        **environment_info(),
+        **run_accounting(cfg, trainer, train_output, started, resume_from),
     }
     if objective is not None:
         result.update(evaluate_self_distillation(cfg, objective, tokenizer, eval_set,
@@ -483,10 +415,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
         # The Trainer also pickles its arguments there; a model directory we hand out holds no
         # pickle (the run's options are in run_config.json).
         (output_dir / "training_args.bin").unlink(missing_ok=True)
-        outputs.write_json_atomic(output_dir / outputs.METRICS_FILE, result)
-        # Only now: a kill before metrics.json must leave the checkpoints to resume from.
-        if not cfg.keep_checkpoints:
-            shutil.rmtree(output_dir / outputs.CHECKPOINTS, ignore_errors=True)
+        finish_run_dir(output_dir, result, cfg.keep_checkpoints)
     logger.info("Done: %s %s = %s (score %.2f) in %.0f s; model and metrics in %s", task.name,
                 split, ", ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items()),
                 result["score"], result["wall_time_s"], output_dir)
@@ -494,6 +423,33 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
         logger.info("      %s %s = %s", task.name, name,
                     ", ".join(f"{k} {v:.2f}" for k, v in other["metrics"].items()))
     return result
+
+
+def run_accounting(cfg: TrainConfig, trainer: SelftuneTrainer, train_output: TrainOutput,
+                   started: float, resume_from: Path | None) -> dict[str, Any]:
+    """What a run's metrics.json says of its cost and provenance, single- or multi-task."""
+    train_seconds, examples_per_s = trainer.training_throughput(
+        train_output.metrics.get("train_runtime", 0.0))
+    return {
+        "train_loss": trainer.mean_logged_loss(),
+        "global_steps": trainer.state.global_step,
+        "wall_time_s": time.time() - started,
+        "train_time_s": train_seconds,
+        "train_examples_per_s": examples_per_s,
+        "peak_memory_mb": peak_memory_mb(),
+        "resumed_from": str(resume_from) if resume_from else None,
+        "skipped_steps": trainer.skipped_steps,
+        "config_hash": cfg.hash(),
+        **environment_info(),
+    }
+
+
+def finish_run_dir(output_dir: Path, result: dict[str, Any], keep_checkpoints: bool) -> None:
+    """Mark the run finished (metrics.json, written last), then drop its checkpoints."""
+    outputs.write_json_atomic(output_dir / outputs.METRICS_FILE, result)
+    # Only now: a kill before metrics.json must leave the checkpoints to resume from.
+    if not keep_checkpoints:
+        shutil.rmtree(output_dir / outputs.CHECKPOINTS, ignore_errors=True)
 
 
 def _task_metrics(eval_metrics: dict[str, float], task: TaskSpec) -> dict[str, float]:

@@ -180,13 +180,13 @@ def _load_user_files(opts: DataOptions) -> TaskData:
     if regression:
         for split, records in (("train", train), ("validation", dev)):
             for r in records:
-                r["label"] = readers._regression_label(
+                r["label"] = readers.regression_label(
                     r["label"], f"{split} example {r['example_id']}")
         task = custom_task(name, len(opts.text_columns), None)
         return TaskData(task, train, {"validation": dev}, source="files")
     for records in (train, dev):
         for r in records:
-            r["label"] = _label_text(r["label"])
+            r["label"] = readers.label_text(r["label"])
     label_names = tuple(sorted({r["label"] for r in train}, key=_natural_key))
     if len(label_names) < 2:
         raise SelftuneError(f"{opts.train_file}: only one label ({label_names[0]!r}) in the "
@@ -197,12 +197,6 @@ def _load_user_files(opts: DataOptions) -> TaskData:
                             "training file; fix the labels or add training examples")
     task = custom_task(name, len(opts.text_columns), label_names)
     return _to_label_ids(TaskData(task, train, {"validation": dev}, source="files"))
-
-
-def _label_text(label: object) -> str:
-    if isinstance(label, float) and label.is_integer():
-        return str(int(label))
-    return str(label)
 
 
 def _natural_key(label: str) -> tuple:

@@ -96,7 +96,14 @@ def _label_name(task: TaskSpec, raw: str, where: str) -> str:
     )
 
 
-def _regression_label(raw: object, where: str) -> float:
+def label_text(label: object) -> str:
+    """A class label as written in a file: 1.0 read from a csv is the class "1"."""
+    if isinstance(label, float) and label.is_integer():
+        return str(int(label))
+    return str(label)
+
+
+def regression_label(raw: object, where: str) -> float:
     try:
         value = float(raw)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -147,7 +154,7 @@ def read_glue_split(task: TaskSpec, data_dir: Path, split: str) -> list[Record]:
             record[key] = _check_text(row[idx], where)
         raw = row[label_idx]
         record["label"] = (
-            _regression_label(raw, where) if task.is_regression else _label_name(task, raw, where)
+            regression_label(raw, where) if task.is_regression else _label_name(task, raw, where)
         )
         records.append(record)
     if not records:

@@ -62,15 +62,21 @@ def default_source(model: PreTrainedModel) -> str:
     return "pooler" if getattr(model.base_model, "pooler", None) is not None else "cls"
 
 
+def check_pooled_head(model: PreTrainedModel, what: str) -> None:
+    """Refuse a model whose classifier does not read the pooled [CLS]: nothing to normalize."""
+    if model.config.model_type not in POOLED_HEAD_TYPES or not hasattr(model.base_model,
+                                                                        "pooler"):
+        raise SelftuneError(
+            f"{what} needs an encoder whose classifier reads the pooled [CLS] (model types "
+            f"{', '.join(POOLED_HEAD_TYPES)}); {type(model).__name__} classifies otherwise")
+
+
 def install_cls_norm(
     model: PreTrainedModel, kind: str, source: str = "auto", stats: ClsStats | None = None
 ) -> None:
     """Insert the normalizer ``kind`` before the classifier of a BERT-like model (in place)."""
+    check_pooled_head(model, "--cls-norm")
     base = model.base_model
-    if model.config.model_type not in POOLED_HEAD_TYPES or not hasattr(base, "pooler"):
-        raise SelftuneError(
-            f"--cls-norm needs an encoder whose classifier reads the pooled [CLS] (model types "
-            f"{', '.join(POOLED_HEAD_TYPES)}); {type(model).__name__} classifies otherwise")
     if source == "auto":
         source = default_source(model)
     if source not in ("cls", "pooler"):

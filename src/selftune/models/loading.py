@@ -156,7 +156,7 @@ def load_finetuned(path: str, trust_remote_code: bool = False) -> PreTrainedMode
     return model
 
 
-def check_sequence_length(max_seq_length: int, model) -> None:
+def check_sequence_length(max_seq_length: int, model: PreTrainedModel) -> None:
     """Inputs longer than the model's position table would crash mid-run: refuse them now."""
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and max_seq_length > limit:

@@ -8,6 +8,7 @@ its teacher's logits, padded to the widest task.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import datasets
 
@@ -15,6 +16,9 @@ from selftune.data.features import tokenize_records
 from selftune.data.readers import Record
 from selftune.data.tasks import TaskSpec
 from selftune.multitask.model import REGRESSION_SCALE
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Tasks BAM! trains on both sentence orders ("double_unordered": MRPC and STS-B in its
 # reference code; QQP, symmetric too, is not doubled there, and not here).
@@ -40,7 +44,8 @@ def label_scale(task: TaskSpec) -> float:
 
 
 def build_train_set(
-    tasks: list[TaskSpec], records: dict[str, list[Record]], tokenizer, max_seq_length: int,
+    tasks: list[TaskSpec], records: dict[str, list[Record]],
+    tokenizer: PreTrainedTokenizerBase, max_seq_length: int,
     teachers: dict[str, dict[str, list[float]]] | None, max_labels: int,
 ) -> MultiTaskData:
     parts, task_indices, sizes, start = [], {}, {}, 0
@@ -64,7 +69,8 @@ def build_train_set(
     return MultiTaskData(datasets.concatenate_datasets(parts), task_indices, sizes)
 
 
-def eval_set(task_index: int, records: list[Record], tokenizer, max_seq_length: int):
+def eval_set(task_index: int, records: list[Record], tokenizer: PreTrainedTokenizerBase,
+             max_seq_length: int) -> datasets.Dataset:
     """A task's dev split for prediction: features and task id only (labels kept aside)."""
     dataset = tokenize_records(records, tokenizer, max_seq_length, with_labels=False)
     return dataset.add_column("task_ids", [task_index] * len(dataset)).remove_columns(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,13 +41,14 @@ from selftune.multitask.objective import SelfDistilledAnnealing, TeacherAnnealin
 from selftune.multitask.sampling import MultiTaskBatchSampler, ProcessChunks, task_shares
 from selftune.multitask.teacher_cache import check_coverage, read_predictions
 from selftune.optim import make_optimizer
-from selftune.runinfo import environment_info, peak_memory_mb
 from selftune.trainer import SelftuneTrainer
 from selftune.training import (
     LogToFile,
     add_cls_norm,
     build_objective,
+    finish_run_dir,
     open_run_directory,
+    run_accounting,
     setup_logging,
     training_arguments,
 )
@@ -105,7 +105,7 @@ def check_multitask_options(cfg: MultiTaskConfig,
     """Every option of a multi-task run, checked before any work; returns the tasks.
     ``with_teachers``: whether the run distills from teachers (default: whether it has
     --teacher-predictions)."""
-    from selftune.training import check_strategy_options, validate_options
+    from selftune.config import check_strategy_options, validate_options
 
     validate_options(cfg)
     check_strategy_options(cfg, strategies="sda/sdv/ema")
@@ -321,8 +321,6 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     if cfg.eval_each_epoch:
         trainer.add_callback(EvaluateTasks(evaluate, trainer.log))
     train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    train_seconds, examples_per_s = trainer.training_throughput(
-        train_output.metrics.get("train_runtime", 0.0))
     history = history_from_logs(trainer.state.log_history, tasks)
     final = history[-1]["tasks"] if history and history[-1]["step"] == \
         trainer.state.global_step else evaluate()
@@ -338,19 +336,10 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
         "tasks": final,
         "score": float(np.mean([r["score"] for r in final.values()])),
         "history": history,
-        "train_loss": trainer.mean_logged_loss(),
         "num_train_examples": data.sizes,
         "task_shares": shares,
         "with_teachers": teachers is not None,
-        "global_steps": trainer.state.global_step,
-        "wall_time_s": time.time() - started,
-        "train_time_s": train_seconds,
-        "train_examples_per_s": examples_per_s,
-        "peak_memory_mb": peak_memory_mb(),
-        "resumed_from": str(resume_from) if resume_from else None,
-        "skipped_steps": trainer.skipped_steps,
-        "config_hash": cfg.hash(),
-        **environment_info(),
+        **run_accounting(cfg, trainer, train_output, started, resume_from),
     }
     if trainer.is_world_process_zero():
         for task in tasks:
@@ -358,9 +347,7 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
         if cfg.strategy != "baseline":
             result.update(evaluate_multitask_teacher(cfg, objective.self_distillation, tasks,
                                                      tokenizer, output_dir / "teacher"))
-        outputs.write_json_atomic(output_dir / outputs.METRICS_FILE, result)
-        if not cfg.keep_checkpoints:
-            shutil.rmtree(output_dir / outputs.CHECKPOINTS, ignore_errors=True)
+        finish_run_dir(output_dir, result, cfg.keep_checkpoints)
     logger.info("Done: %s; average %.2f; task models in %s", ", ".join(
         f"{t} {r['score']:.2f}" + "".join(f" ({name} {other['score']:.2f})" for name, other
                                           in r.get("other_splits", {}).items())
