@@ -273,7 +273,9 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
     root = Path(cfg.output_dir or Path("runs") / "bam" / f"seed{cfg.seed}")
     state = process_state()
     if cfg.overwrite_output_dir and state.is_main_process:
-        outputs.remove_run_dir(root)
+        # The options `selftune bench` started this recipe with stay: they are how it tells,
+        # should this run be interrupted, whether its folder holds the grid's current options.
+        outputs.remove_run_dir(root, keep=(outputs.BENCH_RUN_FILE,))
     state.wait_for_everyone()
     summary: dict[str, Any] = {"tasks": [t.name for t in tasks], "config_hash": cfg.hash()}
     single_task = single_task_options(cfg)

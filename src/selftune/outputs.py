@@ -176,14 +176,23 @@ def _resumable(output_dir: Path, config: dict[str, Any], defaults: dict[str, Any
         return False
 
 
-def remove_run_dir(output_dir: Path) -> None:
+def remove_run_dir(output_dir: Path, keep: tuple[str, ...] = ()) -> None:
     """Delete a run folder for --overwrite-output-dir, but only one selftune wrote (or an empty
     one): pointed by mistake at a folder of the user's own (".", a home folder, a dataset),
-    the option must not wipe it."""
+    the option must not wipe it. Entries named in ``keep`` stay."""
     if not output_dir.exists():
         return
     check_selftune_folder(output_dir, "delete it")
-    shutil.rmtree(output_dir)
+    if not keep:
+        shutil.rmtree(output_dir)
+        return
+    for entry in output_dir.iterdir():
+        if entry.name in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def check_selftune_folder(output_dir: Path, action: str) -> None:
