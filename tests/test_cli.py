@@ -479,3 +479,12 @@ def test_encoder_decoder_model_is_refused(capsys, tmp_path, sentiment_files):
     code, _, err = run_cli(capsys, "train", "--train-file", train, "--validation-file", dev,
                            "--model", str(model), "--output-dir", str(tmp_path / "o"))
     assert_one_line_error(code, err, "encoder-decoder model (t5)")
+
+
+def test_evaluate_a_hub_id_while_offline(capsys, monkeypatch, sentiment_files):
+    """A name that is no local folder is taken for a Hub id, as `train --model` does."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run_cli(capsys, "evaluate", "someone/not-cached-classifier",
+                           "--validation-file", str(sentiment_files[1]))
+    assert_one_line_error(code, err, "could not load model 'someone/not-cached-classifier'",
+                          "HF_HUB_OFFLINE=1", "no local folder has that name")

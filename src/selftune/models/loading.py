@@ -48,9 +48,15 @@ def resolve_model_path(name: str | None) -> str:
     if path.exists():
         check_model_dir(path)
         return str(path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if _is_local(name):
         raise SelftuneError(f"model directory not found: {name}")
     return name
+
+
+def _is_local(name: str) -> bool:
+    """A path on this machine rather than a Hub id (``owner/name`` or ``name``)."""
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) \
+        or name.count("/") > 1
 
 
 def check_model_dir(path: Path, need_tokenizer: bool = True) -> None:
@@ -76,12 +82,12 @@ def check_model_dir(path: Path, need_tokenizer: bool = True) -> None:
                             "save the tokenizer into the model directory")
 
 
-def _hub_error(name: str, err: Exception) -> SelftuneError:
+def _hub_error(name: str, err: Exception,
+               remedy: str = "give a local model directory with --model, or omit --model to "
+                             "use the packaged default model") -> SelftuneError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     reason = "HF_HUB_OFFLINE=1 is set" if offline else f"{type(err).__name__}"
-    return SelftuneError(
-        f"could not load model {name!r} ({reason}); give a local model directory with --model, "
-        "or omit --model to use the packaged default model")
+    return SelftuneError(f"could not load model {name!r} ({reason}); {remedy}")
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -130,8 +136,11 @@ def load_for_training(
 
 
 def load_finetuned(path: str, trust_remote_code: bool = False) -> PreTrainedModel:
-    """A model directory written by ``selftune train`` (or any sequence classifier)."""
-    check_model_dir(Path(path))
+    """A model directory written by ``selftune train`` (or any sequence classifier, also a Hub
+    id)."""
+    local = _is_local(path)
+    if local:
+        check_model_dir(Path(path).expanduser())
     verbosity = transformers.logging.get_verbosity()
     # A [CLS] normalizer's buffers are "unexpected" to the plain class: restored just below.
     transformers.logging.set_verbosity_error()
@@ -140,6 +149,9 @@ def load_finetuned(path: str, trust_remote_code: bool = False) -> PreTrainedMode
             path, use_safetensors=True, trust_remote_code=trust_remote_code,
             output_loading_info=True)
     except (OSError, ValueError) as err:
+        if not local:
+            raise _hub_error(path, err, "no local folder has that name; give a model "
+                                        "directory") from None
         raise SelftuneError(f"could not load the model in {path}: {err}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
