@@ -135,17 +135,15 @@ def _cached_teacher_predictions(teacher_dir: Path, task: TaskSpec, cfg: BamConfi
     """Reuse the teacher's cached predictions if they were made on this student's training
     data and input length, else make them (again). The cache is the recipe's own file inside
     the teacher folder, so a stale one is replaced rather than refused."""
+    stale = None
     if cache.is_file():
         records = teacher_records(task, cfg.data_options(), both)
-        reason = _stale_cache_reason(cache, task, records, cfg.max_seq_length)
-        if reason is None:
+        stale = _stale_cache_reason(cache, task, records, cfg.max_seq_length)
+        if stale is None:
             return
-        if not (teacher_dir / "config.json").is_file():
-            raise SelftuneError(f"{cache} {reason}, and {teacher_dir} no longer holds the "
-                                "teacher's model to make it again; delete the folder to train "
-                                "the teacher again")
-        logger.info("%s %s: made again", cache, reason)
-    _check_can_predict(teacher_dir, cache)
+    _check_can_predict(teacher_dir, cache, stale)
+    if stale:
+        logger.info("%s %s: made again", cache, stale)
     logger.info("Teacher predictions for %s → %s", task.name, cache)
     compute_teacher_predictions(teacher_dir, task, cfg.data_options(), cache, both,
                                 cfg.max_seq_length, cfg.per_device_eval_batch_size,
@@ -194,11 +192,15 @@ def _train_or_reuse_teacher(teacher_dir: Path, expected, root: Path) -> None:
         setup_logging(None)  # the teacher's run logged to its own train.log
 
 
-def _check_can_predict(teacher_dir: Path, cache: Path) -> None:
-    if not (teacher_dir / "config.json").is_file():
-        raise SelftuneError(f"{teacher_dir} holds a finished teacher without its model and "
-                            f"without {cache.name}, so its predictions cannot be computed; "
-                            "delete the folder to train the teacher again")
+def _check_can_predict(teacher_dir: Path, cache: Path, stale: str | None = None) -> None:
+    """The teacher's predictions must be made (``stale``: why the cache cannot serve): refuse
+    a teacher folder that kept no model to make them with."""
+    if (teacher_dir / "config.json").is_file():
+        return
+    problem = (f"{cache} {stale}, and {teacher_dir} no longer holds the teacher's model to "
+               "make it again" if stale else f"{teacher_dir} holds a finished teacher without "
+               f"its model and without {cache.name}, so its predictions cannot be computed")
+    raise SelftuneError(f"{problem}; delete the folder to train the teacher again")
 
 
 def single_task_options(cfg: BamConfig) -> dict[str, Any]:
