@@ -425,7 +425,7 @@ def test_multi_to_multi_distills_a_multitask_run_into_a_new_student(tiny_model, 
     record = load_task_data(BamConfig(task="stsb", data_dir=str(glue_dir)).data_options()).train[0]
     with torch.no_grad():
         logits = model(**tokenizer(record["text_a"], record["text_b"], return_tensors="pt")).logits
-    assert cached[record["example_id"]] == pytest.approx(logits[0].tolist(), abs=1e-5)
+    assert cached.logits[record["example_id"]] == pytest.approx(logits[0].tolist(), abs=1e-5)
 
 
 def test_a_teacher_pruned_to_its_predictions_is_reused(tiny_model, glue_dir, tmp_path):
@@ -595,6 +595,36 @@ def test_teacher_predictions_must_cover_the_student_data(tiny_model, glue_dir, t
         train_multitask(wrong)
 
 
+def test_given_teacher_predictions_must_be_on_the_students_texts(tiny_model, glue_dir,
+                                                                   tmp_path):
+    """Ids alone do not tell that a text changed under its id; each line's input hash does,
+    while a file made on more data than the student trains on still serves it."""
+    from selftune.bam import compute_teacher_predictions
+
+    teacher, _, _ = given_rte_teacher(tiny_model, glue_dir, tmp_path)
+    task = get_task("rte")
+    made = compute_teacher_predictions(teacher, task, BamConfig(data_dir=str(glue_dir))
+                                       .data_options(), tmp_path / "rte.jsonl", False)
+    subset = mt_config(tiny_model, glue_dir, tmp_path / "subset", tasks="rte", num_train_epochs=1,
+                       max_train_samples=6, teacher_predictions=f"rte={made}")
+    assert train_multitask(subset)["num_train_examples"] == {"rte": 6}
+
+    train_tsv = glue_dir / "glue" / "RTE" / "train.tsv"
+    rows = train_tsv.read_text().splitlines(keepends=True)
+    rows[6] = rows[6].replace("the plot was bad", "the plot was fine")  # example train-5
+    train_tsv.write_text("".join(rows))
+    edited = dict(tasks="rte", num_train_epochs=1, teacher_predictions=f"rte={made}")
+    with pytest.raises(SelftuneError, match=r"other texts than the student's for 1 of the 16 "
+                                            r"rte training examples \(ids train-5\)"):
+        train_multitask(mt_config(tiny_model, glue_dir, tmp_path / "edited", **edited))
+    # A file from before the input hashes can only be checked by its ids.
+    made.write_text("".join(re.sub(r'"input_hash": "[0-9a-f]+", ', "", line)
+                            for line in made.read_text().splitlines(keepends=True)))
+    assert "input_hash" not in made.read_text()
+    old = train_multitask(mt_config(tiny_model, glue_dir, tmp_path / "old", **edited))
+    assert old["num_train_examples"] == {"rte": 16}
+
+
 @pytest.mark.parametrize("option, message", [
     ({"distill_weight": 2.0}, "--distill-weight"),
     ({"warmup_ratio": 1.5}, "--warmup-ratio"),
@@ -674,16 +704,11 @@ def test_teacher_predictions_refuses_what_it_would_ignore(argv, message, capsys,
     assert not list(tmp_path.iterdir())
 
 
-def _header(cache: Path) -> dict:
-    return json.loads(cache.read_text().splitlines()[0])
-
-
 def test_teacher_cache_is_made_again_when_the_training_data_changed(tiny_model, glue_dir,
                                                                     tmp_path):
-    """Same ids, other rows: the cache's fingerprint tells. A file without one (written before
-    fingerprints, as the committed benchmark caches) is reused while it covers the ids."""
-    from selftune.bam import _cached_teacher_predictions, teacher_records
-    from selftune.multitask.teacher_cache import training_fingerprint
+    """Same ids, other rows: the input hashes tell. A file without them (written before them,
+    as the committed benchmark caches) is reused while it covers the ids."""
+    from selftune.bam import _cached_teacher_predictions
 
     teacher = tmp_path / "rte-teacher"
     train(tiny_config(tiny_model, (None, None), teacher, task="rte", data_dir=str(glue_dir),
@@ -692,29 +717,25 @@ def test_teacher_cache_is_made_again_when_the_training_data_changed(tiny_model, 
                     teachers=f"rte={teacher}")
     task, cache = get_task("rte"), teacher / "train_predictions.jsonl"
 
-    def fingerprint() -> str:
-        return training_fingerprint(teacher_records(task, cfg.data_options(), False))
+    def lines() -> dict[str, dict]:
+        rows = map(json.loads, cache.read_text().splitlines()[1:])
+        return {row["example_id"]: row for row in rows}
 
     _cached_teacher_predictions(teacher, task, cfg, cache, False)
-    first = cache.read_text()
-    assert _header(cache)["train_sha256"] == fingerprint()
+    before = lines()
     # Rows reordered (GLUE ids are row numbers): the same ids now name other examples.
     train_file = glue_dir / "glue" / "RTE" / "train.tsv"
     original = train_file.read_text()
     header, *rows = original.splitlines(keepends=True)
     train_file.write_text(header + "".join(reversed(rows)))
     _cached_teacher_predictions(teacher, task, cfg, cache, False)
-    assert _header(cache)["train_sha256"] == fingerprint() != json.loads(
-        first.splitlines()[0])["train_sha256"]
-    before = {json.loads(line)["example_id"]: json.loads(line)["logits"]
-              for line in first.splitlines()[1:]}
-    after = {json.loads(line)["example_id"]: json.loads(line)["logits"]
-             for line in cache.read_text().splitlines()[1:]}
-    assert after["train-0"] == pytest.approx(before["train-15"], abs=1e-4)
-    # An old file without the fingerprint is reused as it is, even on other data.
-    lines = cache.read_text().splitlines()
-    old_header = {k: v for k, v in _header(cache).items() if k != "train_sha256"}
-    cache.write_text("\n".join([json.dumps(old_header), *lines[1:]]) + "\n")
+    after = lines()
+    assert after["train-0"]["input_hash"] == before["train-15"]["input_hash"] \
+        != before["train-0"]["input_hash"]
+    assert after["train-0"]["logits"] == pytest.approx(before["train-15"]["logits"], abs=1e-4)
+    # An old file without input hashes is reused as it is, even on other data.
+    cache.write_text("".join(re.sub(r'"input_hash": "[0-9a-f]+", ', "", line)
+                             for line in cache.read_text().splitlines(keepends=True)))
     legacy = cache.read_text()
     train_file.write_text(original)
     _cached_teacher_predictions(teacher, task, cfg, cache, False)
@@ -726,15 +747,12 @@ def test_a_stale_teacher_cache_with_other_ids_is_made_again_or_named(tiny_model,
     teacher, cache, common = given_rte_teacher(tiny_model, glue_dir, tmp_path)
     run_bam(BamConfig(output_dir=str(tmp_path / "a"), **common))
 
-    def make_stale() -> None:  # an old file (no fingerprint) made on data with other ids
-        lines = cache.read_text().splitlines()
-        header = {k: v for k, v in _header(cache).items() if k != "train_sha256"}
-        cache.write_text("\n".join([json.dumps(header), *(
-            line.replace('"train-', '"other-') for line in lines[1:])]) + "\n")
+    def make_stale() -> None:  # made on data with other ids
+        cache.write_text(cache.read_text().replace('"train-', '"other-'))
 
     make_stale()
     run_bam(BamConfig(output_dir=str(tmp_path / "b"), **common))  # selftune's own cache
-    assert "train_sha256" in _header(cache) and '"other-' not in cache.read_text()
+    assert '"other-' not in cache.read_text() and '"example_id": "train-0"' in cache.read_text()
     # Without the teacher's model it cannot be made again: the error names the file.
     from selftune.bam import _cached_teacher_predictions
 

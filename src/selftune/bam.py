@@ -34,9 +34,9 @@ from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
 from selftune.multitask.data import UNORDERED_TASKS, with_swapped_pairs
 from selftune.multitask.teacher_cache import (
+    mismatches,
     read_header,
     read_predictions,
-    training_fingerprint,
     write_predictions,
 )
 from selftune.multitask.training import MultiTaskConfig, parse_task_paths, train_multitask
@@ -97,8 +97,7 @@ def compute_teacher_predictions(
     tokenizer = load_tokenizer(str(model_dir), trust_remote_code)
     records = teacher_records(task, data_options, both_orders)
     logits = predict_logits(model, tokenizer, records, max_seq_length, batch_size)
-    write_predictions(out_file, task, [str(r["example_id"]) for r in records], logits,
-                      str(model_dir), max_seq_length, training_fingerprint(records))
+    write_predictions(out_file, task, records, logits, str(model_dir), max_seq_length)
     return out_file
 
 
@@ -111,22 +110,19 @@ def teacher_records(task: TaskSpec, data_options: DataOptions, both_orders: bool
 def _stale_cache_reason(cache: Path, task: TaskSpec, records: list[Record],
                         max_seq_length: int) -> str | None:
     """Why cached predictions cannot serve this student (None: reuse them)."""
-    header = read_header(cache)
-    if header.get("max_seq_length") not in (None, max_seq_length):
+    if read_header(cache).get("max_seq_length") not in (None, max_seq_length):
         return "was made with another --max-seq-length"
-    fingerprint = header.get("train_sha256")
-    if fingerprint is not None:
-        return None if fingerprint == training_fingerprint(records) else \
-            "was made on other training data (its train_sha256 differs)"
-    # A file from before train_sha256 (such as the committed caches of benchmarks/bam_teachers)
+    # A file from before input hashes (such as the committed caches of benchmarks/bam_teachers)
     # is reused as before whenever it covers the training ids: those teachers are kept in git
     # pruned to their predictions, so their caches cannot be made again, and the benchmark
     # grids must go on reusing them as they are. Only the ids of such a file can be checked.
-    predictions = read_predictions(cache, task)
-    missing = sum(str(r["example_id"]) not in predictions for r in records)
+    missing, changed = mismatches(read_predictions(cache, task), records)
     if missing:
-        return (f"has no prediction for {missing} of the {len(records)} training examples "
+        return (f"has no prediction for {len(missing)} of the {len(records)} training examples "
                 "(made on other data)")
+    if changed:
+        return (f"was made on other texts for {len(changed)} of the {len(records)} training "
+                "examples (the data changed under the same ids)")
     return None
 
 

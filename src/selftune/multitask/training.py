@@ -268,7 +268,7 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
         for task in tasks:
             predictions = read_predictions(teacher_files[task.name], task)
             check_coverage(predictions, records[task.name], teacher_files[task.name], task)
-            teachers[task.name] = predictions
+            teachers[task.name] = predictions.logits
 
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
