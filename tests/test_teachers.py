@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from selftune.teachers import EmaAverage, SnapshotWindow, float_state, load_float_state
@@ -84,7 +86,8 @@ def test_window_state_dict_round_trip():
 
 def test_ema_matches_the_formula():
     model = torch.nn.Linear(3, 2)
-    ema = EmaAverage(model, max_decay=0.995)
+    teacher = copy.deepcopy(model)
+    ema = EmaAverage(teacher, max_decay=0.995)
     expected = {n: t.clone() for n, t in float_state(model).items()}
     for t in range(30):
         with torch.no_grad():
@@ -95,6 +98,10 @@ def test_ema_matches_the_formula():
             expected[name] = decay * expected[name] + (1 - decay) * value
         ema.update(model)
     torch.testing.assert_close(ema.average, expected)
+    # The average is the teacher's own parameters, not a copy beside them.
+    torch.testing.assert_close(float_state(teacher), expected)
+    assert {t.data_ptr() for t in ema.average.values()} == \
+        {p.data_ptr() for p in teacher.parameters()}
     restored = EmaAverage(torch.nn.Linear(3, 2))
     restored.load_state_dict(ema.state_dict())
     assert restored.updates == 30 and restored.decay() == ema.decay()

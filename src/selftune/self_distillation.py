@@ -63,7 +63,8 @@ class SelfDistillation:
         self.is_regression, self.se_pool = is_regression, se_pool
         self.teacher = make_teacher_shell(student, dropout=teacher_dropout)
         self.window = SnapshotWindow(k) if kind != "ema" else None
-        self.ema = EmaAverage(student) if kind == "ema" else None
+        # The EMA is kept in the teacher's own tensors: they are the teacher.
+        self.ema = EmaAverage(self.teacher) if kind == "ema" else None
         self._started = False
 
     # ---- events from the Trainer
@@ -71,8 +72,6 @@ class SelfDistillation:
     def on_train_begin(self, model: nn.Module, global_step: int = 0, max_steps: int = 0) -> None:
         device = next(model.parameters()).device  # the Trainer has placed the student by now
         self.teacher.to(device)
-        if self.ema is not None:
-            self.ema.average = {n: t.to(device) for n, t in self.ema.average.items()}
         if self._started:  # resumed: the window came from the checkpoint
             self._refresh_teacher()
             return
@@ -93,7 +92,6 @@ class SelfDistillation:
             return
         if self.ema is not None:
             self.ema.update(model)
-            load_float_state(self.teacher, self.ema.average)
         elif self.kind == "se" and self.se_pool == "steps":
             self.window.push(model)
 
@@ -104,8 +102,6 @@ class SelfDistillation:
     def _refresh_teacher(self) -> None:
         if self.kind == "sda" and len(self.window):
             self.window.average_into(self.teacher)
-        elif self.ema is not None:
-            load_float_state(self.teacher, self.ema.average)
 
     # ---- the loss
 
@@ -147,9 +143,7 @@ class SelfDistillation:
     def averaged_teacher(self) -> nn.Module:
         """The teacher model loaded with the averaged parameters (window mean or EMA; for se,
         the pool's), for evaluation and saving."""
-        if self.ema is not None:
-            load_float_state(self.teacher, self.ema.average)
-        elif len(self.window):
+        if self.window is not None and len(self.window):
             self.window.average_into(self.teacher)
         return self.teacher
 

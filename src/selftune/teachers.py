@@ -126,23 +126,30 @@ class SnapshotWindow:
 class EmaAverage:
     """Exponential moving average of a model's state: θ̃ ← d·θ̃ + (1 − d)·θ.
 
-    The decay warms up as d = min(max_decay, (1 + t) / (10 + t)), t = updates done before this
-    one (the variant of public SDA reimplementations, e.g. lonePatient/BERT-SDA).
+    The average lives in the tensors of ``average_model`` itself (the teacher, a copy of the
+    student to begin with), updated in place: the teacher costs the EMA's one model copy and no
+    other. The decay warms up as d = min(max_decay, (1 + t) / (10 + t)), t = updates done
+    before this one (the variant of public SDA reimplementations, e.g. lonePatient/BERT-SDA).
     """
 
-    def __init__(self, model: nn.Module, max_decay: float = 0.995) -> None:
+    def __init__(self, average_model: nn.Module, max_decay: float = 0.995) -> None:
+        self.average_model = average_model  # holds θ̃
         self.max_decay = max_decay  # the decay's ceiling
         self.updates = 0  # updates so far (t)
-        self.average = {n: t.detach().clone() for n, t in float_state(model).items()}
+
+    @property
+    def average(self) -> State:
+        # Looked up each time: moving the model to a device replaces its tensors.
+        return float_state(self.average_model)
 
     def decay(self) -> float:
         return min(self.max_decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        state = float_state(model)
-        names = list(self.average)
-        torch._foreach_lerp_([self.average[n] for n in names], [state[n] for n in names],
+        state, average = float_state(model), self.average
+        names = list(average)
+        torch._foreach_lerp_([average[n] for n in names], [state[n] for n in names],
                              1.0 - self.decay())
         self.updates += 1
 
@@ -152,6 +159,6 @@ class EmaAverage:
 
     def load_state_dict(self, flat: State) -> None:
         self.updates = int(flat["ema_updates"])
-        for name, tensor in flat.items():
-            if name.startswith("ema."):
-                self.average[name.removeprefix("ema.")].copy_(tensor)
+        load_float_state(self.average_model, {name.removeprefix("ema."): tensor
+                                              for name, tensor in flat.items()
+                                              if name.startswith("ema.")})
