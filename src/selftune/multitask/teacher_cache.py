@@ -125,11 +125,12 @@ def mismatches(predictions: TeacherPredictions, records: list[Record]) -> tuple[
     """Ids of the examples the predictions lack, and of those they were made on other texts
     for (only in files with input hashes)."""
     missing, changed = [], []
+    hashes = predictions.input_hashes
     for record in records:
         example_id = str(record["example_id"])
         if example_id not in predictions.logits:
             missing.append(example_id)
-        elif predictions.input_hashes.get(example_id, input_hash(record)) != input_hash(record):
+        elif example_id in hashes and hashes[example_id] != input_hash(record):
             changed.append(example_id)
     return missing, changed
 
