@@ -71,24 +71,25 @@ def write_predictions(path: Path, task: TaskSpec, records: list[Record], logits:
     os.replace(tmp, path)
 
 
+def _parse_header(line: str) -> dict:
+    try:
+        header = json.loads(line)
+    except json.JSONDecodeError:
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
 def read_header(path: Path) -> dict:
     """A predictions file's header line ({} if it has none that parses)."""
     with open(path) as f:
-        try:
-            header = json.loads(f.readline())
-        except json.JSONDecodeError:
-            return {}
-    return header if isinstance(header, dict) else {}
+        return _parse_header(f.readline())
 
 
 def read_predictions(path: Path, task: TaskSpec) -> TeacherPredictions:
     if not path.is_file():
         raise SelftuneError(f"teacher predictions not found: {path}")
     lines = path.read_text().splitlines()
-    try:
-        header = json.loads(lines[0]) if lines else {}
-    except json.JSONDecodeError:
-        header = {}
+    header = _parse_header(lines[0]) if lines else {}
     if header.get("format") != FORMAT:
         raise SelftuneError(f"{path} is not a selftune teacher-predictions file; make one with "
                             "'selftune teacher-predictions'")
