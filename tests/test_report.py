@@ -18,6 +18,7 @@ from scipy import stats as sps
 
 from selftune.errors import SelftuneError
 from selftune.report import RunRecord, build_report, load_results, write_report
+from selftune.stats import holm_adjust
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SEEDS = [0, 1, 2, 3, 4]
@@ -604,3 +605,42 @@ def test_a_run_recorded_in_two_files_is_no_conflict(tmp_path: Path) -> None:
         run("rte", "teacher", 0, {"accuracy": 10.0})])
     md = write_report([first, changed], tmp_path / "o2", "bam")
     assert "(duplicate): run_id 'rte__teacher__seed0'" in md
+
+
+def test_holm_p_adjusts_over_every_task_and_variant_and_qualifies_the_verdict(
+        tmp_path: Path) -> None:
+    """Twelve comparisons (three variants on four tasks): a gain with t-test p ≈ 0.03 is
+    "better" on its own but not after adjusting for the other eleven tests."""
+    rng = np.random.default_rng(3)
+    tasks = ["rte", "mrpc", "stsb", "cola"]
+    base = {t: 60 + rng.normal(0, 1, len(SEEDS)) for t in tasks}
+    other = {(t, v): base[t] + rng.normal(0, 1, len(SEEDS)) for t in tasks for v in ("a", "b")}
+    # "c": a gain on rte only (p ≈ 0.03), noise elsewhere.
+    other.update({(t, "c"): base[t] + rng.normal(0, 1, len(SEEDS)) for t in tasks})
+    other[("rte", "c")] = base["rte"] + np.array([0.3, 1.6, 0.5, 1.3, 2.2])
+    items = [run(t, "baseline", s, {"m": base[t][s]}) for t in tasks for s in SEEDS]
+    items += [run(t, v, s, {"m": scores[s]}) for (t, v), scores in other.items() for s in SEEDS]
+    md = write_report(write_lines(tmp_path / "r.jsonl", items), tmp_path / "o", "baseline")
+
+    keys = sorted(other)
+    raw = [sps.ttest_rel(other[k], base[k[0]]).pvalue for k in keys]
+    expected = dict(zip(keys, holm_adjust(raw), strict=True))
+    for t in tasks:
+        rows = by_variant(table(md, f"### {t}"))
+        assert rows["baseline"]["Holm p"] == "–"
+        for v in ("a", "b", "c"):
+            assert_p(rows[v]["Holm p"], expected[(t, v)])
+    rte_c = by_variant(table(md, "### rte"))["c"]
+    p_raw = sps.ttest_rel(other[("rte", "c")], base["rte"]).pvalue
+    assert p_raw < 0.05 <= expected[("rte", "c")]  # the fixture does what it says
+    assert rte_c["verdict"] == f"better (not after Holm: p={rte_c['Holm p']})"
+    assert "- Multiple tests:" in md
+
+    # The mean across tasks is its own family: the three variants' tests of the 4-task mean.
+    across = by_variant(table(md, "## Mean across tasks"))
+    means = {v: np.mean([other[(t, v)] for t in tasks], axis=0) for v in ("a", "b", "c")}
+    base_mean = np.mean([base[t] for t in tasks], axis=0)
+    across_expected = holm_adjust([sps.ttest_rel(means[v], base_mean).pvalue
+                                   for v in ("a", "b", "c")])
+    for v, p_adj in zip(("a", "b", "c"), across_expected, strict=True):
+        assert_p(across[v]["Holm p"], p_adj)

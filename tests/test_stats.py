@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from selftune.stats import compare, summarize
+from selftune.stats import compare, holm_adjust, summarize
 
 BASE = {0: 60.2, 1: 62.9, 2: 58.4, 3: 61.7, 4: 59.9}
 OTHER = {0: 61.0, 1: 64.1, 2: 58.2, 3: 63.5, 4: 61.2}
@@ -233,3 +233,49 @@ def test_comparison_asdict_keeps_the_verdict() -> None:
     assert d["kind"] == "paired"
     assert "significant" in d and "p" in d
     assert d["p"] == d["t_p"]
+
+
+# -------------------------------------------------------------------------------- holm_adjust
+
+
+def test_holm_adjust_on_a_worked_example() -> None:
+    # Sorted: 0.005·4 = 0.02, 0.01·3 = 0.03, 0.03·2 = 0.06, 0.04·1 = 0.04 → kept monotone: 0.06.
+    assert holm_adjust([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+
+
+def test_holm_adjust_caps_at_one_and_skips_missing_tests() -> None:
+    # None is not a test: m = 2 here, not 3.
+    assert holm_adjust([0.6, None, 0.02]) == [pytest.approx(0.6), None, pytest.approx(0.04)]
+    assert holm_adjust([0.7, 0.9]) == pytest.approx([1.0, 1.0])
+    assert holm_adjust([]) == [] and holm_adjust([None]) == [None]
+    assert holm_adjust([0.3]) == pytest.approx([0.3])
+
+
+def _holm_step_down_rejects(p_values: list[float], alpha: float) -> list[bool]:
+    """Holm's procedure as published: walk the sorted p-values, reject while
+    p₍ⱼ₎ ≤ alpha / (m − j + 1), stop at the first that is not."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    reject = [False] * len(p_values)
+    for j, i in enumerate(order):
+        if p_values[i] > alpha / (len(p_values) - j):
+            break
+        reject[i] = True
+    return reject
+
+
+def test_adjusted_p_below_alpha_is_holms_step_down_procedure() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        m = int(rng.integers(1, 25))
+        # A mix of tiny and null-like p-values, so both rejecting and stopping happen.
+        p_values = list(np.where(rng.random(m) < 0.4, rng.random(m) * 0.01, rng.random(m)))
+        adjusted = holm_adjust(p_values)
+        for alpha in (0.01, 0.05, 0.1):
+            # Strict "<" as the report's verdict uses it; ties at exactly alpha have measure 0.
+            assert [a < alpha for a in adjusted] == _holm_step_down_rejects(p_values, alpha)
+        assert all(a >= p for a, p in zip(adjusted, p_values, strict=True))
+
+
+def test_holm_adjust_rejects_impossible_p_values() -> None:
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        holm_adjust([0.2, 1.5])

@@ -71,8 +71,9 @@ def add_bench_commands(commands, formatter, add_common: Callable) -> None:
         "report", help="Tables (mean ± std, paired tests) and plots from a results file.",
         description="Summarize a results file: per task and variant the mean ± std over seeds, "
                     "the paired difference to a baseline variant with a paired t-test and a "
-                    "Wilcoxon signed-rank test (Mann-Whitney U when unpaired), the mean across "
-                    "tasks, costs, and PNG plots.",
+                    "Wilcoxon signed-rank test (Mann-Whitney U when unpaired) and the p "
+                    "adjusted (Holm-Bonferroni) for all the comparisons the report makes, the "
+                    "mean across tasks, costs, and PNG plots.",
         formatter_class=formatter)
     report.add_argument("results", nargs="+",
                         help="Results file(s) written by 'selftune bench'; several files are "

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from selftune.errors import SelftuneError
-from selftune.stats import DEFAULT_ALPHA, Comparison, compare, summarize
+from selftune.stats import DEFAULT_ALPHA, Comparison, compare, holm_adjust, summarize
 
 __all__ = [
     "SUPPORTED_SCHEMA",
@@ -381,7 +381,10 @@ def _fmt_comparison_delta(cmp: Comparison) -> str:
     return text
 
 
-def _verdict(cmp: Comparison, better: str = "better", worse: str = "worse") -> str:
+def _verdict(cmp: Comparison, better: str = "better", worse: str = "worse",
+             holm_p: float | None = None) -> str:
+    """The verdict on ``cmp``; ``holm_p``, its p adjusted over the report's family of tests,
+    qualifies a significant difference that would not survive the number of tests made."""
     if cmp.kind == "insufficient":
         return "not enough seeds (need ≥ 2 per side)"
     if cmp.p is None:
@@ -389,12 +392,21 @@ def _verdict(cmp: Comparison, better: str = "better", worse: str = "worse") -> s
     # Every seed moved by the same amount: the t-test degenerates, the exact Wilcoxon decides.
     how = " (equal differences: exact Wilcoxon)" if cmp.kind == "paired" and cmp.t_p is None \
         else ""
-    if cmp.significant:
-        verdict = better if cmp.diff > 0 else worse
-        # A t-test with one degree of freedom: two steady differences pass it, and a third
-        # seed often undoes that; the reader should see the verdict stands on two seeds.
-        return f"{verdict} (2 pairs: provisional)" if cmp.n_pairs == 2 else verdict + how
-    return f"within noise (p={_fmt_p(cmp.p)}){how}"
+    if not cmp.significant:
+        return f"within noise (p={_fmt_p(cmp.p)}){how}"
+    verdict = better if cmp.diff > 0 else worse
+    # A t-test with one degree of freedom: two steady differences pass it, and a third
+    # seed often undoes that; the reader should see the verdict stands on two seeds.
+    verdict += " (2 pairs: provisional)" if cmp.n_pairs == 2 else how
+    if holm_p is not None and holm_p >= cmp.alpha:
+        verdict += f" (not after Holm: p={_fmt_p(holm_p)})"
+    return verdict
+
+
+def _holm_by_key(comparisons: Mapping[Any, Comparison]) -> dict[Any, float | None]:
+    """Holm-adjusted verdict p of each comparison, the mapping's comparisons being the family."""
+    keys = list(comparisons)
+    return dict(zip(keys, holm_adjust([comparisons[k].p for k in keys]), strict=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -598,6 +610,15 @@ def _header(grid: _Grid, problems: Sequence[Problem], source: str | None, alpha:
         "Mann-Whitney U when they share fewer than 2 seeds (shown for paired variants too, "
         f"as BAM! reports it, but the verdict is the t-test's); alpha = {alpha:g}"
     )
+    if grid.baseline is not None:
+        lines.append(
+            "- Multiple tests: each table's \"Holm p\" is the verdict's p adjusted "
+            "(Holm-Bonferroni) over all the comparisons of its section: every variant on every "
+            "task in \"Scores per task\", every variant in \"Mean across tasks\". A verdict "
+            "that does not survive the adjustment says \"not after Holm\": at alpha "
+            f"{alpha:g}, one in {round(1 / alpha)} tests of a variant that changes nothing "
+            "comes out significant by chance alone."
+        )
     if not problems:
         lines.append("- Problems in the results file: none")
         return "\n".join(lines)
@@ -622,10 +643,15 @@ def _score_section(grid: _Grid, alpha: float) -> str:
         "Δ score is variant − baseline, averaged over the seeds both ran (± std of those "
         f"differences); a verdict needs p < {alpha:g}, otherwise the difference is within noise.",
     ]
+    comparisons = {task: _task_comparisons(grid, task, alpha) for task in grid.tasks}
+    holm = _holm_by_key({(task, variant): c for task, by_variant in comparisons.items()
+                         for variant, c in by_variant.items()})
     low_power = False
     for task in grid.tasks:
-        table, weak = _task_table(grid, task, alpha)
-        low_power |= weak
+        table = _task_table(grid, task, comparisons[task],
+                            {v: holm[(task, v)] for v in comparisons[task]})
+        low_power |= any(c.kind == "paired" and 2 / 2**c.n_pairs >= alpha
+                         for c in comparisons[task].values())
         parts += ["", f"### {task}", "", table]
     if low_power:
         parts += [
@@ -638,22 +664,27 @@ def _score_section(grid: _Grid, alpha: float) -> str:
     return "\n".join(parts)
 
 
-def _task_table(grid: _Grid, task: str, alpha: float) -> tuple[str, bool]:
+def _task_comparisons(grid: _Grid, task: str, alpha: float) -> dict[str, Comparison]:
+    """Each variant with runs on ``task`` against the baseline; empty without baseline runs."""
+    if not grid.has_baseline(task):
+        return {}
+    assert grid.baseline is not None
+    base_scores = grid.scores(task, grid.baseline)
+    return {variant: compare(base_scores, grid.scores(task, variant), alpha)
+            for variant in grid.variants
+            if variant != grid.baseline and grid.cell(task, variant)}
+
+
+def _task_table(grid: _Grid, task: str, comparisons: Mapping[str, Comparison],
+                holm: Mapping[str, float | None]) -> str:
     metric_names = list(
         dict.fromkeys(m for r in grid.records if r.task == task for m in r.metrics)
     )
     with_base = grid.has_baseline(task)
-    comparisons: dict[str, Comparison] = {}
-    if with_base:
-        assert grid.baseline is not None
-        base_scores = grid.scores(task, grid.baseline)
-        for variant in grid.variants:
-            if variant != grid.baseline and grid.cell(task, variant):
-                comparisons[variant] = compare(base_scores, grid.scores(task, variant), alpha)
-
     header = ["variant", "seeds", *metric_names, "score"]
     if with_base:
-        header += ["Δ score", "pairs", "t-test p", "Wilcoxon p", "Mann-Whitney p", "verdict"]
+        header += ["Δ score", "pairs", "t-test p", "Wilcoxon p", "Mann-Whitney p", "Holm p",
+                   "verdict"]
     n_cmp_cols = len(header) - 3 - len(metric_names)  # Δ score ... verdict
 
     rows = []
@@ -681,15 +712,14 @@ def _task_table(grid: _Grid, task: str, alpha: float) -> tuple[str, bool]:
                 delta = _fmt_comparison_delta(c)
                 row += [delta, c.n_pairs if c.kind == "paired" else DASH]
                 row += [_fmt_p(c.t_p), _fmt_p(c.wilcoxon_p), _fmt_p(c.mannwhitney_p),
-                        _verdict(c)]
+                        _fmt_p(holm[variant]), _verdict(c, holm_p=holm[variant])]
         rows.append(row)
 
     text = _table(header, rows)
     if grid.baseline is not None and not with_base:
         note = f"_Baseline `{grid.baseline}` has no runs on {task}, so no comparison here._"
         text = note + "\n\n" + text
-    weak = any(c.kind == "paired" and 2 / 2**c.n_pairs >= alpha for c in comparisons.values())
-    return text, weak
+    return text
 
 
 def _teacher_section(grid: _Grid, alpha: float) -> str:
@@ -749,7 +779,17 @@ def _across_tasks_section(grid: _Grid, alpha: float) -> str:
     header = ["variant", "tasks", "mean score"]
     if base_means:
         header += ["Δ vs baseline (shared tasks)", "seeds on all shared tasks",
-                   "Δ of per-seed averages", "t-test p", "Mann-Whitney p", "verdict"]
+                   "Δ of per-seed averages", "t-test p", "Mann-Whitney p", "Holm p", "verdict"]
+    shared_tasks: dict[str, list[str]] = {}
+    comparisons: dict[str, Comparison] = {}
+    for variant in grid.variants:
+        shared = [t for t in task_means[variant] if t in base_means]
+        if variant != grid.baseline and shared:
+            assert grid.baseline is not None
+            shared_tasks[variant] = shared
+            comparisons[variant] = compare(_seed_averages(grid, grid.baseline, shared),
+                                           _seed_averages(grid, variant, shared), alpha)
+    holm = _holm_by_key(comparisons)
     rows = []
     incomplete = False
     for variant in grid.variants:
@@ -761,18 +801,16 @@ def _across_tasks_section(grid: _Grid, alpha: float) -> str:
             tasks_cell += f" † (missing: {', '.join(missing)})"
         row: list[Any] = [variant, tasks_cell, _fmt(float(np.mean(list(means.values()))))]
         if base_means:
-            shared = [t for t in means if t in base_means]
-            if variant == grid.baseline or not shared:
-                row += [DASH] * 5 + ["baseline" if variant == grid.baseline else "no shared task"]
+            if variant not in comparisons:
+                row += [DASH] * 6 + ["baseline" if variant == grid.baseline else "no shared task"]
             else:
+                shared = shared_tasks[variant]
                 d = float(np.mean([means[t] - base_means[t] for t in shared]))
-                assert grid.baseline is not None
-                c = compare(_seed_averages(grid, grid.baseline, shared),
-                            _seed_averages(grid, variant, shared), alpha)
-                delta = _fmt_comparison_delta(c)
+                c = comparisons[variant]
                 row += [f"{_fmt_delta(d)} ({len(shared)} task(s))",
-                        c.n_pairs if c.kind == "paired" else DASH, delta,
-                        _fmt_p(c.t_p), _fmt_p(c.mannwhitney_p), _verdict(c)]
+                        c.n_pairs if c.kind == "paired" else DASH, _fmt_comparison_delta(c),
+                        _fmt_p(c.t_p), _fmt_p(c.mannwhitney_p), _fmt_p(holm[variant]),
+                        _verdict(c, holm_p=holm[variant])]
         rows.append(row)
     parts = [
         "## Mean across tasks",
