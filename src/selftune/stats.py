@@ -16,8 +16,9 @@ variant on several seeds and compares it with the baseline here:
   verdict stays with the paired test.
 * With fewer than two values on a side, no test is meaningful and we say so instead of
   printing a p-value that looks precise and is not.
-* A report tests every variant on every task, twenty tests for five variants on four tasks, and
-  at alpha = 0.05 one of twenty comes out "significant" by chance alone. ``holm_adjust`` gives
+* A report tests every variant on every task, twenty tests for five variants on four tasks,
+  and at alpha = 0.05 one in twenty tests of a variant that changes nothing comes out
+  "significant" by chance alone. ``holm_adjust`` gives
   the Holm-Bonferroni adjusted p-values over such a family, so a reader can see which
   differences survive the number of tests made (scipy has Benjamini-Hochberg, which controls the
   false discovery rate, but no family-wise correction; Holm is uniformly more powerful than
