@@ -490,7 +490,7 @@ def test_a_variants_data_dir_is_relative_to_the_grid_file(tmp_path):
 def test_an_unfinished_bam_run_of_other_options_is_redone(tmp_path):
     """A BAM! run writes its bam.json only at the end: until then the options it was started
     with are in bench_run.json, and a grid that changed meanwhile must not resume it."""
-    from selftune.bench import _holds_other_config
+    from selftune.bench.planning import holds_other_config
 
     grid_file = tmp_path / "g.yaml"
     grid_file.write_text("name: g\ntasks: [rte]\nseeds: [0]\n"
@@ -498,12 +498,12 @@ def test_an_unfinished_bam_run_of_other_options_is_redone(tmp_path):
     run = plan_runs(load_grid(grid_file), tmp_path / "runs")[0]
     out = tmp_path / "runs" / run.run_id
     out.mkdir(parents=True)
-    assert not _holds_other_config(out, run)  # nothing started yet
+    assert not holds_other_config(out, run)  # nothing started yet
     (out / "bench_run.json").write_text(json.dumps(run.config.to_dict()))
-    assert not _holds_other_config(out, run)
+    assert not holds_other_config(out, run)
     (out / "bench_run.json").write_text(json.dumps({**run.config.to_dict(),
                                                     "learning_rate": 3e-4}))
-    assert _holds_other_config(out, run)
+    assert holds_other_config(out, run)
 
 
 def bench_cli(capsys, monkeypatch, tmp_path, *argv: str) -> tuple[int, str, str]:

@@ -1,0 +1,185 @@
+"""A grid turned into runs, each one process, and what a run's folder says about it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from selftune.bench.grid import TEACHER_VARIANT, Grid, check_grid
+from selftune.config import TrainConfig
+from selftune.errors import SelftuneError
+from selftune.outputs import BAM_SUMMARY_FILE, BENCH_RUN_FILE, METRICS_FILE, RUN_CONFIG_FILE
+
+
+@dataclass
+class PlannedRun:
+    """One process: a ``selftune train`` run (one task) or a ``selftune bam`` run (all tasks)."""
+
+    run_id: str
+    task: str
+    variant: str
+    seed: int
+    config: TrainConfig
+    command: str = "train"
+
+    def record_ids(self) -> list[str]:
+        """The run_ids of the results lines that make this run recorded (a BAM! run's teacher
+        lines come along when its teachers have metrics, but are not required)."""
+        if self.command == "train":
+            return [self.run_id]
+        return [f"{t}__{self.variant}__seed{self.seed}" for t in self.task.split(",")]
+
+
+def plan_runs(grid: Grid, runs_dir: Path) -> list[PlannedRun]:
+    """Seed-major order: an interrupted grid has whole seeds for every task and variant."""
+    from selftune.data.tasks import get_task
+
+    def is_bam(options: dict | None) -> bool:  # "pipeline: bam" in the variant or in common
+        return {**grid.common, **(options or {})}.get("pipeline") == "bam"
+
+    check_grid(grid)
+    runs = []
+    for seed in grid.seeds:
+        students = [_plan_bam(grid, variant, options or {}, seed, runs_dir)
+                    for variant, options in grid.variants.items() if is_bam(options)]
+        runs.extend(_plan_shared_teachers(students))
+        runs.extend(students)
+        for task in grid.tasks:
+            for variant, options in grid.variants.items():
+                if is_bam(options):
+                    continue
+                values = {**grid.common, **grid.task_options.get(task, {}), **(options or {}),
+                          "task": task, "seed": seed}
+                if not values.get("train_file"):
+                    get_task(task)  # with the user's own files, the task name is free
+                run_id = f"{task}__{variant}__seed{seed}"
+                values["output_dir"] = str(runs_dir / run_id)
+                try:
+                    config = TrainConfig.from_dict(values)
+                except TypeError as err:
+                    raise SelftuneError(f"grid variant {variant!r}: {err}") from None
+                _check_options(config, f"grid variant {variant!r} ({task})")
+                runs.append(PlannedRun(run_id, task, variant, seed, config))
+    return runs
+
+
+def _check_options(config: Any, where: str, bam: bool = False) -> None:
+    """The range and strategy checks 'selftune train' makes of a run's options before any
+    work (for a BAM! run: of the student's options and of each --teachers auto teacher's),
+    made here for every run before the first starts: a bad value fails at once, not hours
+    into a grid. No data or model is read."""
+    from selftune.config import check_strategy_options, validate_options
+
+    try:
+        if bam:
+            from selftune.bam import check_bam_options
+
+            check_bam_options(config)
+        else:
+            validate_options(config)
+            check_strategy_options(config)
+        if bam and config.teachers == "auto":
+            from selftune.bam import teacher_config
+
+            for task in config.tasks.split(","):
+                _check_options(teacher_config(config, task, Path(config.output_dir or ".")),
+                               f"{where}, its {task} teacher")
+    except SelftuneError as err:
+        if str(err).startswith(where):
+            raise
+        raise SelftuneError(f"{where}: {err}") from None
+
+
+def _plan_bam(grid: Grid, variant: str, options: dict, seed: int, runs_dir: Path) -> PlannedRun:
+    """A BAM!/multi-task variant: one ``selftune bam`` run per seed covers every task."""
+    from selftune.bam import BamConfig
+    from selftune.data.tasks import get_task
+
+    for task in grid.tasks:
+        get_task(task)
+    if grid.task_options:
+        raise SelftuneError(f"grid variant {variant!r}: a BAM! run trains every task at once, "
+                            "so task_options cannot apply to it; give the options in common "
+                            "or in the variant")
+    values = {**{k: v for k, v in {**grid.common, **options}.items() if k != "pipeline"},
+              "tasks": ",".join(grid.tasks), "seed": seed,
+              "output_dir": str(runs_dir / f"{variant}__seed{seed}")}
+    try:
+        config = BamConfig.from_dict(values)
+    except TypeError as err:
+        raise SelftuneError(f"grid variant {variant!r}: {err}") from None
+    if config.finetune_after:
+        # Its results lines hold the multi-task student; the fine-tuned models would be trained
+        # and never recorded, nor weighed by a deadline.
+        raise SelftuneError(f"grid variant {variant!r}: finetune_after is not supported in a "
+                            "grid; run 'selftune bam --finetune-after' on its own")
+    _check_options(config, f"grid variant {variant!r}", bam=True)
+    return PlannedRun(f"{variant}__seed{seed}", ",".join(grid.tasks), variant, seed, config,
+                      command="bam")
+
+
+def _plan_shared_teachers(bam_runs: list[PlannedRun]) -> list[PlannedRun]:
+    """The ``teachers: auto`` teachers that BAM! runs keep in a ``teachers_root``, as
+    single-task runs of their own (variant ``teacher``, the recipe's teacher options), planned
+    before the students: workers then train a seed's teachers side by side, and a deadline
+    weighs a teacher run of minutes instead of a teachers-and-student run of hours. A student
+    whose teacher another worker is still training waits for it (the recipe's teacher lock)."""
+    from selftune.bam import teacher_config
+
+    teachers: dict[Path, PlannedRun] = {}
+    for run in bam_runs:
+        if run.config.teachers != "auto" or not run.config.teachers_root:
+            continue  # teachers inside a student's own folder stay part of its run
+        for task, teacher_dir in teacher_dirs(run, {}).items():
+            planned = PlannedRun(f"{task}__{TEACHER_VARIANT}__seed{run.seed}", task,
+                                 TEACHER_VARIANT, run.seed,
+                                 teacher_config(run.config, task, teacher_dir))
+            first = teachers.setdefault(teacher_dir, planned)  # variants share their teachers
+            if first.config.hash() != planned.config.hash():
+                # The recipe would refuse the shared teacher hours later, at the student.
+                raise SelftuneError(
+                    f"grid variant {run.variant!r} shares the teachers in {teacher_dir.parent} "
+                    "with another variant but trains them with other teacher options; give "
+                    "it its own teachers_root or the same teacher_* options")
+    return list(teachers.values())
+
+
+def teacher_dirs(run: PlannedRun, summary: dict) -> dict[str, Path]:
+    """The teacher folder of each task, as the run's bam.json names them (or, for a run that
+    predates that field, as --teachers auto places them)."""
+    teachers = getattr(run.config, "teachers", "none")
+    if teachers == "none":
+        return {}
+    if "teacher_dirs" in summary:
+        return {task: Path(d) for task, d in summary["teacher_dirs"].items()}
+    if teachers != "auto":
+        return {}
+    from selftune.bam import teachers_root
+
+    root = teachers_root(run.config, Path(run.config.output_dir or ""))
+    return {task: root / task for task in run.task.split(",")}
+
+
+def holds_other_config(out: Path, run: PlannedRun) -> bool:
+    # A train run writes its options to run_config.json as it starts; a BAM! run has only the
+    # bench_run.json it was started with until its bam.json is written at the end.
+    saved = out / (RUN_CONFIG_FILE if run.command == "train" else BENCH_RUN_FILE)
+    if not saved.is_file():
+        return False
+    try:
+        saved_config = type(run.config).from_dict(json.loads(saved.read_text()))
+        return saved_config.hash() != run.config.hash()
+    except (json.JSONDecodeError, SelftuneError, TypeError):
+        return True
+
+
+def finished_metrics(out: Path, run: PlannedRun) -> dict | None:
+    """metrics.json of a finished run with this exact configuration, else None (for a bam
+    run: its bam.json summary)."""
+    path = out / (METRICS_FILE if run.command == "train" else BAM_SUMMARY_FILE)
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    return metrics if metrics.get("config_hash") == run.config.hash() else None

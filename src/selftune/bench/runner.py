@@ -1,0 +1,132 @@
+"""Run a grid: claim each run not yet recorded, train it in its own process, record it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from selftune.bench.grid import Grid
+from selftune.bench.planning import (
+    PlannedRun,
+    finished_metrics,
+    holds_other_config,
+    plan_runs,
+    teacher_dirs,
+)
+from selftune.bench.results import append_record, bam_records, make_record, read_recorded
+from selftune.bench.schedule import expected_duration, fits_before, format_duration, timing_history
+from selftune.outputs import (
+    BAM_STUDENT_DIR,
+    BENCH_RUN_FILE,
+    LOG_FILE,
+    directory_lock,
+    write_json_atomic,
+)
+
+
+def run_grid(
+    grid: Grid, results: Path, runs_dir: Path, dry_run: bool = False,
+    max_runs: int | None = None, train_command: list[str] | None = None,
+    deadline: datetime | None = None,
+) -> dict[str, int]:
+    """Run every planned run that is not yet recorded (with a deadline: that is expected to
+    finish before it); return counts of what happened."""
+    runs = plan_runs(grid, runs_dir)
+    recorded = read_recorded(results)
+    todo = [r for r in runs
+            if any((rid, r.config.hash()) not in recorded for rid in r.record_ids())]
+    print(f"grid {grid.name}: {len(runs)} runs, {len(runs) - len(todo)} already recorded in "
+          f"{results}, {len(todo)} to run", flush=True)
+    if dry_run:
+        history = timing_history(grid, results)
+        for run in todo:
+            expected = expected_duration(run, history)
+            length = "" if expected is None else " (finished: only to record)" \
+                if expected == 0 else f" (~{format_duration(expected)})"
+            print(f"  would run {run.run_id}{length}")
+        return {"planned": len(runs), "done": 0, "failed": 0, "skipped": len(runs) - len(todo)}
+    done = failed = busy = deferred = attempted = 0
+    durations: list[float] = []
+    for index, run in enumerate(todo, start=1):
+        if max_runs and attempted >= max_runs:
+            break
+        remaining = len(todo) - index + 1
+        if max_runs:
+            remaining = min(remaining, max_runs - attempted)
+        eta = f", ETA {format_duration(sum(durations) / len(durations) * remaining)}" \
+            if durations else ""
+        print(f"[{index}/{len(todo)}] {run.run_id}{eta}", flush=True)
+        out = Path(run.config.output_dir or "")
+        with directory_lock(out, wait=False) as lock:
+            if lock is None:
+                busy += 1
+                print(f"  {run.run_id} is being run by another 'selftune bench'; left to it",
+                      flush=True)
+                continue
+            if deadline is not None and not fits_before(run, grid, results, deadline):
+                deferred += 1
+                continue
+            outcome = _run_claimed(run, out, results, train_command, durations, lock.fileno())
+        # --max-runs counts the runs this worker ran (or found finished and recorded), not
+        # those another worker holds or that wait for the next session.
+        attempted += outcome is not False
+        if outcome is None:
+            failed += 1
+        elif outcome:
+            done += 1
+    return {"planned": len(runs), "done": done, "failed": failed, "busy": busy,
+            "deferred": deferred, "skipped": len(runs) - len(todo)}
+
+
+def _run_claimed(run: PlannedRun, out: Path, results: Path, train_command: list[str] | None,
+                 durations: list[float], lock_fd: int) -> bool | None:
+    """Run (or find finished) one claimed run and record it: True when recorded here, False
+    when another worker had already recorded it, None when it failed."""
+    recorded = read_recorded(results)  # another worker may have recorded it since we planned
+    if all((rid, run.config.hash()) in recorded for rid in run.record_ids()):
+        print(f"  {run.run_id}: recorded meanwhile by another 'selftune bench'", flush=True)
+        return False
+    metrics = finished_metrics(out, run)
+    if metrics is None:
+        if holds_other_config(out, run):
+            # The grid changed since this folder was written: its old run is stale.
+            run.config.overwrite_output_dir = True
+        started = time.time()
+        out.mkdir(parents=True, exist_ok=True)
+        config_file = out / BENCH_RUN_FILE
+        write_json_atomic(config_file, run.config.to_dict())
+        command = train_command or [sys.executable, "-m", "selftune", run.command]
+        # The run holds the claim too: if this worker is killed, the run it started goes on
+        # training, and no other worker starts it a second time.
+        proc = subprocess.run([*command, "--config", str(config_file)], pass_fds=(lock_fd,))
+        metrics = finished_metrics(out, run)
+        if proc.returncode != 0 or metrics is None:
+            log = _log_written_since(run, out, started)
+            # A run that fails before its log starts (e.g. a bad option) printed its error.
+            where = f"see {log}" if log else "see its error above"
+            print(f"  run {run.run_id} failed (exit {proc.returncode}); {where}. Not recorded: "
+                  "a rerun of this grid retries it (and fails the same way until the cause is "
+                  "fixed)", flush=True)
+            return None
+        durations.append(time.time() - started)  # a failure, often instant, would skew the ETA
+    for record in ([make_record(run, metrics)] if run.command == "train"
+                   else bam_records(run, metrics)):
+        # A teacher shared by several BAM! runs of a seed is recorded once.
+        append_record(results, record, unless_recorded=True)
+    score = metrics.get("score", metrics.get("student_average"))
+    print(f"  {run.run_id}: score {score:.2f}", flush=True)
+    return True
+
+
+def _log_written_since(run: PlannedRun, out: Path, started: float) -> Path | None:
+    """The run's train.log written to last since ``started`` (a BAM! run: its student's or
+    a teacher's), or None when its attempt wrote none."""
+    logs = [out / LOG_FILE] if run.command == "train" else [
+        out / BAM_STUDENT_DIR / LOG_FILE,
+        *(d / LOG_FILE for d in teacher_dirs(run, {}).values())]
+    written = [(log.stat().st_mtime, log) for log in logs if log.is_file()]
+    written = [(mtime, log) for mtime, log in written if mtime >= started - 1]
+    return max(written)[1] if written else None
