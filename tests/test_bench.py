@@ -219,6 +219,41 @@ def test_expected_duration_of_a_bam_run_counts_the_teachers_it_must_still_train(
     assert expected_duration(bam, recorded) == 1500.0
 
 
+def test_dry_run_lists_each_run_left_with_its_expected_length_and_the_total(grid, tmp_path,
+                                                                            capsys):
+    results = tmp_path / "results.jsonl"
+    runs = plan_runs(grid, tmp_path / "runs")
+    append_record(results, {**make_record(runs[0], {"score": 50.0, "wall_time_s": 600.0}),
+                            "machine": {}})
+    counts = run_grid(grid, results, tmp_path / "runs", dry_run=True)
+    out = capsys.readouterr().out
+    assert counts == {"planned": 4, "done": 0, "failed": 0, "skipped": 1}
+    assert "would run custom__base__seed0" not in out  # recorded
+    # base seed 1 is timed by base seed 0; fast borrows the same task's other variant.
+    assert "would run custom__base__seed1 (~10m00s)" in out
+    assert "would run custom__fast__seed0 (~10m00s)" in out
+    assert "in all ~30m00s of runs" in out and "not counted" not in out
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+def test_dry_run_total_says_how_many_runs_it_cannot_estimate(grid, tmp_path, capsys):
+    results = tmp_path / "results.jsonl"
+    run_grid(grid, results, tmp_path / "runs", dry_run=True)
+    out = capsys.readouterr().out
+    assert "would run custom__base__seed0\n" in out
+    assert "in all: unknown, nothing like these runs is recorded yet" in out
+
+    grid.tasks = ["custom", "other"]  # user files: the task name is free
+    append_record(results, {**make_record(plan_runs(grid, tmp_path / "runs")[0],
+                                          {"score": 50.0, "wall_time_s": 60.0}),
+                            "machine": {}})
+    run_grid(grid, results, tmp_path / "runs", dry_run=True)
+    out = capsys.readouterr().out
+    assert "would run other__base__seed0\n" in out
+    assert "in all ~3m00s of runs, one after another, by the recorded runs like them; 4 run(s) " \
+           "with nothing like them recorded yet are not counted" in out
+
+
 def test_expected_duration_of_a_resumed_run_is_the_share_still_to_do(grid, tmp_path):
     runs = plan_runs(grid, tmp_path / "runs")
     recorded = [{"task": "custom", "variant": "base", "seed": 9, "wall_time_s": 1000.0},

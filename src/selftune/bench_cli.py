@@ -52,7 +52,8 @@ def add_bench_commands(commands, formatter, add_common: Callable) -> None:
     bench.add_argument("--runs-dir", dest="runs_dir",
                        help="Where run directories go (default: runs/bench/<grid name>).")
     bench.add_argument("--dry-run", action="store_true",
-                       help="List the runs still to do and the expected length of each.")
+                       help="List the runs still to do, the expected length of each (the median "
+                            "of the recorded runs most like it) and their total.")
     bench.add_argument("--max-runs", type=int_at_least(1), help="Stop after this many runs.")
     bench.add_argument("--deadline", metavar="WHEN",
                        help="Start only the runs expected to finish by WHEN: +2h30m (from "

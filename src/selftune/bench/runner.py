@@ -41,12 +41,7 @@ def run_grid(
     print(f"grid {grid.name}: {len(runs)} runs, {len(runs) - len(todo)} already recorded in "
           f"{results}, {len(todo)} to run", flush=True)
     if dry_run:
-        history = timing_history(grid, results)
-        for run in todo:
-            expected = expected_duration(run, history)
-            length = "" if expected is None else " (finished: only to record)" \
-                if expected == 0 else f" (~{format_duration(expected)})"
-            print(f"  would run {run.run_id}{length}")
+        _print_plan(todo, timing_history(grid, results))
         return {"planned": len(runs), "done": 0, "failed": 0, "skipped": len(runs) - len(todo)}
     done = failed = busy = deferred = attempted = 0
     durations: list[float] = []
@@ -79,6 +74,28 @@ def run_grid(
             done += 1
     return {"planned": len(runs), "done": done, "failed": failed, "busy": busy,
             "deferred": deferred, "skipped": len(runs) - len(todo)}
+
+
+def _print_plan(todo: list[PlannedRun], history: list[dict]) -> None:
+    """Each run to do with its expected length, then the total: what a session (or an
+    allocation) must hold for the rest of the grid."""
+    total, unknown = 0.0, 0
+    for run in todo:
+        expected = expected_duration(run, history)
+        if expected is None:
+            unknown += 1
+        else:
+            total += expected
+        length = "" if expected is None else " (finished: only to record)" \
+            if expected == 0 else f" (~{format_duration(expected)})"
+        print(f"  would run {run.run_id}{length}")
+    if todo and unknown == len(todo):
+        print("  in all: unknown, nothing like these runs is recorded yet", flush=True)
+    elif todo:
+        rest = f"; {unknown} run(s) with nothing like them recorded yet are not counted" \
+            if unknown else ""
+        print(f"  in all ~{format_duration(total)} of runs, one after another, by the recorded "
+              f"runs like them{rest}", flush=True)
 
 
 def _run_claimed(run: PlannedRun, out: Path, results: Path, train_command: list[str] | None,
