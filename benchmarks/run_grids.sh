@@ -36,9 +36,9 @@ else
   # BAM! before cls_norm: under a DEADLINE, students that would not finish are passed over
   # and the workers go on with the short cls_norm runs.
   grids=(benchmarks/self_distillation.yaml@0-2 benchmarks/sd_ablation.yaml
-         benchmarks/bam.yaml@0-2 benchmarks/cls_norm.yaml@0-2 benchmarks/bam_ablation.yaml
+         benchmarks/bam.yaml@0-2 benchmarks/cls_norm.yaml@0-2 benchmarks/bam_ablation.yaml@0-2
          benchmarks/self_distillation.yaml benchmarks/cls_norm.yaml benchmarks/bam.yaml
-         benchmarks/bam_sda.yaml benchmarks/baseline_lr.yaml)
+         benchmarks/bam_ablation.yaml benchmarks/bam_sda.yaml benchmarks/baseline_lr.yaml)
 fi
 for entry in "${grids[@]}"; do
   grid="${entry%@*}"

@@ -206,6 +206,7 @@ def test_expected_duration_of_a_bam_run_counts_the_teachers_it_must_still_train(
     ]
     assert expected_duration(multi, recorded) == 4000.0
     assert expected_duration(bam, recorded) == 3000.0 + 800.0 + 1400.0
+    assert expected_duration(bam, recorded, with_teachers=False) == 3000.0
     (tmp_path / "t" / "seed1" / "rte").mkdir(parents=True)
     (tmp_path / "t" / "seed1" / "rte" / "metrics.json").write_text("{}")  # trained ahead
     assert expected_duration(bam, recorded) == 3000.0 + 1400.0
@@ -234,6 +235,28 @@ def test_dry_run_lists_each_run_left_with_its_expected_length_and_the_total(grid
     assert "would run custom__fast__seed0 (~10m00s)" in out
     assert "in all ~30m00s of runs" in out and "not counted" not in out
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+def test_dry_run_of_a_bam_grid_counts_each_shared_teacher_once(tmp_path, capsys):
+    path = tmp_path / "g.yaml"
+    path.write_text("tasks: [rte, stsb]\nseeds: 0-1\nresults: r.jsonl\n"
+                    "common: {pipeline: bam, teachers: auto, teachers_root: 't/seed{seed}'}\n"
+                    "variants: {bam: {}}\n")
+    grid = load_grid(path)
+    seed0 = [r for r in plan_runs(grid, tmp_path / "runs") if r.seed == 0]
+    for run in seed0:
+        metrics = {"score": 50.0, "wall_time_s": 600.0 if run.variant == "teacher" else 3000.0}
+        for task in run.task.split(","):
+            append_record(tmp_path / "r.jsonl",
+                          {**make_record(run, metrics), "task": task, "machine": {},
+                           "run_id": f"{task}__{run.variant}__seed0",
+                           **({} if run.variant == "teacher" else
+                              {"cost_scope": "multitask-run"})})
+    run_grid(grid, tmp_path / "r.jsonl", tmp_path / "runs", dry_run=True)
+    out = capsys.readouterr().out
+    assert "would run rte__teacher__seed1 (~10m00s)" in out
+    assert "would run bam__seed1 (~50m00s)" in out  # its teachers are the lines above
+    assert "in all ~1h10m of runs" in out
 
 
 def test_dry_run_total_says_how_many_runs_it_cannot_estimate(grid, tmp_path, capsys):

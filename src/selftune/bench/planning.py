@@ -120,6 +120,13 @@ def _plan_bam(grid: Grid, variant: str, options: dict, seed: int, runs_dir: Path
                       command="bam")
 
 
+def has_shared_teachers(run: PlannedRun) -> bool:
+    """A BAM! run whose teachers are planned as runs of their own (``teachers: auto`` in a
+    ``teachers_root``)."""
+    return run.command == "bam" and getattr(run.config, "teachers", "none") == "auto" and \
+        bool(getattr(run.config, "teachers_root", None))
+
+
 def _plan_shared_teachers(bam_runs: list[PlannedRun]) -> list[PlannedRun]:
     """The ``teachers: auto`` teachers that BAM! runs keep in a ``teachers_root``, as
     single-task runs of their own (variant ``teacher``, the recipe's teacher options), planned
@@ -130,7 +137,7 @@ def _plan_shared_teachers(bam_runs: list[PlannedRun]) -> list[PlannedRun]:
 
     teachers: dict[Path, PlannedRun] = {}
     for run in bam_runs:
-        if run.config.teachers != "auto" or not run.config.teachers_root:
+        if not has_shared_teachers(run):
             continue  # teachers inside a student's own folder stay part of its run
         for task, teacher_dir in teacher_dirs(run, {}).items():
             planned = PlannedRun(f"{task}__{TEACHER_VARIANT}__seed{run.seed}", task,

@@ -12,6 +12,7 @@ from selftune.bench.grid import Grid
 from selftune.bench.planning import (
     PlannedRun,
     finished_metrics,
+    has_shared_teachers,
     holds_other_config,
     plan_runs,
     teacher_dirs,
@@ -81,7 +82,8 @@ def _print_plan(todo: list[PlannedRun], history: list[dict]) -> None:
     allocation) must hold for the rest of the grid."""
     total, unknown = 0.0, 0
     for run in todo:
-        expected = expected_duration(run, history)
+        # Teachers planned as runs of their own are listed (and counted) once, as such.
+        expected = expected_duration(run, history, with_teachers=not has_shared_teachers(run))
         if expected is None:
             unknown += 1
         else:

@@ -56,12 +56,14 @@ def record_setting(record: dict) -> tuple[Any, Any]:
     return machine.get("cpu"), machine.get("torch_threads")
 
 
-def expected_duration(run: PlannedRun, recorded: Iterable[dict]) -> float | None:
+def expected_duration(run: PlannedRun, recorded: Iterable[dict],
+                      with_teachers: bool = True) -> float | None:
     """Seconds this run is expected to take: the median wall time of the recorded runs most
     like it (the same task and variant on other seeds; else the same task in any variant, or
     for a BAM! run any multi-task student), plus, for a BAM! run whose teachers are not
-    trained yet, the median of each teacher's task; for a run that resumes from a checkpoint,
-    only the share of its steps still to do. None when nothing alike is recorded."""
+    trained yet and ``with_teachers``, the median of each teacher's task (it waits for them or
+    trains them); for a run that resumes from a checkpoint, only the share of its steps still
+    to do. None when nothing alike is recorded."""
     # A resumed run's wall time covers its last attempt only.
     timed = [r for r in recorded
              if isinstance(r.get("wall_time_s"), (int, float)) and not r.get("resumed_from")]
@@ -93,7 +95,7 @@ def expected_duration(run: PlannedRun, recorded: Iterable[dict]) -> float | None
     if expected is None:
         return None
     expected *= _share_left(run)
-    if getattr(run.config, "teachers", "none") != "auto":
+    if not with_teachers or getattr(run.config, "teachers", "none") != "auto":
         return expected
     for task, teacher_dir in teacher_dirs(run, {}).items():
         if not is_finished(teacher_dir):
