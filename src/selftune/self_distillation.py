@@ -21,14 +21,17 @@ the final model is part of it.
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from selftune.errors import SelftuneError
+from selftune.evaluation import dataset_logits
 from selftune.losses import distillation_loss
+from selftune.metrics import compute_task_metrics, metrics_and_score
 from selftune.teachers import (
     EmaAverage,
     SnapshotWindow,
@@ -38,9 +41,21 @@ from selftune.teachers import (
     make_teacher_shell,
 )
 
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from selftune.config import TrainConfig
+    from selftune.data.tasks import TaskSpec
+    from selftune.trainer import SelftuneTrainer
+
 STRATEGIES = ("sda", "sdv", "ema", "se")
 # Version of the state saved in checkpoints (1: a window of K + 1 states with a running sum).
 STATE_FORMAT = 2
+# What a distilling strategy's teacher is, as metrics.json names it.
+TEACHER_KINDS = {"sda": "parameter average of the last K snapshots",
+                 "sdv": "output vote of the last K snapshots",
+                 "ema": "exponential moving average"}
 
 
 class SelfDistillation:
@@ -177,3 +192,74 @@ class SelfDistillation:
         if self.ema is not None:
             self.ema.load_state_dict(state)
         self._refresh_teacher()
+
+
+# --------------------------------------------------------------------------------------------
+# In a selftune run: the objective of --strategy, the teacher's (or ensemble's) dev metrics,
+# and what is saved
+# --------------------------------------------------------------------------------------------
+
+
+def build_objective(cfg: TrainConfig, model: PreTrainedModel,
+                    is_regression: bool) -> SelfDistillation | None:
+    """The training objective of a strategy; ``None`` is the model's own loss (baseline)."""
+    if cfg.strategy == "baseline":
+        return None
+    return SelfDistillation(model, kind=cfg.strategy, k=cfg.sd_k, lam=cfg.sd_lambda,
+                            interval=cfg.snapshot_interval, teacher_dropout=cfg.teacher_dropout,
+                            is_regression=is_regression, se_pool=cfg.se_pool)
+
+
+def evaluate_self_distillation(
+    cfg: TrainConfig, objective: SelfDistillation, tokenizer: PreTrainedTokenizerBase,
+    eval_set: datasets.Dataset, other_sets: dict[str, datasets.Dataset], task: TaskSpec,
+    student: dict[str, float], student_other_splits: dict[str, Any],
+) -> dict[str, Any]:
+    """Dev metrics of the teacher (sda/sdv/ema) or of the self-ensemble (se); for se, also on
+    the task's other dev sets (``other_sets``, tokenized), since the ensemble is the model
+    saved."""
+    def metrics_of(logits: np.ndarray, dataset=eval_set) -> dict[str, float]:
+        return compute_task_metrics(task, logits, np.array(dataset["labels"]))
+
+    def predict(model, dataset=eval_set) -> np.ndarray:
+        return dataset_logits(model, tokenizer, dataset, cfg.per_device_eval_batch_size)
+
+    ensemble = objective.averaged_teacher()
+    averaged = metrics_of(predict(ensemble))
+    if cfg.strategy == "se":
+        # The self-ensemble (parameter average, the saved model) is the run's model; the last
+        # iterate, and with --se-combine vote the output vote of the pool, are kept beside it.
+        extra = {}
+        if other_sets:  # before the vote, which loads each pool member into the same model
+            extra["other_splits"] = {
+                name: metrics_and_score(metrics_of(predict(ensemble, other), other))
+                for name, other in other_sets.items()}
+            extra["last_iterate_other_splits"] = student_other_splits
+        if cfg.se_combine == "vote":
+            vote = metrics_of(objective.vote_logits(predict))
+            extra.update(metrics_and_score(vote, "vote_"))
+        return {**metrics_and_score(averaged),
+                "ensemble": f"parameter average of {len(objective.members())} snapshots "
+                            f"({cfg.se_pool} pool)",
+                **metrics_and_score(student, "last_iterate_"), **extra}
+    teacher = metrics_of(objective.vote_logits(predict)) if cfg.strategy == "sdv" else averaged
+    return {**metrics_and_score(teacher, "teacher_"),
+            "teacher": TEACHER_KINDS[cfg.strategy],
+            "teacher_average_metrics": averaged}
+
+
+def save_self_distillation(
+    cfg: TrainConfig, objective: SelfDistillation, trainer: SelftuneTrainer, tokenizer,
+    output_dir: Path,
+) -> None:
+    """se: the saved model is the pool's parameter average. Others: the averaged teacher is
+    saved beside the student, in teacher/, as a second standard model directory."""
+    if cfg.strategy == "se":
+        from selftune.teachers import float_state, load_float_state
+
+        load_float_state(trainer.accelerator.unwrap_model(trainer.model),
+                         float_state(objective.averaged_teacher()))
+        return
+    teacher_dir = output_dir / "teacher"
+    objective.averaged_teacher().save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import datasets
-import numpy as np
 import torch
 import transformers
 from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments
@@ -25,8 +24,8 @@ from selftune.data.features import tokenize_records
 from selftune.data.loading import TaskData, load_task_data
 from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
-from selftune.evaluation import dataset_logits
-from selftune.metrics import compute_task_metrics, metrics_and_score, trainer_metrics_fn
+from selftune.metrics import metrics_and_score, trainer_metrics_fn
+from selftune.models.heads import add_cls_norm
 from selftune.models.loading import (
     check_sequence_length,
     load_for_training,
@@ -35,14 +34,17 @@ from selftune.models.loading import (
 )
 from selftune.optim import make_optimizer
 from selftune.runinfo import environment_info, peak_memory_mb
+from selftune.self_distillation import (
+    build_objective,
+    evaluate_self_distillation,
+    save_self_distillation,
+)
 from selftune.trainer import SelftuneTrainer
 
 if TYPE_CHECKING:
     from accelerate import PartialState
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
     from transformers.trainer_utils import TrainOutput
 
-    from selftune.self_distillation import SelfDistillation
 
 logger = logging.getLogger("selftune")
 # The Trainer already prints its log entries to the console; this one writes them to train.log.
@@ -207,130 +209,6 @@ def history_from_logs(log_history: list[dict]) -> list[dict]:
     return history
 
 
-def add_cls_norm(cfg: TrainConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 train_set: datasets.Dataset, output_dir: Path,
-                 start_dir: str | None = None) -> None:
-    """Insert the [CLS] normalizer; center/standardize get the pre-trained model's statistics
-    over the training set, computed once here and saved with the run (cls_stats.safetensors).
-
-    A run that starts from a selftune model saved with the same normalizer (``start_dir``;
-    e.g. BAM!'s --finetune-after from the student's task model) keeps that one: its
-    classifier was trained on what it outputs, and its statistics are already the
-    pre-trained model's (recomputed now, they would be the fine-tuned encoder's)."""
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
-    from selftune.models.cls_norm import compute_cls_stats
-    from selftune.models.heads import (
-        NORM_KEY,
-        SOURCE_KEY,
-        default_source,
-        install_cls_norm,
-        restore_cls_norm,
-        saved_cls_norm,
-    )
-
-    source = default_source(model) if cfg.cls_source == "auto" else cfg.cls_source
-    saved = saved_cls_norm(start_dir) if start_dir else None
-    if saved == (cfg.cls_norm, source):
-        setattr(model.config, NORM_KEY, cfg.cls_norm)
-        setattr(model.config, SOURCE_KEY, source)
-        restore_cls_norm(model, Path(start_dir))
-        logger.info("[CLS] normalization %s on the %s representation, with its state as "
-                    "saved in %s", cfg.cls_norm, source, start_dir)
-        return
-    if saved is not None:
-        logger.warning("%s was fine-tuned with [CLS] normalization %s on %s; this run replaces "
-                       "it with --cls-norm %s on %s", start_dir, *saved, cfg.cls_norm, source)
-    if cfg.cls_norm == "none" and cfg.cls_source == "auto":
-        return  # the model as it comes
-    stats = None
-    if cfg.cls_norm in ("center", "standardize"):
-        features = train_set.select_columns(
-            [c for c in train_set.column_names if c in tokenizer.model_input_names])
-        loader = torch.utils.data.DataLoader(features, batch_size=cfg.per_device_eval_batch_size,
-                                             collate_fn=DataCollatorWithPadding(tokenizer))
-        is_main_process = process_state().is_main_process
-        # One forward pass over the training set: minutes on a CPU, so it shows progress.
-        progress = tqdm(loader, desc="[CLS] statistics", unit="batch",
-                        disable=not is_main_process)
-        stats = compute_cls_stats(model, progress, source=source)
-        if is_main_process:
-            save_file({"mean": stats.mean.contiguous(), "std": stats.std.contiguous()},
-                      str(output_dir / "cls_stats.safetensors"))
-    install_cls_norm(model, cfg.cls_norm, source, stats)
-    logger.info("[CLS] normalization %s on the %s representation", cfg.cls_norm, source)
-
-
-def build_objective(cfg: TrainConfig, model: PreTrainedModel,
-                    is_regression: bool) -> SelfDistillation | None:
-    """The training objective of a strategy; ``None`` is the model's own loss (baseline)."""
-    if cfg.strategy == "baseline":
-        return None
-    from selftune.self_distillation import SelfDistillation
-
-    return SelfDistillation(model, kind=cfg.strategy, k=cfg.sd_k, lam=cfg.sd_lambda,
-                            interval=cfg.snapshot_interval, teacher_dropout=cfg.teacher_dropout,
-                            is_regression=is_regression, se_pool=cfg.se_pool)
-
-
-def evaluate_self_distillation(
-    cfg: TrainConfig, objective: SelfDistillation, tokenizer: PreTrainedTokenizerBase,
-    eval_set: datasets.Dataset, other_sets: dict[str, datasets.Dataset], task: TaskSpec,
-    student: dict[str, float], student_other_splits: dict[str, Any],
-) -> dict[str, Any]:
-    """Dev metrics of the teacher (sda/sdv/ema) or of the self-ensemble (se); for se, also on
-    the task's other dev sets (``other_sets``, tokenized), since the ensemble is the model
-    saved."""
-    def metrics_of(logits: np.ndarray, dataset=eval_set) -> dict[str, float]:
-        return compute_task_metrics(task, logits, np.array(dataset["labels"]))
-
-    def predict(model, dataset=eval_set) -> np.ndarray:
-        return dataset_logits(model, tokenizer, dataset, cfg.per_device_eval_batch_size)
-
-    ensemble = objective.averaged_teacher()
-    averaged = metrics_of(predict(ensemble))
-    if cfg.strategy == "se":
-        # The self-ensemble (parameter average, the saved model) is the run's model; the last
-        # iterate, and with --se-combine vote the output vote of the pool, are kept beside it.
-        extra = {}
-        if other_sets:  # before the vote, which loads each pool member into the same model
-            extra["other_splits"] = {
-                name: metrics_and_score(metrics_of(predict(ensemble, other), other))
-                for name, other in other_sets.items()}
-            extra["last_iterate_other_splits"] = student_other_splits
-        if cfg.se_combine == "vote":
-            vote = metrics_of(objective.vote_logits(predict))
-            extra.update(metrics_and_score(vote, "vote_"))
-        return {**metrics_and_score(averaged),
-                "ensemble": f"parameter average of {len(objective.members())} snapshots "
-                            f"({cfg.se_pool} pool)",
-                **metrics_and_score(student, "last_iterate_"), **extra}
-    teacher = metrics_of(objective.vote_logits(predict)) if cfg.strategy == "sdv" else averaged
-    return {**metrics_and_score(teacher, "teacher_"),
-            "teacher": {"sda": "parameter average of the last K snapshots",
-                        "sdv": "output vote of the last K snapshots",
-                        "ema": "exponential moving average"}[cfg.strategy],
-            "teacher_average_metrics": averaged}
-
-
-def save_self_distillation(
-    cfg: TrainConfig, objective: SelfDistillation, trainer: SelftuneTrainer, tokenizer,
-    output_dir: Path,
-) -> None:
-    """se: the saved model is the pool's parameter average. Others: the averaged teacher is
-    saved beside the student, in teacher/, as a second standard model directory."""
-    if cfg.strategy == "se":
-        from selftune.teachers import float_state, load_float_state
-
-        load_float_state(trainer.accelerator.unwrap_model(trainer.model),
-                         float_state(objective.averaged_teacher()))
-        return
-    teacher_dir = output_dir / "teacher"
-    objective.averaged_teacher().save_pretrained(teacher_dir)
-    tokenizer.save_pretrained(teacher_dir)
-
-
 def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
     """Fine-tune one model as ``cfg`` says; return the content of ``metrics.json``.
 
@@ -359,7 +237,8 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
                 len(data.train), len(data.eval_splits[split]), split, model_path)
     train_set = tokenize_records(data.train, tokenizer, cfg.max_seq_length)
     eval_set = tokenize_records(data.eval_splits[split], tokenizer, cfg.max_seq_length)
-    add_cls_norm(cfg, model, tokenizer, train_set, output_dir, model_path)
+    add_cls_norm(cfg, model, tokenizer, train_set, output_dir, start_dir=model_path,
+                 is_main_process=process_state().is_main_process)
 
     objective = build_objective(cfg, model, task.is_regression)
     trainer = SelftuneTrainer(

@@ -28,6 +28,7 @@ from selftune.data.loading import load_task_data
 from selftune.data.tasks import TaskSpec, get_task
 from selftune.errors import SelftuneError
 from selftune.metrics import compute_task_metrics, metrics_and_score
+from selftune.models.heads import add_cls_norm
 from selftune.models.loading import check_sequence_length, load_tokenizer, resolve_model_path
 from selftune.multitask.data import (
     UNORDERED_TASKS,
@@ -41,13 +42,13 @@ from selftune.multitask.objective import SelfDistilledAnnealing, TeacherAnnealin
 from selftune.multitask.sampling import MultiTaskBatchSampler, ProcessChunks, task_shares
 from selftune.multitask.teacher_cache import check_coverage, read_predictions
 from selftune.optim import make_optimizer
+from selftune.self_distillation import TEACHER_KINDS, build_objective
 from selftune.trainer import SelftuneTrainer
 from selftune.training import (
     LogToFile,
-    add_cls_norm,
-    build_objective,
     finish_run_dir,
     open_run_directory,
+    process_state,
     run_accounting,
     setup_logging,
     training_arguments,
@@ -230,10 +231,8 @@ def evaluate_multitask_teacher(cfg: MultiTaskConfig, self_distillation, tasks: l
         results[task.name] = {"metrics": evaluated["metrics"], "score": evaluated["score"]}
     return {"teacher_tasks": results,
             "teacher_score": float(np.mean([r["score"] for r in results.values()])),
-            "teacher": {"sda": "parameter average of the last K snapshots",
-                        "sdv": "parameter average of the last K snapshots (the vote is used "
-                               "in training only)",
-                        "ema": "exponential moving average"}[cfg.strategy]}
+            "teacher": TEACHER_KINDS["sda"] + " (the vote is used in training only)"
+            if cfg.strategy == "sdv" else TEACHER_KINDS[cfg.strategy]}
 
 
 def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
@@ -280,8 +279,9 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     if cfg.cls_norm != "none" or cfg.cls_source != "auto":
         # One normalizer on the shared encoder's [CLS]; its statistics are over every task's
         # training examples, as the encoder sees them.
-        model.add_cls_norm(lambda head: add_cls_norm(cfg, head, tokenizer, data.train,
-                                                     output_dir))
+        is_main_process = process_state().is_main_process
+        model.add_cls_norm(lambda head: add_cls_norm(cfg, head, tokenizer, data.train, output_dir,
+                                                     is_main_process=is_main_process))
     shares = task_shares(data.sizes, cfg.task_sampling, cfg.sampling_alpha)
     logger.info("Multi-task run on %s: %s examples, shares %s, %s", cfg.tasks, data.sizes,
                 {t: round(s, 3) for t, s in shares.items()},
