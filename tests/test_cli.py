@@ -337,8 +337,17 @@ def test_config_file_values_are_checked_like_flags(capsys, tmp_path, files):
 def test_run_glue_spelling_of_boolean_flags(capsys):
     from selftune.cli import build_parser
 
-    args = build_parser().parse_args(["train", "--task", "rte", "--overwrite_output_dir"])
+    parser = build_parser()
+    args = parser.parse_args(["train", "--task", "rte", "--overwrite_output_dir"])
     assert args.overwrite_output_dir is True
+    args = parser.parse_args(["train", "--task", "rte", "--overwrite-output-dir",
+                              "--no-overwrite_output_dir"])
+    assert args.overwrite_output_dir is False
+    assert parser.parse_args(["train", "--task", "rte"]).overwrite_output_dir is False
+    # Accepted, but the usage line lists each switch once, in its dashed spelling.
+    usage = parser._subparsers._group_actions[0].choices["train"].format_usage()
+    assert "--overwrite-output-dir | --no-overwrite-output-dir]" in usage
+    assert "overwrite_output_dir" not in usage
 
 
 def test_unwritable_output_dir(capsys, tmp_path, tiny_model, sentiment_files, monkeypatch):

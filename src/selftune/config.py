@@ -283,13 +283,20 @@ def add_dataclass_arguments(
         flag = "--" + f.name.replace("_", "-")
         names = [flag, *meta.get("aliases", ())]
         kind = _scalar_type(hints[f.name])
-        if "_" in f.name:
-            names.append("--" + f.name)  # run_glue.py's spelling
+        run_glue_spelling = "--" + f.name if "_" in f.name else None
         help_text = meta.get("help", "")
         if kind is bool:
             group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
                                default=f.default, help=help_text)
+            if run_glue_spelling:
+                # Accepted but not listed: a switch shows all its spellings in the usage line,
+                # and four per switch would bury the options.
+                group.add_argument(run_glue_spelling, dest=f.name,
+                                   action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
             continue
+        if run_glue_spelling:
+            names.append(run_glue_spelling)
         default_text = "" if f.default is None else f" (default: {f.default})"
         group.add_argument(*names, dest=f.name, type=kind, default=f.default,
                            choices=meta.get("choices"), help=help_text + default_text,
