@@ -166,6 +166,17 @@ def process_state() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def begin_run(cfg: TrainConfig, output_dir: Path) -> float:
+    """Console logging, the output folder checked (a finished run or a foreign folder is
+    refused before any work), the seed set; returns the run's start time."""
+    setup_logging(None)
+    outputs.check_output_dir(output_dir, cfg.to_dict(), cfg.overwrite_output_dir,
+                             cfg.resume, type(cfg)().to_dict())
+    started = time.time()
+    transformers.set_seed(cfg.seed)
+    return started
+
+
 def open_run_directory(cfg: TrainConfig, output_dir: Path) -> Path | None:
     """Create the run folder (once the inputs are known to be good), start train.log, save
     run_config.json; return the checkpoint to resume from, if any.
@@ -216,13 +227,8 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
     """
     cfg = resolve_config(cfg)
     output_dir = Path(cfg.output_dir)
-    setup_logging(None)
-    outputs.check_output_dir(output_dir, cfg.to_dict(), cfg.overwrite_output_dir,
-                             cfg.resume, type(cfg)().to_dict())
-    started = time.time()
-
+    started = begin_run(cfg, output_dir)
     # Data and model are loaded before anything is written, so a bad input leaves no trace.
-    transformers.set_seed(cfg.seed)
     data = load_task_data(cfg.data_options())
     split = eval_split_name(cfg, data)
     task = data.task

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import transformers
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, TrainerCallback
 
@@ -46,11 +44,11 @@ from selftune.self_distillation import TEACHER_KINDS, build_objective
 from selftune.trainer import SelftuneTrainer
 from selftune.training import (
     LogToFile,
+    begin_run,
     finish_run_dir,
     open_run_directory,
     process_state,
     run_accounting,
-    setup_logging,
     training_arguments,
 )
 
@@ -239,11 +237,7 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     """Train one multi-task model; return the content of its ``metrics.json``."""
     tasks = check_multitask_options(cfg)
     output_dir = Path(cfg.output_dir)
-    setup_logging(None)
-    outputs.check_output_dir(output_dir, cfg.to_dict(), cfg.overwrite_output_dir,
-                             cfg.resume, type(cfg)().to_dict())
-    started = time.time()
-    transformers.set_seed(cfg.seed)
+    started = begin_run(cfg, output_dir)
 
     teacher_files = parse_task_paths(cfg.teacher_predictions, "--teacher-predictions")
     unknown = sorted(set(teacher_files) - {t.name for t in tasks})
