@@ -123,8 +123,8 @@ def _plan_bam(grid: Grid, variant: str, options: dict, seed: int, runs_dir: Path
 def has_shared_teachers(run: PlannedRun) -> bool:
     """A BAM! run whose teachers are planned as runs of their own (``teachers: auto`` in a
     ``teachers_root``)."""
-    return run.command == "bam" and getattr(run.config, "teachers", "none") == "auto" and \
-        bool(getattr(run.config, "teachers_root", None))
+    return run.command == "bam" and run.config.teachers == "auto" and \
+        bool(run.config.teachers_root)
 
 
 def _plan_shared_teachers(bam_runs: list[PlannedRun]) -> list[PlannedRun]:

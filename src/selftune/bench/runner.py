@@ -91,13 +91,15 @@ def _print_plan(todo: list[PlannedRun], history: list[dict]) -> None:
         length = "" if expected is None else " (finished: only to record)" \
             if expected == 0 else f" (~{format_duration(expected)})"
         print(f"  would run {run.run_id}{length}")
-    if todo and unknown == len(todo):
+    if not todo:
+        return
+    if unknown == len(todo):
         print("  in all: unknown, nothing like these runs is recorded yet", flush=True)
-    elif todo:
-        rest = f"; {unknown} run(s) with nothing like them recorded yet are not counted" \
-            if unknown else ""
-        print(f"  in all ~{format_duration(total)} of runs, one after another, by the recorded "
-              f"runs like them{rest}", flush=True)
+        return
+    rest = f"; {unknown} run(s) with nothing like them recorded yet are not counted" \
+        if unknown else ""
+    print(f"  in all ~{format_duration(total)} of runs, one after another, by the recorded "
+          f"runs like them{rest}", flush=True)
 
 
 def _run_claimed(run: PlannedRun, out: Path, results: Path, train_command: list[str] | None,
