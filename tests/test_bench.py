@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -465,6 +466,50 @@ def test_bam_variants_record_one_line_per_task(tiny_model, glue_dir, tmp_path):
         line = next(r for r in records if r.run_id == f"{task}__bam-sda__seed0")
         assert line.teacher_score == sda_student["teacher_tasks"][task]["score"]
     assert run_grid(grid, results, tmp_path / "runs")["done"] == 0
+
+
+def test_shared_teacher_runs_leave_the_predictions_their_students_read(tiny_model, glue_dir,
+                                                                       tmp_path, capsys):
+    """Git keeps a shared teacher's folder without its model, so its own run makes the
+    predictions its students will read; a teacher recorded without them (its model gone) is
+    trained again, the same teacher, rather than failing its students sessions later."""
+    from selftune.bam import teacher_predictions_file
+
+    small = {"num_train_epochs": 1, "per_device_train_batch_size": 4, "teacher_epochs": 1,
+             "teacher_batch_size": 4}
+    root = tmp_path / "teachers-seed0"
+    grid = Grid(name="bam", tasks=["rte", "stsb"], seeds=[0],
+                variants={"bam": {"pipeline": "bam", **small}},
+                common={"model": str(tiny_model), "data_dir": str(glue_dir),
+                        "teachers_root": str(tmp_path / "teachers-seed{seed}")})
+    results, runs = tmp_path / "r.jsonl", tmp_path / "runs"
+    student = next(r for r in plan_runs(grid, runs) if r.variant == "bam").config
+    caches = {task: teacher_predictions_file(root / task, task, student)
+              for task in ("rte", "stsb")}
+    assert caches["stsb"].name == "train_predictions.both-orders.jsonl"
+
+    assert run_grid(grid, results, runs, max_runs=2)["done"] == 2  # the two teachers only
+    assert all(cache.is_file() for cache in caches.values())
+    first_score = json.loads((root / "rte" / "metrics.json").read_text())["score"]
+
+    # What a fresh checkout holds of the teachers (.gitignore), less rte's predictions: as
+    # if its model had been lost before they were made.
+    kept = ("run_config.json", "metrics.json", caches["stsb"].name)
+    for path in root.glob("*/*"):
+        if path.name not in kept:
+            path.unlink() if path.is_file() else shutil.rmtree(path)
+    caches["rte"].unlink(missing_ok=True)
+    assert run_grid(grid, results, runs, dry_run=True)["skipped"] == 1  # stsb's teacher
+    assert "would run rte__teacher__seed0 (~" in capsys.readouterr().out  # to train, not 0 s
+
+    counts = run_grid(grid, results, runs)
+    assert counts["done"] == 2 and counts["failed"] == 0
+    assert "rte__teacher__seed0: its folder kept no model" in capsys.readouterr().out
+    assert caches["rte"].is_file() and not (root / "stsb" / "config.json").is_file()
+    assert json.loads((root / "rte" / "metrics.json").read_text())["score"] == first_score
+    lines = [json.loads(line)["run_id"] for line in results.read_text().splitlines()]
+    assert sorted(lines) == sorted(["rte__teacher__seed0", "stsb__teacher__seed0",
+                                    "rte__bam__seed0", "stsb__bam__seed0"])
 
 
 def test_two_workers_share_a_bam_seed_teachers_first(tiny_model, glue_dir, tmp_path):

@@ -721,14 +721,14 @@ def test_teacher_cache_is_made_again_when_the_training_data_changed(tiny_model, 
         rows = map(json.loads, cache.read_text().splitlines()[1:])
         return {row["example_id"]: row for row in rows}
 
-    _cached_teacher_predictions(teacher, task, cfg, cache, False)
+    _cached_teacher_predictions(teacher, task, cfg)
     before = lines()
     # Rows reordered (GLUE ids are row numbers): the same ids now name other examples.
     train_file = glue_dir / "glue" / "RTE" / "train.tsv"
     original = train_file.read_text()
     header, *rows = original.splitlines(keepends=True)
     train_file.write_text(header + "".join(reversed(rows)))
-    _cached_teacher_predictions(teacher, task, cfg, cache, False)
+    _cached_teacher_predictions(teacher, task, cfg)
     after = lines()
     assert after["train-0"]["input_hash"] == before["train-15"]["input_hash"] \
         != before["train-0"]["input_hash"]
@@ -738,7 +738,7 @@ def test_teacher_cache_is_made_again_when_the_training_data_changed(tiny_model, 
                              for line in cache.read_text().splitlines(keepends=True)))
     legacy = cache.read_text()
     train_file.write_text(original)
-    _cached_teacher_predictions(teacher, task, cfg, cache, False)
+    _cached_teacher_predictions(teacher, task, cfg)
     assert cache.read_text() == legacy
 
 
@@ -760,4 +760,4 @@ def test_a_stale_teacher_cache_with_other_ids_is_made_again_or_named(tiny_model,
     (teacher / "config.json").rename(teacher / "config.json.away")
     stale = re.escape(str(cache)) + " has no prediction for 16 of the 16 training examples"
     with pytest.raises(SelftuneError, match=stale + ".*delete the folder"):
-        _cached_teacher_predictions(teacher, get_task("rte"), BamConfig(**common), cache, False)
+        _cached_teacher_predictions(teacher, get_task("rte"), BamConfig(**common))

@@ -126,17 +126,19 @@ def _stale_cache_reason(cache: Path, task: TaskSpec, records: list[Record],
     return None
 
 
-def _cached_teacher_predictions(teacher_dir: Path, task: TaskSpec, cfg: BamConfig, cache: Path,
-                                both: bool) -> None:
+def _cached_teacher_predictions(teacher_dir: Path, task: TaskSpec, cfg: BamConfig) -> Path:
     """Reuse the teacher's cached predictions if they were made on this student's training
-    data and input length, else make them (again). The cache is the recipe's own file inside
-    the teacher folder, so a stale one is replaced rather than refused."""
+    data and input length, else make them (again); returns the cache. The cache is the
+    recipe's own file inside the teacher folder, so a stale one is replaced rather than
+    refused."""
+    both = cfg.double_unordered and task.name in UNORDERED_TASKS
+    cache = teacher_predictions_file(teacher_dir, task.name, cfg)
     stale = None
     if cache.is_file():
         records = teacher_records(task, cfg.data_options(), both)
         stale = _stale_cache_reason(cache, task, records, cfg.max_seq_length)
         if stale is None:
-            return
+            return cache
     _check_can_predict(teacher_dir, cache, stale)
     if stale:
         logger.info("%s %s: made again", cache, stale)
@@ -144,6 +146,25 @@ def _cached_teacher_predictions(teacher_dir: Path, task: TaskSpec, cfg: BamConfi
     compute_teacher_predictions(teacher_dir, task, cfg.data_options(), cache, both,
                                 cfg.max_seq_length, cfg.per_device_eval_batch_size,
                                 cfg.trust_remote_code)
+    return cache
+
+
+def teacher_predictions_file(teacher_dir: Path, task: str, cfg: BamConfig) -> Path:
+    """Where the recipe caches a teacher's predictions for a student with options ``cfg``
+    (a student trained on both sentence orders reads a file of its own)."""
+    both = cfg.double_unordered and task in UNORDERED_TASKS
+    return teacher_dir / ("train_predictions.both-orders.jsonl" if both
+                          else "train_predictions.jsonl")
+
+
+def prepare_teacher_predictions(cfg: BamConfig, task_name: str, teacher_dir: Path) -> Path:
+    """Make the cached predictions that a student with options ``cfg`` will read from the
+    trained teacher in ``teacher_dir`` (or find them still valid); the caller holds the
+    folder's lock (students wait on it). `selftune bench` calls it right after a shared
+    teacher's own run: git keeps teacher folders without their models, so a later session's
+    students can only read predictions made while the model was there."""
+    task = next(t for t in check_bam_options(cfg) if t.name == task_name)
+    return _cached_teacher_predictions(teacher_dir, task, cfg)
 
 
 def _check_same_options(run_dir: Path, expected, root: Path) -> None:
@@ -287,9 +308,6 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
         for task in tasks:
             teacher_dir = given.get(task.name) or auto_root / task.name
             summary["teacher_dirs"][task.name] = str(teacher_dir)
-            both = cfg.double_unordered and task.name in UNORDERED_TASKS
-            cache = teacher_dir / ("train_predictions.both-orders.jsonl" if both
-                                   else "train_predictions.jsonl")
             # A --teachers-root may be shared by BAM runs in other processes (e.g. two bench
             # workers on one seed): one of them trains a teacher, the others wait and reuse it.
             with _shared_teacher_lock(teacher_dir,
@@ -300,8 +318,7 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
                                             root)
                 # Under torchrun the main process writes the cache; the others then read it.
                 with state.main_process_first():
-                    _cached_teacher_predictions(teacher_dir, task, cfg, cache, both)
-            predictions[task.name] = cache
+                    predictions[task.name] = _cached_teacher_predictions(teacher_dir, task, cfg)
             metrics_file = teacher_dir / outputs.METRICS_FILE
             if metrics_file.is_file():
                 summary["teachers"][task.name] = json.loads(metrics_file.read_text())["score"]

@@ -17,8 +17,11 @@ Paths in a grid (``results``, ``runs_dir``, ``timings_from``, and the options ``
 Every run is an ordinary ``selftune train`` (a variant with ``pipeline: bam``: ``selftune
 bam``, one run per seed for every task) in its own process and output directory. BAM! variants
 that keep their teachers in a ``teachers_root`` share them: each teacher is planned as a
-single-task run of its own (variant ``teacher``) before the students of its seed. When a run
-finishes, one JSON line is appended to the results file. A restart skips the runs already
+single-task run of its own (variant ``teacher``) before the students of its seed, which ends
+by caching the predictions its students will read (so a teacher folder kept without its model,
+as git keeps them, still serves them; a recorded teacher found without those predictions and
+without its model is trained again, the same teacher). When a run finishes, one JSON line is
+appended to the results file. A restart skips the runs already
 recorded with the same configuration, and resumes an interrupted run from its checkpoint: a kill
 loses at most the work since that run's last checkpoint.
 

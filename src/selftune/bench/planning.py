@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ class PlannedRun:
     seed: int
     config: TrainConfig
     command: str = "train"
+    # A shared BAM! teacher's run: the students that read its predictions.
+    students: list[PlannedRun] = field(default_factory=list)
 
     def record_ids(self) -> list[str]:
         """The run_ids of the results lines that make this run recorded (a BAM! run's teacher
@@ -144,6 +146,7 @@ def _plan_shared_teachers(bam_runs: list[PlannedRun]) -> list[PlannedRun]:
                                  TEACHER_VARIANT, run.seed,
                                  teacher_config(run.config, task, teacher_dir))
             first = teachers.setdefault(teacher_dir, planned)  # variants share their teachers
+            first.students.append(run)
             if first.config.hash() != planned.config.hash():
                 # The recipe would refuse the shared teacher hours later, at the student.
                 raise SelftuneError(
@@ -151,6 +154,30 @@ def _plan_shared_teachers(bam_runs: list[PlannedRun]) -> list[PlannedRun]:
                     "with another variant but trains them with other teacher options; give "
                     "it its own teachers_root or the same teacher_* options")
     return list(teachers.values())
+
+
+def students_without_predictions(run: PlannedRun) -> list[TrainConfig]:
+    """The options of a shared teacher's students whose cached predictions its folder does
+    not hold yet (one per file: students that read the same file count once). Its run makes
+    them; a teacher recorded but without them is not done."""
+    from selftune.bam import teacher_predictions_file
+
+    teacher_dir = Path(run.config.output_dir or "")
+    missing: dict[Path, TrainConfig] = {}
+    for student in run.students:
+        cache = teacher_predictions_file(teacher_dir, run.task, student.config)
+        if not cache.is_file():
+            missing.setdefault(cache, student.config)
+    return list(missing.values())
+
+
+def must_train_teacher_again(run: PlannedRun) -> bool:
+    """A finished teacher that lost its model (git keeps no models) before it made the
+    predictions some student needs: only training it again (same options and seed, so the
+    same teacher) can make them."""
+    out = Path(run.config.output_dir or "")
+    return (run.variant == TEACHER_VARIANT and finished_metrics(out, run) is not None
+            and not (out / "config.json").is_file() and bool(students_without_predictions(run)))
 
 
 def teacher_dirs(run: PlannedRun, summary: dict) -> dict[str, Path]:

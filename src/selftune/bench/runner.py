@@ -14,11 +14,14 @@ from selftune.bench.planning import (
     finished_metrics,
     has_shared_teachers,
     holds_other_config,
+    must_train_teacher_again,
     plan_runs,
+    students_without_predictions,
     teacher_dirs,
 )
 from selftune.bench.results import append_record, bam_records, make_record, read_recorded
 from selftune.bench.schedule import expected_duration, fits_before, format_duration, timing_history
+from selftune.errors import SelftuneError
 from selftune.outputs import (
     BAM_STUDENT_DIR,
     BENCH_RUN_FILE,
@@ -37,8 +40,13 @@ def run_grid(
     finish before it); return counts of what happened."""
     runs = plan_runs(grid, runs_dir)
     recorded = read_recorded(results)
-    todo = [r for r in runs
-            if any((rid, r.config.hash()) not in recorded for rid in r.record_ids())]
+
+    def is_recorded(run: PlannedRun) -> bool:
+        return all((rid, run.config.hash()) in recorded for rid in run.record_ids())
+
+    for run in runs:  # a teacher's predictions are for the students still to run
+        run.students = [student for student in run.students if not is_recorded(student)]
+    todo = [r for r in runs if not is_recorded(r) or students_without_predictions(r)]
     print(f"grid {grid.name}: {len(runs)} runs, {len(runs) - len(todo)} already recorded in "
           f"{results}, {len(todo)} to run", flush=True)
     if dry_run:
@@ -88,7 +96,7 @@ def _print_plan(todo: list[PlannedRun], history: list[dict]) -> None:
             unknown += 1
         else:
             total += expected
-        length = "" if expected is None else " (finished: only to record)" \
+        length = "" if expected is None else f" (finished: only {_left_of_finished(run)})" \
             if expected == 0 else f" (~{format_duration(expected)})"
         print(f"  would run {run.run_id}{length}")
     if not todo:
@@ -102,15 +110,26 @@ def _print_plan(todo: list[PlannedRun], history: list[dict]) -> None:
           f"runs like them{rest}", flush=True)
 
 
+def _left_of_finished(run: PlannedRun) -> str:
+    return "its students' teacher predictions to make" if students_without_predictions(run) \
+        else "to record"
+
+
 def _run_claimed(run: PlannedRun, out: Path, results: Path, train_command: list[str] | None,
                  durations: list[float], lock_fd: int) -> bool | None:
     """Run (or find finished) one claimed run and record it: True when recorded here, False
     when another worker had already recorded it, None when it failed."""
     recorded = read_recorded(results)  # another worker may have recorded it since we planned
-    if all((rid, run.config.hash()) in recorded for rid in run.record_ids()):
+    if all((rid, run.config.hash()) in recorded for rid in run.record_ids()) \
+            and not students_without_predictions(run):
         print(f"  {run.run_id}: recorded meanwhile by another 'selftune bench'", flush=True)
         return False
     metrics = finished_metrics(out, run)
+    if must_train_teacher_again(run):
+        print(f"  {run.run_id}: its folder kept no model to make its students' predictions "
+              "with; training it again (same options and seed: the same teacher)", flush=True)
+        metrics = None
+        run.config.overwrite_output_dir = True
     if metrics is None:
         if holds_other_config(out, run):
             # The grid changed since this folder was written: its old run is stale.
@@ -133,12 +152,30 @@ def _run_claimed(run: PlannedRun, out: Path, results: Path, train_command: list[
                   "fixed)", flush=True)
             return None
         durations.append(time.time() - started)  # a failure, often instant, would skew the ETA
+    if not _make_students_predictions(run):
+        return None
     for record in ([make_record(run, metrics)] if run.command == "train"
                    else bam_records(run, metrics)):
         # A teacher shared by several BAM! runs of a seed is recorded once.
         append_record(results, record, unless_recorded=True)
     score = metrics.get("score", metrics.get("student_average"))
     print(f"  {run.run_id}: score {score:.2f}", flush=True)
+    return True
+
+
+def _make_students_predictions(run: PlannedRun) -> bool:
+    """A shared teacher's run ends with the predictions its students will read, made while
+    its model is there (git keeps no models); False when they cannot be made."""
+    from selftune.bam import prepare_teacher_predictions
+
+    for student in students_without_predictions(run):
+        try:
+            cache = prepare_teacher_predictions(student, run.task, Path(run.config.output_dir))
+        except SelftuneError as err:
+            print(f"  run {run.run_id}: its students' predictions could not be made: {err}. "
+                  "Not recorded: a rerun of this grid retries it", flush=True)
+            return False
+        print(f"  {run.run_id}: predictions for its students in {cache}", flush=True)
     return True
 
 

@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from selftune.bench.grid import TEACHER_VARIANT, Grid
-from selftune.bench.planning import PlannedRun, finished_metrics, holds_other_config, teacher_dirs
+from selftune.bench.planning import (
+    PlannedRun,
+    finished_metrics,
+    holds_other_config,
+    must_train_teacher_again,
+    teacher_dirs,
+)
 from selftune.bench.results import MULTITASK_COST_SCOPE, read_recorded
 from selftune.errors import SelftuneError
 from selftune.outputs import BAM_STUDENT_DIR, is_finished, last_checkpoint
@@ -111,7 +117,7 @@ def _share_left(run: PlannedRun) -> float:
     one that resumes from a checkpoint (its own; a folder left by other options starts over),
     0 for one finished but not yet recorded (e.g. a teacher another grid trained)."""
     out = Path(run.config.output_dir or "")
-    if holds_other_config(out, run):
+    if holds_other_config(out, run) or must_train_teacher_again(run):
         return 1.0
     if finished_metrics(out, run) is not None:
         return 0.0
