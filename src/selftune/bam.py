@@ -209,10 +209,15 @@ def _train_or_reuse_teacher(teacher_dir: Path, expected, root: Path) -> None:
         setup_logging(None)  # the teacher's run logged to its own train.log
 
 
+def holds_model(teacher_dir: Path) -> bool:
+    """Whether a teacher folder still holds its model (git keeps teachers without them)."""
+    return (teacher_dir / "config.json").is_file()
+
+
 def _check_can_predict(teacher_dir: Path, cache: Path, stale: str | None = None) -> None:
     """The teacher's predictions must be made (``stale``: why the cache cannot serve): refuse
     a teacher folder that kept no model to make them with."""
-    if (teacher_dir / "config.json").is_file():
+    if holds_model(teacher_dir):
         return
     problem = (f"{cache} {stale}, and {teacher_dir} no longer holds the teacher's model to "
                "make it again" if stale else f"{teacher_dir} holds a finished teacher without "

@@ -175,9 +175,11 @@ def must_train_teacher_again(run: PlannedRun) -> bool:
     """A finished teacher that lost its model (git keeps no models) before it made the
     predictions some student needs: only training it again (same options and seed, so the
     same teacher) can make them."""
+    from selftune.bam import holds_model
+
     out = Path(run.config.output_dir or "")
     return (run.variant == TEACHER_VARIANT and finished_metrics(out, run) is not None
-            and not (out / "config.json").is_file() and bool(students_without_predictions(run)))
+            and not holds_model(out) and bool(students_without_predictions(run)))
 
 
 def teacher_dirs(run: PlannedRun, summary: dict) -> dict[str, Path]:
