@@ -170,7 +170,7 @@ def test_self_distilled_annealing_adds_the_masked_mse_to_the_averaged_past(mt_mo
     mt_model.eval()
     inputs = batch()
     annealing = TeacherAnnealing(TASKS, with_teachers=True)
-    sd = SelfDistillation(mt_model, kind="sda", k=1, lam=0.7)
+    sd = SelfDistillation.for_strategy(mt_model, kind="sda", k=1, lam=0.7)
     sd.on_train_begin(mt_model, 0, 10)
     objective = SelfDistilledAnnealing(annealing, sd)
     # The teacher starts as the initial model itself: nothing to distill yet.
@@ -187,7 +187,7 @@ def test_self_distilled_annealing_adds_the_masked_mse_to_the_averaged_past(mt_mo
     features = {k: v for k, v in inputs.items() if k not in ("labels", "teacher_logits")}
     with torch.no_grad():
         student = mt_model(**features).logits
-        teacher = sd.teacher(**features).logits
+        teacher = sd.teacher.model(**features).logits
     widths = [TASKS[t].num_labels for t in inputs["task_ids"].tolist()]
     expected = torch.stack([((student[i, :w] - teacher[i, :w]) ** 2).mean()
                             for i, w in enumerate(widths)]).mean()

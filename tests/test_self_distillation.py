@@ -70,34 +70,34 @@ def assert_state(actual: dict, expected: dict) -> None:
 
 def test_k1_sda_teacher_is_the_previous_student():
     model = tiny_classifier()
-    objective = SelfDistillation(model, kind="sda", k=1)
+    objective = SelfDistillation.for_strategy(model, kind="sda", k=1)
     objective.on_train_begin(model)
-    assert states_equal(float_state(objective.teacher), float_state(model))  # only θ_0 exists
+    assert states_equal(float_state(objective.teacher.model), float_state(model))  # only θ_0 exists
     for step in range(1, 4):
         previous = snapshot(model)
         optimizer_step(model, step, objective)
         # The loss at θ_t uses θ̃_t = θ_{t-1}: the student of the previous step.
-        assert states_equal(float_state(objective.teacher), previous)
-        assert not states_equal(float_state(objective.teacher), float_state(model))
+        assert states_equal(float_state(objective.teacher.model), previous)
+        assert not states_equal(float_state(objective.teacher.model), float_state(model))
 
 
 def test_sda_teacher_averages_the_k_states_before_the_student():
     model = tiny_classifier()
-    objective = SelfDistillation(model, kind="sda", k=3)
+    objective = SelfDistillation.for_strategy(model, kind="sda", k=3)
     objective.on_train_begin(model)
     history = [snapshot(model)]
     for step in range(1, 6):
         optimizer_step(model, step, objective)
         history.append(snapshot(model))
         # θ̃_t = mean(θ_{t-1}, ..., θ_{t-K}), fewer while fewer exist.
-        assert_state(float_state(objective.teacher), mean_of(history[-4:-1]))
-    assert not objective.teacher.training  # eval mode: no dropout in the teacher
-    assert not any(p.requires_grad for p in objective.teacher.parameters())
+        assert_state(float_state(objective.teacher.model), mean_of(history[-4:-1]))
+    assert not objective.teacher.model.training  # eval mode: no dropout in the teacher
+    assert not any(p.requires_grad for p in objective.teacher.model.parameters())
 
 
 def test_snapshot_interval_teacher_never_includes_the_current_student():
     model = tiny_classifier()
-    objective = SelfDistillation(model, kind="sda", k=2, interval=2)
+    objective = SelfDistillation.for_strategy(model, kind="sda", k=2, interval=2)
     objective.on_train_begin(model)
     pushed = {0: snapshot(model)}
     expected = {2: [0], 3: [0, 2], 4: [0, 2], 5: [2, 4], 6: [2, 4], 7: [4, 6]}
@@ -106,15 +106,15 @@ def test_snapshot_interval_teacher_never_includes_the_current_student():
         if step % 2 == 0:
             pushed[step] = snapshot(model)
         if step in expected:
-            assert_state(float_state(objective.teacher),
+            assert_state(float_state(objective.teacher.model),
                          mean_of([pushed[s] for s in expected[step]]))
-    assert len(objective.window) == 2  # exactly the teacher's K states: 4, 6
+    assert len(objective.teacher.window) == 2  # exactly the teacher's K states: 4, 6
 
 
 def test_sdv_k1_equals_sda_k1_on_a_batch():
     model = tiny_classifier()
-    sda = SelfDistillation(model, kind="sda", k=1)
-    sdv = SelfDistillation(model, kind="sdv", k=1)
+    sda = SelfDistillation.for_strategy(model, kind="sda", k=1)
+    sdv = SelfDistillation.for_strategy(model, kind="sdv", k=1)
     for objective in (sda, sdv):
         objective.on_train_begin(model)
     for step in range(1, 3):
@@ -125,7 +125,7 @@ def test_sdv_k1_equals_sda_k1_on_a_batch():
 
 def test_sdv_vote_is_the_mean_of_member_logits():
     model = tiny_classifier()
-    objective = SelfDistillation(model, kind="sdv", k=3)
+    objective = SelfDistillation.for_strategy(model, kind="sdv", k=3)
     objective.on_train_begin(model)
     members = [tiny_classifier().eval()]
     members[0].load_state_dict(model.state_dict())

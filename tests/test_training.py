@@ -61,7 +61,7 @@ def test_a_task_with_two_dev_sets_reports_both(strategy, tiny_model, glue_dir_wi
     """MNLI: the score is the matched dev set's (or --eval-split's); the mismatched one is
     evaluated too, at the end, and equals what `selftune evaluate` measures on it — for se on
     the saved self-ensemble, not on the last iterate."""
-    from selftune import self_distillation
+    from selftune import training as training_module
 
     predicted_with = []  # (rows, parameters) of every model scored outside the Trainer
 
@@ -70,8 +70,8 @@ def test_a_task_with_two_dev_sets_reports_both(strategy, tiny_model, glue_dir_wi
                                               model.state_dict().items()}))
         return dataset_logits(model, tokenizer, dataset, batch_size)
 
-    dataset_logits = self_distillation.dataset_logits
-    monkeypatch.setattr(self_distillation, "dataset_logits", spy)
+    dataset_logits = training_module.dataset_logits
+    monkeypatch.setattr(training_module, "dataset_logits", spy)
     out = tmp_path / "mnli"
     result = train(TrainConfig(task="mnli", model=str(tiny_model),
                                data_dir=str(glue_dir_with_mnli), output_dir=str(out),

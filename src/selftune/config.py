@@ -12,15 +12,48 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from selftune.data.loading import DataOptions, parse_text_columns
 from selftune.errors import SelftuneError
+
+if TYPE_CHECKING:
+    from selftune.strategies import StrategyOptions
+
+
+def parse_snapshot_interval(value: Any) -> int | str:
+    """``--snapshot-interval``: a number of optimizer steps (an integer, at least 1), or a
+    fraction of an epoch written with 'ep' ('0.1ep'), kept as text until the number of steps
+    per epoch is known (:func:`resolve_snapshot_interval`)."""
+    if isinstance(value, bool):
+        raise ValueError("not a number of steps")
+    text = str(value).strip().lower()
+    if text.endswith("ep"):
+        fraction = float(text[:-2])
+        if not (math.isfinite(fraction) and fraction > 0):
+            raise ValueError("a fraction of an epoch must be positive")
+        return f"{fraction:g}ep"
+    steps = float(text)
+    if not steps.is_integer() or steps < 1:
+        raise ValueError("a number of steps must be a whole number, at least 1")
+    return int(steps)
+
+
+parse_snapshot_interval.__name__ = "snapshot interval"  # argparse names the type in messages
+
+
+def resolve_snapshot_interval(interval: int | str, steps_per_epoch: int) -> int:
+    """The snapshot interval in optimizer steps: a fraction of an epoch rounds to the nearest
+    step, at least one."""
+    if isinstance(interval, int):
+        return interval
+    return max(1, round(float(interval.removesuffix("ep")) * steps_per_epoch))
 
 
 def opt(default: Any, help: str, group: str, choices: tuple | None = None, **kw: Any) -> Any:
@@ -32,15 +65,18 @@ DATA, MODEL, TRAIN, SD, OUTPUT = "data", "model", "training", "self-distillation
 # The self-distillation options, and the strategies each means something to (ema keeps no
 # window, se distills nothing, and only se combines a pool).
 SD_OPTION_STRATEGIES = {"sd_k": ("sda", "sdv", "se"), "sd_lambda": ("sda", "sdv", "ema"),
-                        "snapshot_interval": ("sda", "sdv", "ema", "se"),
+                        "snapshot_interval": ("sda", "sdv", "ema", "se", "baseline"),
+                        "snapshot_start": ("sda", "sdv", "ema", "se", "baseline"),
                         "teacher_dropout": ("sda", "sdv", "ema"), "se_pool": ("se",),
-                        "se_combine": ("se",)}
+                        "se_combine": ("se",), "save_snapshots": ("baseline",)}
 SD_OPTIONS = tuple(SD_OPTION_STRATEGIES)
 CONFIG_VERSION = 1
 # Options that do not change what a run computes.
 NOT_HASHED = frozenset({"seed", "output_dir", "overwrite_output_dir", "resume", "keep_checkpoints",
                         "report_to", "data_dir", "logging_steps", "save_steps",
-                        "teachers_root"})
+                        "teachers_root",
+                        # not an option: values resolved once the data is known
+                        "resolved"})
 
 
 @dataclass
@@ -141,8 +177,21 @@ class TrainConfig:
     sd_k: int = opt(3, "sda/sdv/se: number K of snapshots the teacher averages.", SD)
     sd_lambda: float = opt(1.0, "sda/sdv/ema: weight λ of the distillation term "
                            "λ·MSE(student logits, teacher logits).", SD)
-    snapshot_interval: int = opt(1, "sda/sdv/ema (and se with --se-pool steps): push a snapshot "
-                                 "(or update the EMA) every N optimizer steps.", SD)
+    snapshot_interval: int | str = opt(1, "sda/sdv/ema (and se with --se-pool steps, and "
+                                       "--save-snapshots): take a snapshot (or update the EMA) "
+                                       "every N optimizer steps, or every fraction of an epoch "
+                                       "written with 'ep' (e.g. 0.1ep: ten snapshots an epoch; "
+                                       "the resolved number of steps is recorded in "
+                                       "run_config.json and metrics.json).", SD,
+                                       parse=parse_snapshot_interval)
+    snapshot_start: str = opt("auto", "Whether the initial model (whose classifier head is "
+                              "random) counts as a snapshot: 'initial' (the teacher starts as "
+                              "the initial model and distillation runs from the first step), "
+                              "'first-snapshot' (distillation, and the se/--save-snapshots "
+                              "pool, start with the first snapshot taken after training "
+                              "began), or 'auto': first-snapshot when --snapshot-interval is "
+                              "a fraction of an epoch, else initial.", SD,
+                              ("auto", "initial", "first-snapshot"))
     teacher_dropout: bool = opt(False, "Run the teacher with dropout on (default: eval mode).", SD)
     se_pool: str = opt("epochs", "se: pool the states at the end of the last K epochs "
                        "(default; K = --sd-k, so a longer run averages only its last K) or "
@@ -150,6 +199,11 @@ class TrainConfig:
     se_combine: str = opt("average", "se: the saved model is the pool's parameter average; "
                           "'vote' also reports the output vote of its K models (vote_metrics).",
                           SD, ("average", "vote"))
+    save_snapshots: int = opt(0, "baseline: keep the last K snapshots (every "
+                              "--snapshot-interval) on the CPU and save them with the run "
+                              "(snapshots.safetensors, K model copies on disk), so 'selftune "
+                              "ensemble RUN_DIR' can build the self-ensemble afterwards. 0: "
+                              "off.", SD)
     report_to: str = opt("none", "Experiment trackers for the Trainer's logs: none, tensorboard, "
                          "wandb, ... (comma-separated).", TRAIN)
     # ---- output
@@ -178,6 +232,19 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def strategy_options(self, steps_per_epoch: int) -> StrategyOptions:
+        """What the strategy's objective needs, with the snapshot interval in steps."""
+        from selftune.strategies import StrategyOptions
+
+        skip_initial = self.snapshot_start == "first-snapshot" or (
+            self.snapshot_start == "auto" and isinstance(self.snapshot_interval, str))
+        return StrategyOptions(
+            strategy=self.strategy, k=self.sd_k, lam=self.sd_lambda,
+            interval=resolve_snapshot_interval(self.snapshot_interval, steps_per_epoch),
+            skip_initial=skip_initial, teacher_dropout=self.teacher_dropout,
+            se_pool=self.se_pool, se_combine=self.se_combine,
+            save_snapshots=self.save_snapshots)
 
     def hash(self) -> str:
         """A short hash of the options that change the result, except the seed.
@@ -212,6 +279,11 @@ def _coerce(f: dataclasses.Field, annotation: Any, value: Any) -> Any:
     kind = _scalar_type(annotation)
     optional = annotation is not kind
     where = f"option {f.name!r}"
+    if f.metadata.get("parse") is not None:
+        try:
+            return f.metadata["parse"](value)
+        except (TypeError, ValueError) as err:
+            raise SelftuneError(f"{where}: {value!r} is not valid ({err})") from None
     if value is None:
         if optional:
             return None
@@ -298,7 +370,8 @@ def add_dataclass_arguments(
         if run_glue_spelling:
             names.append(run_glue_spelling)
         default_text = "" if f.default is None else f" (default: {f.default})"
-        group.add_argument(*names, dest=f.name, type=kind, default=f.default,
+        group.add_argument(*names, dest=f.name, type=meta.get("parse") or kind,
+                           default=f.default,
                            choices=meta.get("choices"), help=help_text + default_text,
                            metavar=f.name.upper() if not meta.get("choices") else None)
 
@@ -318,20 +391,26 @@ def check_strategy_options(cfg: TrainConfig, strategies: str = "se/sda/sdv/ema")
     defaults = TrainConfig()
     changed = [name for name in SD_OPTIONS if getattr(cfg, name) != getattr(defaults, name)]
     if cfg.strategy == "baseline":
-        if changed:
-            flags = ", ".join("--" + n.replace("_", "-") for n in changed)
-            raise SelftuneError(f"{flags} only apply to --strategy {strategies}; add --strategy "
-                                "or drop the option")
+        # A baseline takes snapshots only to save them (--save-snapshots).
+        unused = [n for n in changed if "baseline" not in SD_OPTION_STRATEGIES[n]
+                  or (n != "save_snapshots" and not cfg.save_snapshots)]
+        if unused:
+            flags = ", ".join("--" + n.replace("_", "-") for n in unused)
+            also = "" if any("baseline" not in SD_OPTION_STRATEGIES[n] for n in unused) else (
+                " or to a baseline with --save-snapshots")
+            raise SelftuneError(f"{flags} only apply to --strategy {strategies}{also}; add "
+                                "--strategy or drop the option")
         return
     for name in changed:
         if cfg.strategy not in SD_OPTION_STRATEGIES[name]:
             raise SelftuneError(f"--{name.replace('_', '-')} does nothing with --strategy "
                                 f"{cfg.strategy} (it applies to "
                                 f"{'/'.join(SD_OPTION_STRATEGIES[name])}); drop the option")
-    if "snapshot_interval" in changed and cfg.strategy == "se" and cfg.se_pool == "epochs":
-        raise SelftuneError("--snapshot-interval does nothing with --strategy se --se-pool "
-                            "epochs (the pool takes the end of each epoch); add --se-pool "
-                            "steps or drop it")
+    for name in ("snapshot_interval", "snapshot_start"):
+        if name in changed and cfg.strategy == "se" and cfg.se_pool == "epochs":
+            raise SelftuneError(f"--{name.replace('_', '-')} does nothing with --strategy se "
+                                "--se-pool epochs (the pool takes the end of each epoch); add "
+                                "--se-pool steps or drop it")
 
 
 def validate_options(cfg: TrainConfig) -> None:
@@ -351,7 +430,7 @@ def validate_options(cfg: TrainConfig) -> None:
         (cfg.save_steps is None or cfg.save_steps > 0, "--save-steps must be positive"),
         (cfg.sd_k >= 1, "--sd-k must be at least 1"),
         (cfg.sd_lambda >= 0, "--sd-lambda must be non-negative"),
-        (cfg.snapshot_interval >= 1, "--snapshot-interval must be at least 1"),
+        (cfg.save_snapshots >= 0, "--save-snapshots must be non-negative (0: off)"),
         (cfg.layerwise_lr_decay is None or 0 < cfg.layerwise_lr_decay <= 1,
          "--layerwise-lr-decay must be in (0, 1]"),
     ]

@@ -162,3 +162,180 @@ class EmaAverage:
         load_float_state(self.average_model, {name.removeprefix("ema."): tensor
                                               for name, tensor in flat.items()
                                               if name.startswith("ema.")})
+
+
+# --------------------------------------------------------------------------------------------
+# Teachers of self-distillation: one interface, three ways to average the student's past
+# --------------------------------------------------------------------------------------------
+
+
+class PastTeacher:
+    """A teacher made of the student's past states, for one run.
+
+    The Trainer's events reach it through the objective: ``start`` when training begins (or
+    resumes), ``before_update(student, t)`` while the student still holds θ_t, about to be
+    overwritten, and ``after_update(student, t)`` once θ_t is in place. Every ``interval``-th
+    state is a snapshot. With ``skip_initial``, θ_0 (whose head is random) never enters the
+    teacher, and the teacher is not ``ready`` until it holds a later state.
+
+    ``model`` is the one model copy that runs the teacher's forward passes: on the student's
+    device, frozen, never wrapped in DDP.
+    """
+
+    name = "teacher"
+
+    def __init__(self, student: nn.Module, interval: int = 1, dropout: bool = False,
+                 skip_initial: bool = False) -> None:
+        self.interval = interval  # a snapshot every N optimizer steps
+        self.skip_initial = skip_initial  # θ_0 is no snapshot
+        self.model = make_teacher_shell(student, dropout=dropout)
+        self._started = False
+
+    def start(self, student: nn.Module) -> None:
+        self.model.to(next(student.parameters()).device)  # the Trainer has placed the student
+        if self._started:  # resumed: the state came from the checkpoint
+            self._refresh()
+            return
+        self._started = True
+        # Until a state is taken, the teacher is the initial model itself.
+        load_float_state(self.model, float_state(student))
+
+    def is_snapshot(self, step: int) -> bool:
+        return step % self.interval == 0 and not (step == 0 and self.skip_initial)
+
+    def before_update(self, student: nn.Module, step: int) -> None: ...
+
+    def after_update(self, student: nn.Module, step: int) -> None: ...
+
+    @property
+    def ready(self) -> bool:
+        """Whether the teacher holds a state to distil from."""
+        return not self.skip_initial
+
+    @torch.no_grad()
+    def logits(self, features: dict) -> torch.Tensor:
+        return self.model(**features).logits
+
+    def averaged_model(self) -> nn.Module:
+        """The teacher as one model (its parameters averaged), for evaluation and saving."""
+        return self.model
+
+    def members(self) -> list[State]:
+        """The states whose outputs a vote averages (none for a single-model teacher)."""
+        return []
+
+    def _refresh(self) -> None: ...
+
+    def state_dict(self) -> State:
+        return {}
+
+    def load_state_dict(self, state: State) -> None: ...
+
+
+class WindowAverageTeacher(PastTeacher):
+    """sda: the parameter average of the last K snapshots, θ̃_t = mean(θ_{t−1} … θ_{t−K})
+    (fewer while fewer exist). A state enters the window just before the update that
+    overwrites it, so the student is never part of its own teacher; the window and the teacher
+    model are K + 1 model copies in all."""
+
+    name = "parameter average of the last K snapshots"
+
+    def __init__(self, student: nn.Module, k: int = 3, **options) -> None:
+        super().__init__(student, **options)
+        self.window = SnapshotWindow(k)
+
+    def before_update(self, student: nn.Module, step: int) -> None:
+        if self.is_snapshot(step):
+            self.window.push(student)
+            self._refresh()
+
+    @property
+    def ready(self) -> bool:
+        return not self.skip_initial or len(self.window) > 0
+
+    def averaged_model(self) -> nn.Module:
+        if len(self.window):
+            self.window.average_into(self.model)
+        return self.model
+
+    def members(self) -> list[State]:
+        return self.window.snapshots()
+
+    def _refresh(self) -> None:
+        if len(self.window):
+            self.window.average_into(self.model)
+
+    def state_dict(self) -> State:
+        return self.window.state_dict()
+
+    def load_state_dict(self, state: State) -> None:
+        self.window.load_state_dict(state)
+
+
+class WindowVoteTeacher(WindowAverageTeacher):
+    """sdv: the mean of the logits of the last K snapshot models (one model shell, K parameter
+    loads per batch: K forward passes without K model copies on the device)."""
+
+    name = "output vote of the last K snapshots"
+
+    def _refresh(self) -> None:
+        pass  # the shell is loaded member by member at each forward pass
+
+    @torch.no_grad()
+    def logits(self, features: dict) -> torch.Tensor:
+        members = self.members()
+        if not members:  # nothing taken yet: the shell holds the initial model
+            return self.model(**features).logits.float()
+        total = None
+        for snapshot in members:
+            load_float_state(self.model, snapshot)
+            logits = self.model(**features).logits.float()
+            total = logits if total is None else total + logits
+        return total / len(members)
+
+
+class EmaTeacher(PastTeacher):
+    """ema: an exponential moving average of the student, updated after every ``interval``-th
+    update; the average lives in the teacher model's own tensors (one model copy). With
+    ``skip_initial`` the average starts at the first snapshot instead of θ_0."""
+
+    name = "exponential moving average"
+
+    def __init__(self, student: nn.Module, max_decay: float = 0.995, **options) -> None:
+        super().__init__(student, **options)
+        self.ema = EmaAverage(self.model, max_decay)
+
+    def after_update(self, student: nn.Module, step: int) -> None:
+        if not self.is_snapshot(step):
+            return
+        if self.skip_initial and self.ema.updates == 0:
+            load_float_state(self.model, float_state(student))  # the average starts here
+            self.ema.updates = 1
+        else:
+            self.ema.update(student)
+
+    @property
+    def ready(self) -> bool:
+        return not self.skip_initial or self.ema.updates > 0
+
+    def state_dict(self) -> State:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state: State) -> None:
+        self.ema.load_state_dict(state)
+
+
+TEACHERS: dict[str, type[PastTeacher]] = {
+    "sda": WindowAverageTeacher, "sdv": WindowVoteTeacher, "ema": EmaTeacher}
+
+
+def make_teacher(kind: str, student: nn.Module, k: int = 3, interval: int = 1,
+                 dropout: bool = False, skip_initial: bool = False) -> PastTeacher:
+    """The teacher of a self-distillation strategy: ``sda``, ``sdv`` or ``ema``."""
+    if kind not in TEACHERS:
+        raise ValueError(f"unknown self-distillation teacher {kind!r}; choose one of "
+                         f"{', '.join(TEACHERS)}")
+    options = {"interval": interval, "dropout": dropout, "skip_initial": skip_initial}
+    if kind == "ema":
+        return EmaTeacher(student, **options)
+    return TEACHERS[kind](student, k=k, **options)

@@ -7,6 +7,7 @@ the ``Trainer``; this module only decides what goes in and what comes out.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import datasets
+import numpy as np
 import torch
 import transformers
 from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments
@@ -24,7 +26,8 @@ from selftune.data.features import tokenize_records
 from selftune.data.loading import TaskData, load_task_data
 from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
-from selftune.metrics import metrics_and_score, trainer_metrics_fn
+from selftune.evaluation import dataset_logits
+from selftune.metrics import compute_task_metrics, metrics_and_score, trainer_metrics_fn
 from selftune.models.heads import add_cls_norm
 from selftune.models.loading import (
     check_sequence_length,
@@ -34,11 +37,7 @@ from selftune.models.loading import (
 )
 from selftune.optim import make_optimizer
 from selftune.runinfo import environment_info, peak_memory_mb
-from selftune.self_distillation import (
-    build_objective,
-    evaluate_self_distillation,
-    save_self_distillation,
-)
+from selftune.strategies import build_objective, objective_metrics, save_objective
 from selftune.trainer import SelftuneTrainer
 
 if TYPE_CHECKING:
@@ -177,7 +176,26 @@ def begin_run(cfg: TrainConfig, output_dir: Path) -> float:
     return started
 
 
-def open_run_directory(cfg: TrainConfig, output_dir: Path) -> Path | None:
+def update_steps_per_epoch(num_examples: int, args: TrainingArguments) -> int:
+    """Optimizer steps per epoch, as the Trainer counts them: each process takes every
+    world_size-th batch of the per-device size, an epoch's last partial update included."""
+    batches = math.ceil(math.ceil(num_examples / args.per_device_train_batch_size)
+                        / args.world_size)
+    accumulation = args.gradient_accumulation_steps
+    return max(batches // accumulation + int(batches % accumulation > 0), 1)
+
+
+def resolved_options(cfg: TrainConfig, snapshot_interval_steps: int) -> dict[str, Any]:
+    """Values derived from the options once the data is known, for run_config.json and
+    metrics.json (only where an option needed resolving, so other runs' files stay as
+    they were)."""
+    if isinstance(cfg.snapshot_interval, str):
+        return {"snapshot_interval_steps": snapshot_interval_steps}
+    return {}
+
+
+def open_run_directory(cfg: TrainConfig, output_dir: Path,
+                       resolved: dict[str, Any] | None = None) -> Path | None:
     """Create the run folder (once the inputs are known to be good), start train.log, save
     run_config.json; return the checkpoint to resume from, if any.
 
@@ -188,7 +206,8 @@ def open_run_directory(cfg: TrainConfig, output_dir: Path) -> Path | None:
     if state.is_main_process:
         outputs.prepare_output_dir(output_dir, cfg.to_dict(), cfg.overwrite_output_dir,
                                    cfg.resume, type(cfg)().to_dict())
-        outputs.write_json_atomic(output_dir / outputs.RUN_CONFIG_FILE, cfg.to_dict())
+        outputs.write_json_atomic(output_dir / outputs.RUN_CONFIG_FILE,
+                                  {**cfg.to_dict(), **({"resolved": resolved} if resolved else {})})
     state.wait_for_everyone()
     setup_logging(output_dir / outputs.LOG_FILE if state.is_main_process else None)
     resume_from = outputs.last_checkpoint(output_dir) if cfg.resume else None
@@ -238,7 +257,9 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
     check_sequence_length(cfg.max_seq_length, model)
 
     args = training_arguments(cfg, output_dir / outputs.CHECKPOINTS, cfg.eval_each_epoch)
-    resume_from = open_run_directory(cfg, output_dir)
+    strategy = cfg.strategy_options(update_steps_per_epoch(len(data.train), args))
+    resolved = resolved_options(cfg, strategy.interval)
+    resume_from = open_run_directory(cfg, output_dir, resolved)
     logger.info("Task %s from %s: %d train, %d %s examples; model %s", task.name, data.source,
                 len(data.train), len(data.eval_splits[split]), split, model_path)
     train_set = tokenize_records(data.train, tokenizer, cfg.max_seq_length)
@@ -246,7 +267,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
     add_cls_norm(cfg, model, tokenizer, train_set, output_dir, start_dir=model_path,
                  is_main_process=process_state().is_main_process)
 
-    objective = build_objective(cfg, model, task.is_regression)
+    objective = build_objective(strategy, model, task.is_regression)
     trainer = SelftuneTrainer(
         objective=objective,
         nan_policy=cfg.nan_policy,
@@ -288,14 +309,22 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
         "num_eval_examples": len(eval_set),
         "data_source": data.source,
         "model_path": model_path,
+        **resolved,
         **run_accounting(cfg, trainer, train_output, started, resume_from),
     }
     if objective is not None:
-        result.update(evaluate_self_distillation(cfg, objective, tokenizer, eval_set,
-                                                 other_sets, task, final, other_splits))
+        def metrics_of(logits: np.ndarray, dataset=eval_set) -> dict[str, float]:
+            return compute_task_metrics(task, logits, np.array(dataset["labels"]))
+
+        def predict(model, dataset=eval_set) -> np.ndarray:
+            return dataset_logits(model, tokenizer, dataset, cfg.per_device_eval_batch_size)
+
+        result.update(objective_metrics(strategy, objective, metrics_of, predict, other_sets,
+                                        final, other_splits))
     if trainer.is_world_process_zero():
         if objective is not None:
-            save_self_distillation(cfg, objective, trainer, tokenizer, output_dir)
+            save_objective(strategy, objective, trainer.accelerator.unwrap_model(trainer.model),
+                           tokenizer, output_dir)
         trainer.save_model(str(output_dir))
         # The Trainer also pickles its arguments there; a model directory we hand out holds no
         # pickle (the run's options are in run_config.json).

@@ -102,7 +102,7 @@ class SelfDistilledAnnealing:
     """
 
     def __init__(self, annealing: TeacherAnnealing, self_distillation: SelfDistillation) -> None:
-        if self_distillation.kind == "se":
+        if not hasattr(self_distillation, "teacher_logits"):
             raise ValueError("se has no distillation loss to add to a multi-task run")
         self.annealing, self.self_distillation = annealing, self_distillation
         self._widths = torch.tensor([t.num_labels for t in annealing.tasks])
@@ -124,7 +124,10 @@ class SelfDistilledAnnealing:
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any]):
         loss, outputs, parts = self.annealing.compute_loss(model, inputs)
         features = {k: v for k, v in inputs.items() if k not in ("labels", "teacher_logits")}
-        teacher = self.self_distillation.teacher_logits(features).to(outputs.logits.dtype)
+        if self.self_distillation.teacher.ready:
+            teacher = self.self_distillation.teacher_logits(features).to(outputs.logits.dtype)
+        else:  # no state past the initial model yet: a distillation term of 0
+            teacher = outputs.logits.detach()
         widths = self._widths.to(inputs["task_ids"].device)[inputs["task_ids"]]
         columns = torch.arange(outputs.logits.shape[1], device=widths.device)
         valid = (columns.unsqueeze(0) < widths.unsqueeze(1)).to(outputs.logits.dtype)

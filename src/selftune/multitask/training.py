@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,8 @@ from selftune.multitask.objective import SelfDistilledAnnealing, TeacherAnnealin
 from selftune.multitask.sampling import MultiTaskBatchSampler, ProcessChunks, task_shares
 from selftune.multitask.teacher_cache import check_coverage, read_predictions
 from selftune.optim import make_optimizer
-from selftune.self_distillation import TEACHER_KINDS, build_objective
+from selftune.strategies import build_objective
+from selftune.teachers import WindowAverageTeacher
 from selftune.trainer import SelftuneTrainer
 from selftune.training import (
     LogToFile,
@@ -117,6 +119,9 @@ def check_multitask_options(cfg: MultiTaskConfig,
     if cfg.strategy == "se":
         raise SelftuneError("--strategy se (a self-ensemble of the final weights) is for "
                             "single-task runs; a multi-task student takes sda, sdv or ema")
+    if cfg.save_snapshots:
+        raise SelftuneError("--save-snapshots keeps a single-task baseline's snapshots for "
+                            "'selftune ensemble'; a multi-task student takes sda, sdv or ema")
     if cfg.se_pool != "epochs" or cfg.se_combine != "average":
         raise SelftuneError("--se-pool and --se-combine apply to --strategy se, which is for "
                             "single-task runs")
@@ -229,8 +234,8 @@ def evaluate_multitask_teacher(cfg: MultiTaskConfig, self_distillation, tasks: l
         results[task.name] = {"metrics": evaluated["metrics"], "score": evaluated["score"]}
     return {"teacher_tasks": results,
             "teacher_score": float(np.mean([r["score"] for r in results.values()])),
-            "teacher": TEACHER_KINDS["sda"] + " (the vote is used in training only)"
-            if cfg.strategy == "sdv" else TEACHER_KINDS[cfg.strategy]}
+            "teacher": WindowAverageTeacher.name + " (the vote is used in training only)"
+            if cfg.strategy == "sdv" else self_distillation.teacher.name}
 
 
 def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
@@ -293,7 +298,9 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
                                  cfg.distill_weight, cfg.loss_reduction,
                                  batch_parts=args.gradient_accumulation_steps * args.world_size)
     if cfg.strategy != "baseline":  # the student also distills from its own averaged past
-        objective = SelfDistilledAnnealing(objective, build_objective(cfg, model, False))
+        steps_per_epoch = max(1, math.ceil(len(sampler) / args.gradient_accumulation_steps))
+        objective = SelfDistilledAnnealing(
+            objective, build_objective(cfg.strategy_options(steps_per_epoch), model, False))
     trainer = MultiTaskTrainer(
         model=model, args=args, train_dataset=data.train, processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer), objective=objective,
