@@ -212,6 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
                           help="Where to write (default: diagnostics/<task>).")
     _add_common(diagnose)
 
+    from selftune.ensemble import EnsembleConfig
+
+    ensemble = commands.add_parser(
+        "ensemble", help="Self-ensemble of a finished run from the snapshots it kept.",
+        description="Average the last K snapshots a baseline run kept (selftune train "
+                    "--save-snapshots K) into a standard model directory, score it on the "
+                    "run's dev split (metrics.json) and print the metrics as JSON: the "
+                    "self-ensemble (se) of a run without training it again.",
+        formatter_class=HelpFormatter,
+        epilog="example:\n  selftune train --task sst2 --save-snapshots 5 --snapshot-interval "
+               "0.1ep --output-dir runs/sst2-base\n  selftune ensemble runs/sst2-base --k 5 "
+               "--vote")
+    add_dataclass_arguments(ensemble, EnsembleConfig, GROUP_TITLES)
+    _add_common(ensemble)
+
     tasks = commands.add_parser("tasks", help="List the tasks of the registry.",
                                 formatter_class=HelpFormatter)
     _add_common(tasks)
@@ -230,6 +245,17 @@ def _run_train(args: argparse.Namespace) -> int:
     result = train(dataclass_from_namespace(TrainConfig, args))
     print(json.dumps({"task": result["task"], "eval_split": result["eval_split"],
                       **result["metrics"], "score": result["score"]}))
+    return 0
+
+
+def _run_ensemble(args: argparse.Namespace) -> int:
+    from selftune.ensemble import EnsembleConfig, build_ensemble
+
+    result = build_ensemble(dataclass_from_namespace(EnsembleConfig, args))
+    print(json.dumps({"task": result["task"], "eval_split": result["eval_split"],
+                      **result["metrics"], "score": result["score"],
+                      **({"vote_score": result["vote_score"]} if "vote_score" in result
+                         else {})}))
     return 0
 
 
@@ -355,7 +381,7 @@ def _handlers() -> dict[str, Callable[[argparse.Namespace], int]]:
     from selftune.bench_cli import BENCH_HANDLERS
 
     return {"train": _run_train, "evaluate": _run_evaluate, "predict": _run_predict,
-            "tasks": _run_tasks, "export": _run_export,
+            "tasks": _run_tasks, "export": _run_export, "ensemble": _run_ensemble,
             "diagnose-cls": _run_diagnose, **BAM_HANDLERS, **BENCH_HANDLERS}
 
 

@@ -352,9 +352,13 @@ def add_dataclass_arguments(
         group_name = meta.get("group", "options")
         title = (groups or {}).get(group_name, group_name)
         group = made.setdefault(group_name, parser.add_argument_group(title))
+        kind = _scalar_type(hints[f.name])
+        if meta.get("positional"):
+            group.add_argument(f.name, type=kind, help=meta.get("help", ""),
+                               metavar=f.name.upper())
+            continue
         flag = "--" + f.name.replace("_", "-")
         names = [flag, *meta.get("aliases", ())]
-        kind = _scalar_type(hints[f.name])
         run_glue_spelling = "--" + f.name if "_" in f.name else None
         help_text = meta.get("help", "")
         if kind is bool:

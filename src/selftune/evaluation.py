@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,9 +119,12 @@ def _class_names(names: tuple[str, ...]) -> list[str]:
 
 def evaluate_model(
     model_dir: str, opts: DataOptions, eval_split: str | None, max_seq_length: int,
-    batch_size: int, trust_remote_code: bool = False,
+    batch_size: int, trust_remote_code: bool = False, logits_fn: Callable | None = None,
 ) -> dict[str, Any]:
-    """Metrics (percent) of a saved model on a registry task's dev split or a labelled file."""
+    """Metrics (percent) of a saved model on a registry task's dev split or a labelled file.
+
+    ``logits_fn(model, tokenizer, records, max_seq_length, batch_size)`` replaces
+    :func:`predict_logits` (e.g. to score an output vote of several states of the model)."""
     model = load_finetuned(model_dir, trust_remote_code)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     labels = model_label_names(model)
@@ -137,7 +141,7 @@ def evaluate_model(
             raise SelftuneError(f"task {task.name} has no split {split!r}; choose one of "
                                 f"{list(data.eval_splits)}")
         records = data.eval_splits[split]
-    logits = predict_logits(model, tokenizer, records, max_seq_length, batch_size)
+    logits = (logits_fn or predict_logits)(model, tokenizer, records, max_seq_length, batch_size)
     gold = np.array([r["label"] for r in records])
     metrics = compute_task_metrics(task, logits, gold)
     score = metrics.pop("score")
