@@ -81,14 +81,19 @@ class SelfDistillation:
         labels = inputs["labels"]
         features = {k: v for k, v in inputs.items() if k != "labels"}
         outputs = model(**features)
+        loss, parts = self.loss_from_outputs(outputs, labels, features)
+        return loss, outputs, parts
+
+    def loss_from_outputs(self, outputs: Any, labels: torch.Tensor, features: dict[str, Any]
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of a batch whose student outputs are known; ``features`` (the student's
+        inputs without the labels) feed the teacher."""
         logits = outputs.logits
         if self.teacher.ready:
             teacher_logits = self.teacher_logits(features).to(logits.dtype)
         else:  # its own detached outputs: a distillation term of 0 with no gradient
             teacher_logits = logits.detach()
-        loss, parts = distillation_loss(logits, teacher_logits, labels, self.lam,
-                                        self.is_regression)
-        return loss, outputs, parts
+        return distillation_loss(logits, teacher_logits, labels, self.lam, self.is_regression)
 
     def teacher_logits(self, features: dict[str, Any]) -> torch.Tensor:
         return self.teacher.logits(features)
