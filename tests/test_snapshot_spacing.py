@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from selftune.cli import main
 from selftune.config import TrainConfig, parse_snapshot_interval, resolve_snapshot_interval
@@ -215,3 +215,72 @@ def test_snapshot_options_without_a_use_are_refused(options, message):
 
     with pytest.raises(SelftuneError, match=message):
         check_strategy_options(TrainConfig(**options))
+
+
+class PreferStep(TrainerCallback):
+    """Makes the evaluation at ``step`` the best by --metric-for-best-model loss (the Trainer
+    reads the metrics after its callbacks), whatever a tiny model learns."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        metrics["eval_loss"] = 0.0 if state.global_step == self.step else 1.0
+
+
+def test_the_best_epoch_is_kept_with_its_teacher(tiny_model, sentiment_files, tmp_path):
+    out = tmp_path / "best"
+    result = train(tiny_config(tiny_model, sentiment_files, out, strategy="sda", sd_k=2,
+                               num_train_epochs=4, load_best_model_at_end=True,
+                               metric_for_best_model="loss", keep_checkpoints=True),
+                   callbacks=[PreferStep(12)])
+    assert result["best_model_step"] == 12 and result["global_steps"] == 24
+    kept = next(e for e in result["history"] if e["step"] == 12)
+    assert result["metrics"] == kept["metrics"] and result["score"] == kept["score"]
+    # The saved student and teacher are those of step 12, as its checkpoint holds them.
+    checkpoint = out / "checkpoints" / "checkpoint-12"
+    student = load_file(str(out / "model.safetensors"))
+    assert torch.equal(student["classifier.weight"],
+                       load_file(str(checkpoint / "model.safetensors"))["classifier.weight"])
+    state = load_file(str(checkpoint / "selftune_objective.safetensors"))
+    teacher = load_file(str(out / "teacher" / "model.safetensors"))
+    name = "classifier.weight"
+    mean = (state[f"snapshot.0.{name}"] + state[f"snapshot.1.{name}"]) / 2
+    torch.testing.assert_close(teacher[name], mean, rtol=1e-6, atol=1e-7)
+    # (The Trainer deletes the last checkpoint once it has loaded a better one.)
+    assert not (out / "checkpoints" / "checkpoint-24").exists()
+
+
+def test_early_stopping_resumes_to_the_same_choice(tiny_model, sentiment_files, tmp_path):
+    options = dict(num_train_epochs=6, early_stopping_patience=2,
+                   metric_for_best_model="loss")
+    reference = train(tiny_config(tiny_model, sentiment_files, tmp_path / "ref", **options),
+                      callbacks=[PreferStep(6)])
+    # Best at step 6, no better at 12 and 18: stopped after the third epoch.
+    assert reference["best_model_step"] == 6 and reference["global_steps"] == 18
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_model, sentiment_files, out, **options),
+              callbacks=[PreferStep(6), StopAfterFirstSave()])
+    resumed = train(tiny_config(tiny_model, sentiment_files, out, **options),
+                    callbacks=[PreferStep(6)])
+    assert resumed["resumed_from"]
+    assert resumed["best_model_step"] == reference["best_model_step"]
+    assert resumed["global_steps"] == reference["global_steps"]
+    assert resumed["metrics"] == reference["metrics"]
+    np.testing.assert_array_equal(dev_logits(out, TEXTS), dev_logits(tmp_path / "ref", TEXTS))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"metric_for_best_model": "loss"}, "needs --load-best-model-at-end"),
+    ({"load_best_model_at_end": True, "save_steps": 4}, "drop --save-steps"),
+    ({"load_best_model_at_end": True, "eval_each_epoch": False}, "--no-eval-each-epoch"),
+    ({"load_best_model_at_end": True, "strategy": "se"}, "does not apply to --strategy se"),
+    ({"early_stopping_patience": 0}, "at least 1"),
+    ({"load_best_model_at_end": True, "metric_for_best_model": "mcc"}, "reports score, "),
+])
+def test_best_model_options_that_cannot_work_are_refused(options, message, tiny_model,
+                                                         sentiment_files, tmp_path):
+    with pytest.raises(SelftuneError, match=message):
+        train(tiny_config(tiny_model, sentiment_files, tmp_path / "x", **options))
+    assert not (tmp_path / "x").exists()

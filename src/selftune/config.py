@@ -163,6 +163,18 @@ class TrainConfig:
                                 "noise on RTE, MRPC, CoLA). The order is fixed by the seed and "
                                 "the epoch (a resumed run is exact). Single-task runs only.",
                                 TRAIN)
+    load_best_model_at_end: bool = opt(False, "Keep the checkpoint with the best dev "
+                                       "--metric-for-best-model (evaluated after every epoch) "
+                                       "instead of the last one; with sda/sdv/ema the teacher "
+                                       "of that step is kept with it. metrics.json names the "
+                                       "step kept (best_model_step).", TRAIN)
+    metric_for_best_model: str = opt("score", "The dev metric that picks the best checkpoint: "
+                                     "score (the task score), one of the task's metrics "
+                                     "(accuracy, f1, mcc, pearson, spearman), or loss (lower "
+                                     "is better).", TRAIN)
+    early_stopping_patience: int | None = opt(None, "Stop once the dev metric has not improved "
+                                              "for N evaluations in a row (implies "
+                                              "--load-best-model-at-end).", TRAIN)
     logging_steps: int = opt(50, "Log the training loss every N optimizer steps.", TRAIN)
     eval_each_epoch: bool = opt(True, "Evaluate on the dev split after every epoch (the "
                                 "learning curve in metrics.json).", TRAIN)
@@ -435,6 +447,8 @@ def validate_options(cfg: TrainConfig) -> None:
         (cfg.sd_k >= 1, "--sd-k must be at least 1"),
         (cfg.sd_lambda >= 0, "--sd-lambda must be non-negative"),
         (cfg.save_snapshots >= 0, "--save-snapshots must be non-negative (0: off)"),
+        (cfg.early_stopping_patience is None or cfg.early_stopping_patience >= 1,
+         "--early-stopping-patience must be at least 1"),
         (cfg.layerwise_lr_decay is None or 0 < cfg.layerwise_lr_decay <= 1,
          "--layerwise-lr-decay must be in (0, 1]"),
     ]

@@ -278,7 +278,12 @@ class SelftuneTrainer(Trainer):
             resume_from_checkpoint = str(found)
         if resume_from_checkpoint and self.objective is not None:
             self.load_objective_state(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        best = self.state.best_model_checkpoint
+        if self.args.load_best_model_at_end and best and self.objective is not None:
+            # The Trainer has loaded the best checkpoint's student: its teacher goes with it.
+            self.load_objective_state(best)
+        return output
 
     def load_objective_state(self, checkpoint: str | Path) -> None:
         """Restore the objective's state saved in ``checkpoint`` (call before ``train``)."""

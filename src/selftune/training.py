@@ -60,7 +60,34 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         cfg.output_dir = str(Path("runs") / name / f"{cfg.strategy}-seed{cfg.seed}")
     validate_options(cfg)
     check_strategy_options(cfg)
+    check_best_model_options(cfg)
     return cfg
+
+
+def check_best_model_options(cfg: TrainConfig) -> None:
+    """Best-checkpoint selection needs a checkpoint at every evaluation (after each epoch)."""
+    if cfg.early_stopping_patience:
+        cfg.load_best_model_at_end = True
+    if not cfg.load_best_model_at_end:
+        if cfg.metric_for_best_model != "score":
+            raise SelftuneError("--metric-for-best-model needs --load-best-model-at-end (or "
+                                "--early-stopping-patience)")
+        return
+    if not cfg.eval_each_epoch:
+        raise SelftuneError("--load-best-model-at-end picks among the epochs' evaluations; "
+                            "drop --no-eval-each-epoch")
+    if cfg.save_steps:
+        raise SelftuneError("--load-best-model-at-end keeps the checkpoint of the best epoch, "
+                            "so checkpoints are written at each epoch's end: drop --save-steps")
+    if cfg.strategy == "se":
+        raise SelftuneError("--load-best-model-at-end does not apply to --strategy se, whose "
+                            "model is the average of its snapshot pool")
+
+
+def check_best_metric(metric: str, task: TaskSpec) -> None:
+    if metric not in ("score", "loss", *task.metrics):
+        raise SelftuneError(f"--metric-for-best-model {metric}: task {task.name} reports "
+                            f"{', '.join(('score', *task.metrics, 'loss'))}")
 
 
 class LogToFile(TrainerCallback):
@@ -146,7 +173,11 @@ def _training_arguments(cfg, checkpoint_dir, evaluate, save, report_to) -> Train
         eval_strategy="epoch" if evaluate else "no",
         logging_strategy="steps",
         logging_steps=cfg.logging_steps,
-        save_total_limit=1,
+        save_total_limit=1,  # with a best checkpoint, the Trainer keeps it and the last
+        load_best_model_at_end=cfg.load_best_model_at_end,
+        metric_for_best_model=(f"eval_{cfg.metric_for_best_model}"
+                               if cfg.load_best_model_at_end else None),
+        greater_is_better=cfg.metric_for_best_model != "loss",
         report_to=report_to,
         dataloader_pin_memory=torch.cuda.is_available(),
         # On a machine without GPU this is what makes torchrun/accelerate launch run
@@ -154,6 +185,16 @@ def _training_arguments(cfg, checkpoint_dir, evaluate, save, report_to) -> Train
         use_cpu=not torch.cuda.is_available(),
         **save,
     )
+
+
+def early_stopping(cfg: TrainConfig) -> list[TrainerCallback]:
+    """transformers' own early stopping, when asked for (its patience counter is saved in
+    every checkpoint, so a resumed run stops where the uninterrupted one would)."""
+    if not cfg.early_stopping_patience:
+        return []
+    from transformers import EarlyStoppingCallback
+
+    return [EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience)]
 
 
 def process_state() -> PartialState:
@@ -251,6 +292,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
     data = load_task_data(cfg.data_options())
     split = eval_split_name(cfg, data)
     task = data.task
+    check_best_metric(cfg.metric_for_best_model, task)
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     model = load_for_training(model_path, task, cfg.trust_remote_code)
@@ -278,7 +320,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=trainer_metrics_fn(task),
-        callbacks=[LogToFile(), *(callbacks or [])],
+        callbacks=[LogToFile(), *early_stopping(cfg), *(callbacks or [])],
         # Without layer-wise decay the Trainer builds its own (identical) AdamW.
         optimizers=(make_optimizer(model, cfg.learning_rate, cfg.weight_decay,
                                    cfg.layerwise_lr_decay) if cfg.layerwise_lr_decay else None,
@@ -286,8 +328,11 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
     )
     train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     history = history_from_logs(trainer.state.log_history)
-    if history and history[-1]["step"] == trainer.state.global_step:
-        final = {**history[-1]["metrics"], "score": history[-1]["score"]}
+    kept_step = (trainer.state.best_global_step if cfg.load_best_model_at_end
+                 else None) or trainer.state.global_step
+    kept = [entry for entry in history if entry["step"] == kept_step]
+    if kept:
+        final = {**kept[-1]["metrics"], "score": kept[-1]["score"]}
     else:
         final = _task_metrics(trainer.evaluate(), task)
     # The task's other dev sets (MNLI's mismatched one), once at the end, as run_glue.py does.
@@ -309,6 +354,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
         "num_eval_examples": len(eval_set),
         "data_source": data.source,
         "model_path": model_path,
+        **({"best_model_step": kept_step} if cfg.load_best_model_at_end else {}),
         **resolved,
         **run_accounting(cfg, trainer, train_output, started, resume_from),
     }

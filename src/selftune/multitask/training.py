@@ -119,6 +119,10 @@ def check_multitask_options(cfg: MultiTaskConfig,
     if cfg.strategy == "se":
         raise SelftuneError("--strategy se (a self-ensemble of the final weights) is for "
                             "single-task runs; a multi-task student takes sda, sdv or ema")
+    if (cfg.load_best_model_at_end or cfg.early_stopping_patience
+            or cfg.metric_for_best_model != "score"):
+        raise SelftuneError("--load-best-model-at-end and --early-stopping-patience apply to "
+                            "single-task runs; a multi-task student keeps its last state")
     if cfg.save_snapshots:
         raise SelftuneError("--save-snapshots keeps a single-task baseline's snapshots for "
                             "'selftune ensemble'; a multi-task student takes sda, sdv or ema")
