@@ -74,6 +74,7 @@ CONFIG_VERSION = 1
 # Options that do not change what a run computes.
 NOT_HASHED = frozenset({"seed", "output_dir", "overwrite_output_dir", "resume", "keep_checkpoints",
                         "report_to", "data_dir", "logging_steps", "save_steps",
+                        "push_to_hub", "hub_model_id", "hub_private_repo",
                         "teachers_root",
                         # not an option: values resolved once the data is known
                         "resolved"})
@@ -88,6 +89,13 @@ class TrainConfig:
     data_dir: str | None = opt(None, "Local data folder laid out like ../shared/data "
                                "(glue/<Task>/{train,dev}.tsv, imdb/, ag_news/, mr/, cr/, "
                                "mpqa/). Default: $SELFTUNE_DATA, else the Hugging Face Hub.", DATA)
+    dataset_name: str | None = opt(None, "Any Hugging Face Hub dataset with text and label "
+                                   "columns, as run_glue.py takes it: its train split, its "
+                                   "validation split (else test), text columns sentence1/"
+                                   "sentence2, text, or --text-columns. Needs the network "
+                                   "(or the datasets cache).", DATA)
+    dataset_config_name: str | None = opt(None, "The configuration of --dataset-name "
+                                          "(e.g. 'sst2' of 'nyu-mll/glue').", DATA)
     train_file: str | None = opt(None, "Your own training data: .csv, .tsv (tab-separated, "
                                  "quoting off) or .jsonl.", DATA)
     validation_file: str | None = opt(None, "Your own dev data, same format as --train-file.", DATA)
@@ -222,6 +230,13 @@ class TrainConfig:
     output_dir: str | None = opt(None, "Where the run writes its model, metrics.json, "
                                  "run_config.json and train.log (default: "
                                  "runs/<task>/<strategy>-seed<seed>).", OUTPUT)
+    push_to_hub: bool = opt(False, "Upload the finished run folder (model, tokenizer, "
+                            "metrics; not the checkpoints) to a model repository on the "
+                            "Hugging Face Hub. Checked before training: needs the network and "
+                            "a token (hf auth login, or $HF_TOKEN).", OUTPUT)
+    hub_model_id: str | None = opt(None, "The repository to push to, 'user/name' (default: "
+                                   "the name of --output-dir under your account).", OUTPUT)
+    hub_private_repo: bool = opt(False, "Create the repository private.", OUTPUT)
     overwrite_output_dir: bool = opt(False, "Replace a finished run in --output-dir (without "
                                      "it, a finished run is never overwritten), or an "
                                      "unfinished one with other options; an interrupted run "

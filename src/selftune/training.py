@@ -52,15 +52,20 @@ file_logger = logging.getLogger("selftune_trainlog")
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """Fill in defaults that depend on other options, and reject impossible combinations."""
-    if cfg.task is None and not cfg.train_file:
-        raise SelftuneError("give --task NAME, or your own data with --train-file and "
-                            "--validation-file")
+    if cfg.task is None and not cfg.train_file and not cfg.dataset_name:
+        raise SelftuneError("give --task NAME, your own data with --train-file and "
+                            "--validation-file, or a Hub dataset with --dataset-name")
     if cfg.output_dir is None:
-        name = cfg.task or Path(cfg.train_file or "custom").stem
+        name = cfg.task or (cfg.dataset_name or "").rsplit("/", 1)[-1] or Path(
+            cfg.train_file or "custom").stem
         cfg.output_dir = str(Path("runs") / name / f"{cfg.strategy}-seed{cfg.seed}")
     validate_options(cfg)
     check_strategy_options(cfg)
     check_best_model_options(cfg)
+    if cfg.push_to_hub:
+        from selftune.hub_upload import check_can_push
+
+        check_can_push(cfg.hub_model_id, Path(cfg.output_dir))
     return cfg
 
 
@@ -376,6 +381,10 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
         # pickle (the run's options are in run_config.json).
         (output_dir / "training_args.bin").unlink(missing_ok=True)
         finish_run_dir(output_dir, result, cfg.keep_checkpoints)
+        if cfg.push_to_hub:
+            from selftune.hub_upload import push_run
+
+            result["hub_url"] = push_run(output_dir, cfg.hub_model_id, cfg.hub_private_repo)
     logger.info("Done: %s %s = %s (score %.2f) in %.0f s; model and metrics in %s", task.name,
                 split, ", ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items()),
                 result["score"], result["wall_time_s"], output_dir)

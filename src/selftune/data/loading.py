@@ -42,6 +42,8 @@ class DataOptions:
     dev_fraction: float = 0.1
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    dataset_name: str | None = None  # any Hub dataset with text and label columns
+    dataset_config_name: str | None = None
 
 
 def resolve_data_dir(data_dir: str | None) -> Path | None:
@@ -61,7 +63,16 @@ def load_task_data(opts: DataOptions, include_train: bool = True) -> TaskData:
 
     ``include_train=False`` (evaluation only) skips reading the training split.
     """
-    if opts.train_file or opts.validation_file:
+    if opts.dataset_name:
+        if opts.task and opts.task != opts.dataset_name or opts.train_file or opts.data_dir:
+            raise SelftuneError("--dataset-name names the data on its own: drop --task, "
+                                "--train-file and --data-dir")
+        from selftune.data.hub import load_hub_dataset
+
+        data = _to_label_ids(load_hub_dataset(opts))
+    elif opts.dataset_config_name:
+        raise SelftuneError("--dataset-config-name goes with --dataset-name")
+    elif opts.train_file or opts.validation_file:
         data = _load_user_files(opts)
     else:
         if not opts.task:
