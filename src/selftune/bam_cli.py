@@ -12,7 +12,10 @@ from selftune.config import add_dataclass_arguments, dataclass_from_namespace, i
 # Single-task options that mean nothing to a multi-task run.
 NOT_FOR_MULTITASK = ("task", "train_file", "validation_file", "text_columns", "label_column",
                      "id_column", "label_type", "eval_split", "teacher_predictions",
-                     "se_pool", "se_combine")
+                     "se_pool", "se_combine", "dataset_name", "dataset_config_name",
+                     "save_snapshots", "load_best_model_at_end", "metric_for_best_model",
+                     "early_stopping_patience", "push_to_hub", "hub_model_id",
+                     "hub_private_repo")
 
 BAM_EPILOG = """\
 examples:

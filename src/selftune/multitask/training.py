@@ -119,6 +119,8 @@ def check_multitask_options(cfg: MultiTaskConfig,
     if cfg.strategy == "se":
         raise SelftuneError("--strategy se (a self-ensemble of the final weights) is for "
                             "single-task runs; a multi-task student takes sda, sdv or ema")
+    if cfg.dataset_name or cfg.push_to_hub:
+        raise SelftuneError("--dataset-name and --push-to-hub apply to single-task runs")
     if (cfg.load_best_model_at_end or cfg.early_stopping_patience
             or cfg.metric_for_best_model != "score"):
         raise SelftuneError("--load-best-model-at-end and --early-stopping-patience apply to "
