@@ -52,6 +52,11 @@ def add_bam_commands(commands, formatter, add_common: Callable, groups: dict) ->
     add_dataclass_arguments(bam, BamConfig, {**groups, "multi-task": "multi-task student",
                                              "BAM! recipe": "BAM! recipe (teachers, stages)"},
                             exclude=NOT_FOR_MULTITASK)
+    import dataclasses
+
+    from selftune.trainer_options import add_trainer_arguments
+
+    add_trainer_arguments(bam, {f.name for f in dataclasses.fields(BamConfig)})
     from selftune.cli import add_config_option
 
     add_config_option(bam, BamConfig)

@@ -9,6 +9,7 @@ again.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import os
@@ -26,6 +27,7 @@ from selftune.config import (
 )
 from selftune.data.loading import parse_text_columns
 from selftune.errors import SelftuneError
+from selftune.trainer_options import add_trainer_arguments
 
 GROUP_TITLES = {
     "data": "data (a registry task, a local folder, the Hub, or your own files)",
@@ -119,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "evaluate on the dev split after each epoch, and save the final model.",
         formatter_class=HelpFormatter, epilog=TRAIN_EPILOG)
     add_dataclass_arguments(train, TrainConfig, GROUP_TITLES)
+    add_trainer_arguments(train, {f.name for f in dataclasses.fields(TrainConfig)})
     add_config_option(train, TrainConfig)
     _add_common(train)
 
@@ -373,7 +376,10 @@ def _load_config_file(path: str, config_class: type) -> dict:
     if not isinstance(values, dict):
         raise SelftuneError(f"--config {path}: expected a mapping of option names to values")
     checked = config_class.from_dict(values)  # names, types and choices, before anything runs
-    return {name: getattr(checked, name) for name in values}
+    defaults = {name: getattr(checked, name) for name in values if hasattr(checked, name)}
+    if getattr(checked, "trainer_options", None):
+        defaults["trainer_options"] = checked.trainer_options
+    return defaults
 
 
 def _handlers() -> dict[str, Callable[[argparse.Namespace], int]]:
@@ -387,7 +393,11 @@ def _handlers() -> dict[str, Callable[[argparse.Namespace], int]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the subcommand's usage, not the top-level one
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        (commands.choices.get(args.command) or parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()
         return 2

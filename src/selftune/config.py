@@ -188,6 +188,10 @@ class TrainConfig:
                                 "learning curve in metrics.json).", TRAIN)
     save_steps: int | None = opt(None, "Checkpoint every N optimizer steps instead of at the "
                                  "end of every epoch (the default).", TRAIN)
+    trainer_options: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "Options of transformers.TrainingArguments handed to the Trainer as given "
+                "(--max-steps, --fp16, --dataloader-num-workers, ...; in a --config file, "
+                "at the top level like selftune's own).", "group": TRAIN, "cli": False})
     strategy: str = opt("baseline", "Fine-tuning strategy: baseline (plain fine-tuning); se "
                         "(self-ensemble: the final model averages a pool of the run's own "
                         "snapshots); sda / sdv (self-distillation from the parameter average / "
@@ -294,12 +298,30 @@ class TrainConfig:
         """Options from a file or a grid: names, types and choices checked as on the command
         line (YAML reads ``1e-4`` as a string: it becomes the float the option expects)."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = dict(values)
+        trainer: dict[str, Any] = {}
+        if "trainer_options" in fields:
+            from selftune.trainer_options import split_trainer_options
+
+            given = values.pop("trainer_options", None) or {}
+            if not isinstance(given, dict):
+                raise SelftuneError("option 'trainer_options' must be a mapping of "
+                                    "TrainingArguments options to values")
+            values, trainer = split_trainer_options(values, set(fields))
+            misplaced, checked = split_trainer_options(given, set(fields))
+            if misplaced:
+                raise SelftuneError(f"trainer_options: {sorted(misplaced)} are selftune options "
+                                    "(or unknown): give them at the top level")
+            trainer = {**checked, **trainer}
         unknown = sorted(set(values) - set(fields))
         if unknown:
             raise SelftuneError(f"unknown option(s) {unknown}; see 'selftune train --help'")
         hints = typing.get_type_hints(cls, globalns=vars(sys.modules[cls.__module__]))
-        return cls(**{name: _coerce(fields[name], hints[name], value)
-                      for name, value in values.items()})
+        options = {name: _coerce(fields[name], hints[name], value)
+                   for name, value in values.items()}
+        if trainer:
+            options["trainer_options"] = trainer
+        return cls(**options)
 
 
 def _coerce(f: dataclasses.Field, annotation: Any, value: Any) -> Any:
@@ -373,7 +395,7 @@ def add_dataclass_arguments(
     hints = typing.get_type_hints(cls, globalns=vars(sys.modules[cls.__module__]))
     made: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(cls):
-        if f.name in exclude:
+        if f.name in exclude or f.metadata.get("cli") is False:
             continue
         meta = f.metadata
         group_name = meta.get("group", "options")
@@ -409,7 +431,13 @@ def add_dataclass_arguments(
 
 def dataclass_from_namespace(cls: type, namespace: argparse.Namespace) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(namespace).items() if k in names})
+    values = {k: v for k, v in vars(namespace).items() if k in names}
+    if "trainer_options" in names:  # a --config file's, then the command line's
+        from selftune.trainer_options import trainer_options_from_namespace
+
+        values["trainer_options"] = {**(values.get("trainer_options") or {}),
+                                     **trainer_options_from_namespace(namespace)}
+    return cls(**values)
 
 
 # ---- checks of option values, before any work (also made by `selftune bench` for each

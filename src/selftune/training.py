@@ -161,7 +161,13 @@ def training_arguments(cfg: TrainConfig, checkpoint_dir: Path, evaluate: bool) -
 
 
 def _training_arguments(cfg, checkpoint_dir, evaluate, save, report_to) -> TrainingArguments:
-    return TrainingArguments(
+    return TrainingArguments(**{**_selftune_training_arguments(
+        cfg, checkpoint_dir, evaluate, save, report_to), **cfg.trainer_options})
+
+
+def _selftune_training_arguments(cfg, checkpoint_dir, evaluate, save, report_to
+                                 ) -> dict[str, Any]:
+    return dict(
         output_dir=str(checkpoint_dir),
         seed=cfg.seed,
         num_train_epochs=cfg.num_train_epochs,
