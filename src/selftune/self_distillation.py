@@ -261,5 +261,9 @@ def save_self_distillation(
                          float_state(objective.averaged_teacher()))
         return
     teacher_dir = output_dir / "teacher"
-    objective.averaged_teacher().save_pretrained(teacher_dir)
+    from selftune.models.heads import save_portable
+
+    teacher = objective.averaged_teacher()
+    teacher.save_pretrained(teacher_dir)
+    save_portable(teacher, teacher_dir)
     tokenizer.save_pretrained(teacher_dir)

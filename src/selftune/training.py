@@ -25,7 +25,7 @@ from selftune.data.loading import TaskData, load_task_data
 from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
 from selftune.metrics import metrics_and_score, trainer_metrics_fn
-from selftune.models.heads import add_cls_norm
+from selftune.models.heads import add_cls_norm, save_portable
 from selftune.models.loading import (
     check_sequence_length,
     load_for_training,
@@ -297,6 +297,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
         if objective is not None:
             save_self_distillation(cfg, objective, trainer, tokenizer, output_dir)
         trainer.save_model(str(output_dir))
+        save_portable(trainer.model, output_dir)  # a [CLS] normalizer folded in, or refused
         # The Trainer also pickles its arguments there; a model directory we hand out holds no
         # pickle (the run's options are in run_config.json).
         (output_dir / "training_args.bin").unlink(missing_ok=True)
