@@ -47,8 +47,10 @@ examples:
       --text-columns review --label-column stars --output-dir runs/reviews
 
 The run directory gets the final model (a standard Hugging Face directory: load it with
-AutoModelForSequenceClassification.from_pretrained), metrics.json (dev metrics in percent, the
-per-epoch learning curve, wall time, examples/s, peak memory), run_config.json and train.log.
+AutoModelForSequenceClassification.from_pretrained or pipeline(); a --cls-norm layernorm or
+--cls-source cls model loads with selftune predict/evaluate only), a model card README.md,
+all_results.json and trainer_state.json (as run_glue.py), metrics.json (dev metrics in percent,
+the per-epoch learning curve, wall time, examples/s, peak memory), run_config.json, train.log.
 Interrupted? Run the same command again: it resumes from the last checkpoint.
 """
 

@@ -25,6 +25,7 @@ from selftune.data.loading import TaskData, load_task_data
 from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
 from selftune.metrics import metrics_and_score, trainer_metrics_fn
+from selftune.model_card import write_run_summary
 from selftune.models.heads import add_cls_norm, save_portable
 from selftune.models.loading import (
     check_sequence_length,
@@ -301,6 +302,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
         # The Trainer also pickles its arguments there; a model directory we hand out holds no
         # pickle (the run's options are in run_config.json).
         (output_dir / "training_args.bin").unlink(missing_ok=True)
+        write_run_summary(trainer, train_output, cfg, task, result, output_dir)
         finish_run_dir(output_dir, result, cfg.keep_checkpoints)
     logger.info("Done: %s %s = %s (score %.2f) in %.0f s; model and metrics in %s", task.name,
                 split, ", ".join(f"{k} {v:.2f}" for k, v in result["metrics"].items()),
