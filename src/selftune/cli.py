@@ -49,8 +49,10 @@ examples:
       --text-columns review --label-column stars --output-dir runs/reviews
 
 The run directory gets the final model (a standard Hugging Face directory: load it with
-AutoModelForSequenceClassification.from_pretrained), metrics.json (dev metrics in percent, the
-per-epoch learning curve, wall time, examples/s, peak memory), run_config.json and train.log.
+AutoModelForSequenceClassification.from_pretrained or pipeline(); a --cls-norm layernorm or
+--cls-source cls model loads with selftune predict/evaluate only), a model card README.md,
+all_results.json and trainer_state.json (as run_glue.py), metrics.json (dev metrics in percent,
+the per-epoch learning curve, wall time, examples/s, peak memory), run_config.json, train.log.
 Interrupted? Run the same command again: it resumes from the last checkpoint.
 """
 
@@ -321,6 +323,7 @@ def _run_diagnose(args: argparse.Namespace) -> int:
     from selftune.data.features import tokenize_records
     from selftune.data.loading import DataOptions, load_task_data
     from selftune.diagnostics import check_model, check_options, diagnose
+    from selftune.extras import require_matplotlib
     from selftune.models.loading import (
         check_sequence_length,
         load_for_training,
@@ -328,6 +331,7 @@ def _run_diagnose(args: argparse.Namespace) -> int:
         resolve_model_path,
     )
 
+    require_matplotlib("selftune diagnose-cls")  # before minutes of analysis
     norms = tuple(n.strip() for n in args.norms.split(",") if n.strip())
     sources = (None if args.sources is None
                else tuple(s.strip() for s in args.sources.split(",") if s.strip()))

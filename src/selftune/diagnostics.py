@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase
 
 from selftune.errors import SelftuneError
+from selftune.extras import require_matplotlib
 from selftune.models.cls_norm import CLS_NORM_KINDS, CLS_SOURCES, compute_cls_stats
 
 TOP_K = (1, 5, 10)
@@ -179,6 +180,7 @@ def diagnose(
 
     check_options(kinds, sources, steps, batch_size, learning_rate, seed)
     sources = check_model(model, sources)
+    require_matplotlib("selftune diagnose-cls")
     out_dir.mkdir(parents=True, exist_ok=True)
     features = train_set.remove_columns([c for c in ("example_id",) if c in train_set.column_names])
     collator = DataCollatorWithPadding(tokenizer)

@@ -108,6 +108,10 @@ def save_objective(options: StrategyOptions, objective: Objective, student: nn.M
     elif options.strategy == "se":
         load_float_state(student, float_state(objective.averaged_teacher()))
     else:
+        from selftune.models.heads import save_portable
+
         teacher_dir = output_dir / "teacher"
-        objective.averaged_teacher().save_pretrained(teacher_dir)
+        teacher = objective.averaged_teacher()
+        teacher.save_pretrained(teacher_dir)
+        save_portable(teacher, teacher_dir)  # a [CLS] normalizer folded in, or refused
         tokenizer.save_pretrained(teacher_dir)

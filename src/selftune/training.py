@@ -28,7 +28,8 @@ from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
 from selftune.evaluation import dataset_logits
 from selftune.metrics import compute_task_metrics, metrics_and_score, trainer_metrics_fn
-from selftune.models.heads import add_cls_norm
+from selftune.model_card import write_run_summary
+from selftune.models.heads import add_cls_norm, save_portable
 from selftune.models.loading import (
     check_sequence_length,
     load_for_training,
@@ -383,9 +384,11 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
             save_objective(strategy, objective, trainer.accelerator.unwrap_model(trainer.model),
                            tokenizer, output_dir)
         trainer.save_model(str(output_dir))
+        save_portable(trainer.model, output_dir)  # a [CLS] normalizer folded in, or refused
         # The Trainer also pickles its arguments there; a model directory we hand out holds no
         # pickle (the run's options are in run_config.json).
         (output_dir / "training_args.bin").unlink(missing_ok=True)
+        write_run_summary(trainer, train_output, cfg, task, result, output_dir)
         finish_run_dir(output_dir, result, cfg.keep_checkpoints)
         if cfg.push_to_hub:
             from selftune.hub_upload import push_run

@@ -6,19 +6,28 @@ hidden state (``source="cls"``, bypassing the pooler). The pooler's dense weight
 names, so checkpoints stay compatible, and the normalizer's statistics are buffers saved in
 model.safetensors. ``config.json`` records the choice (``selftune_cls_norm``,
 ``selftune_cls_source``) so that ``selftune evaluate``/``predict`` rebuild the same model.
+
+A finished model directory must load correctly with plain transformers or not at all
+(:func:`save_portable`): a fixed normalizer on the pooler output is folded into the classifier,
+the unfolded state kept in ``cls_norm/unfolded.safetensors`` for selftune (evaluation, further
+training); any other normalizer is saved under a ``model_type`` transformers does not know, so
+``AutoModel*.from_pretrained`` and ``pipeline()`` fail loudly instead of dropping it.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 
 from selftune.errors import SelftuneError
 from selftune.models.cls_norm import ClsStats, make_cls_norm
@@ -38,6 +47,15 @@ logger = logging.getLogger("selftune")
 POOLED_HEAD_TYPES = ("bert", "megatron-bert", "ernie")
 NORM_KEY = "selftune_cls_norm"
 SOURCE_KEY = "selftune_cls_source"
+# A folded model directory keeps the normalizer and the classifier as trained here.
+UNFOLDED_FILE = Path("cls_norm") / "unfolded.safetensors"
+# What config.json says instead of its model_type when the normalizer cannot be folded: the
+# text of transformers' "does not recognize this architecture" error. The real one is kept in
+# ORIGINAL_TYPE_KEY for selftune's own loading.
+UNFOLDABLE_MODEL_TYPE = ("selftune-cls-norm (a [CLS] normalizer transformers cannot apply: use "
+                         "selftune predict / selftune evaluate on this folder; selftune export "
+                         "explains which normalizers fold into a plain model)")
+ORIGINAL_TYPE_KEY = "selftune_model_type"
 
 
 class NormalizedPooler(nn.Module):
@@ -104,6 +122,11 @@ def install_cls_norm(
 
 def saved_cls_norm(model_dir: str) -> tuple[str, str] | None:
     """The (normalizer, source) a selftune model directory was saved with, or None."""
+    unfolded = Path(model_dir) / UNFOLDED_FILE
+    if unfolded.is_file():
+        with safe_open(str(unfolded), framework="pt") as saved:
+            meta = saved.metadata()
+        return meta["kind"], meta["source"]
     config_file = Path(model_dir) / "config.json"
     if not config_file.is_file():  # a Hub id: not a selftune model
         return None
@@ -115,7 +138,11 @@ def saved_cls_norm(model_dir: str) -> tuple[str, str] | None:
 
 
 def restore_cls_norm(model: PreTrainedModel, model_dir: Path) -> None:
-    """Rebuild the normalizer recorded in a saved model's config and load its statistics."""
+    """Rebuild the normalizer recorded in a saved model's config and load its statistics
+    (of a folded model: the normalizer and classifier as trained, unfolded)."""
+    if (model_dir / UNFOLDED_FILE).is_file():
+        restore_unfolded(model, model_dir, with_norm=True)
+        return
     kind = getattr(model.config, NORM_KEY, None)
     if kind in (None, "none") and getattr(model.config, SOURCE_KEY, "pooler") == "pooler":
         return
@@ -157,6 +184,9 @@ def add_cls_norm(cfg: TrainConfig, model: PreTrainedModel, tokenizer: PreTrained
 
     source = default_source(model) if cfg.cls_source == "auto" else cfg.cls_source
     saved = saved_cls_norm(start_dir) if start_dir else None
+    if saved is not None and (Path(start_dir) / UNFOLDED_FILE).is_file():
+        # The classifier as trained beside its normalizer, as before folding existed.
+        restore_unfolded(model, Path(start_dir), with_norm=False)
     if saved == (cfg.cls_norm, source):
         setattr(model.config, NORM_KEY, cfg.cls_norm)
         setattr(model.config, SOURCE_KEY, source)
@@ -229,3 +259,84 @@ def fold_cls_norm(model: PreTrainedModel) -> PreTrainedModel:
     setattr(model.config, NORM_KEY, "none")
     setattr(model.config, SOURCE_KEY, "pooler")
     return model
+
+
+def can_fold(model: PreTrainedModel) -> bool:
+    """Whether the model's [CLS] normalizer is an exact affine map of the pooler output."""
+    from selftune.models.cls_norm import CenterNorm, IsoBN, StandardizeNorm
+
+    pooler = model.base_model.pooler
+    return pooler.source == "pooler" and isinstance(
+        pooler.cls_norm, nn.Identity | CenterNorm | StandardizeNorm | nn.BatchNorm1d | IsoBN)
+
+
+def save_portable(model: PreTrainedModel, out_dir: Path) -> None:
+    """Make the model directory ``out_dir`` (just written by ``save_pretrained``) load right
+    anywhere: a foldable [CLS] normalizer is folded into the saved classifier (the unfolded
+    state goes to cls_norm/); an unfoldable one makes plain transformers refuse the folder.
+    A model without a normalizer is left as saved."""
+    pooler = model.base_model.pooler
+    if not isinstance(pooler, NormalizedPooler):
+        return
+    if not can_fold(model):
+        refuse_plain_loading(out_dir)
+        return
+    fold_cls_norm(copy.deepcopy(model)).save_pretrained(out_dir)
+    tensors = {f"cls_norm.{k}": v.detach().cpu().contiguous()
+               for k, v in pooler.cls_norm.state_dict().items()}
+    tensors.update({f"classifier.{k}": v.detach().cpu().contiguous()
+                    for k, v in model.classifier.state_dict().items()})
+    (out_dir / UNFOLDED_FILE).parent.mkdir(exist_ok=True)
+    save_file(tensors, str(out_dir / UNFOLDED_FILE),
+              metadata={"kind": getattr(model.config, NORM_KEY),
+                        "source": getattr(model.config, SOURCE_KEY)})
+
+
+def restore_unfolded(model: PreTrainedModel, model_dir: Path, with_norm: bool) -> None:
+    """Load the classifier as trained (when it has the model's shape: a run on another task
+    keeps its fresh head) and, ``with_norm``, put the normalizer back, from a folded model
+    directory's cls_norm/."""
+    file = model_dir / UNFOLDED_FILE
+    with safe_open(str(file), framework="pt") as saved:
+        meta = saved.metadata()
+    tensors = load_file(str(file))
+    head = {k.removeprefix("classifier."): v for k, v in tensors.items()
+            if k.startswith("classifier.")}
+    current = model.classifier.state_dict()
+    if all(head[k].shape == current[k].shape for k in current):
+        with torch.no_grad():
+            model.classifier.load_state_dict(head)
+    if not with_norm:
+        return
+    hidden = model.config.hidden_size
+    placeholder = ClsStats(torch.zeros(hidden), torch.ones(hidden))  # overwritten below
+    install_cls_norm(model, meta["kind"], meta["source"], placeholder)
+    model.base_model.pooler.cls_norm.load_state_dict(
+        {k.removeprefix("cls_norm."): v for k, v in tensors.items() if k.startswith("cls_norm.")})
+
+
+def refuse_plain_loading(out_dir: Path) -> None:
+    """Rename the model_type in ``out_dir``'s config.json to one transformers does not know."""
+    config_file = out_dir / "config.json"
+    config = json.loads(config_file.read_text())
+    config[ORIGINAL_TYPE_KEY] = config["model_type"]
+    config["model_type"] = UNFOLDABLE_MODEL_TYPE
+    tmp = config_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_file)
+
+
+def selftune_only_config(path: str, **kwargs) -> PreTrainedConfig | None:
+    """The configuration of a model directory that plain transformers refuses (an unfoldable
+    [CLS] normalizer), with its real model_type; None for any other model."""
+    from transformers import AutoConfig
+
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") != UNFOLDABLE_MODEL_TYPE:
+        return None
+    config["model_type"] = config.pop(ORIGINAL_TYPE_KEY)
+    config_class = type(AutoConfig.for_model(config["model_type"]))
+    return config_class.from_dict(config, **kwargs)

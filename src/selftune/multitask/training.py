@@ -27,6 +27,7 @@ from selftune.data.loading import load_task_data
 from selftune.data.tasks import TaskSpec, get_task
 from selftune.errors import SelftuneError
 from selftune.metrics import compute_task_metrics, metrics_and_score
+from selftune.model_card import write_multitask_summary
 from selftune.models.heads import add_cls_norm
 from selftune.models.loading import check_sequence_length, load_tokenizer, resolve_model_path
 from selftune.multitask.data import (
@@ -255,7 +256,7 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     if unknown or (teacher_files and len(teacher_files) != len(tasks)):
         raise SelftuneError("--teacher-predictions must name one file for each of --tasks "
                             f"({cfg.tasks}); got {sorted(teacher_files)}")
-    records, dev_records, other_dev_records = {}, {}, {}
+    records, dev_records, other_dev_records, described = {}, {}, {}, {}
     for task in tasks:
         opts = dataclasses.replace(cfg.data_options(), task=task.name)
         data = load_task_data(opts)
@@ -266,6 +267,8 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
         first, *others = data.eval_splits  # MNLI: matched, then mismatched
         dev_records[task.name] = data.eval_splits[first]
         other_dev_records[task.name] = {name: data.eval_splits[name] for name in others}
+        described[task.name] = {"source": data.source, "eval_split": first,
+                                "num_eval_examples": len(dev_records[task.name])}
     teachers = None
     if teacher_files:
         teachers = {}
@@ -354,6 +357,7 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
         if cfg.strategy != "baseline":
             result.update(evaluate_multitask_teacher(cfg, objective.self_distillation, tasks,
                                                      tokenizer, output_dir / "teacher"))
+        write_multitask_summary(trainer, train_output, cfg, tasks, result, described, output_dir)
         finish_run_dir(output_dir, result, cfg.keep_checkpoints)
     logger.info("Done: %s; average %.2f; task models in %s", ", ".join(
         f"{t} {r['score']:.2f}" + "".join(f" ({name} {other['score']:.2f})" for name, other

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from selftune.errors import SelftuneError
+from selftune.extras import require_matplotlib
 from selftune.report.grid import RunGrid
 from selftune.report.plots import plot_learning_curves, plot_scores
 from selftune.report.records import Problem, RunRecord, dedupe, load_results
@@ -51,6 +52,7 @@ def build_report(
     per-epoch history, ``learning_curves.png`` (a stale one from an earlier report is removed,
     so the folder never shows curves that do not belong to this report).
     """
+    require_matplotlib("selftune report")
     runs, dup_problems = dedupe(_coerce(records))
     if not runs:
         raise SelftuneError("no runs to report; run the benchmark first or check the results file")
