@@ -33,12 +33,26 @@ STABLE_KEYS = ("metrics", "score", "history", "teacher_metrics", "teacher_averag
                "global_steps")
 
 
-def weights_hash(folder: Path) -> str:
+def trained_state(path: Path) -> dict:
+    """A saved model's tensors as trained: where a [CLS] normalizer was folded into the saved
+    classifier, the classifier and normalizer as trained, from cls_norm/unfolded.safetensors,
+    under the names they have in the model."""
     from safetensors.torch import load_file
 
+    tensors = load_file(str(path))
+    unfolded = path.parent / "cls_norm" / "unfolded.safetensors"
+    if unfolded.is_file():
+        pooler = next(k for k in tensors if k.endswith("pooler.dense.weight")).removesuffix(
+            "dense.weight")
+        for name, tensor in load_file(str(unfolded)).items():
+            tensors[name if name.startswith("classifier.") else pooler + name] = tensor
+    return tensors
+
+
+def weights_hash(folder: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(folder.rglob("model.safetensors")):
-        tensors = load_file(str(path))
+        tensors = trained_state(path)
         for name in sorted(tensors):
             digest.update(f"{path.relative_to(folder)}:{name}".encode())
             digest.update(tensors[name].float().numpy().tobytes())
