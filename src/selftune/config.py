@@ -127,6 +127,13 @@ class TrainConfig:
                                 "noise on RTE, MRPC, CoLA). The order is fixed by the seed and "
                                 "the epoch (a resumed run is exact). Single-task runs only.",
                                 TRAIN)
+    packing: bool = opt(True, "Lay each batch's examples end to end in as few rows of up to "
+                        "--max-seq-length tokens as fit, each example attending only to itself "
+                        "and read at its own [CLS]: the same examples, loss and gradient (up to "
+                        "float rounding and dropout draws) at the cost of its real tokens. Also "
+                        "for teachers, evaluation and prediction. On for BERT, RoBERTa and "
+                        "ELECTRA; other models use padded batches. --no-packing: padded batches "
+                        "as before.", TRAIN)
     logging_steps: int = opt(50, "Log the training loss every N optimizer steps.", TRAIN)
     eval_each_epoch: bool = opt(True, "Evaluate on the dev split after every epoch (the "
                                 "learning curve in metrics.json).", TRAIN)

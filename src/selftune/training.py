@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import datasets
 import torch
 import transformers
-from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from selftune import outputs
 from selftune.config import TrainConfig, check_strategy_options, validate_options
@@ -32,6 +32,7 @@ from selftune.models.loading import (
     load_tokenizer,
     resolve_model_path,
 )
+from selftune.models.packed import training_collator
 from selftune.optim import make_optimizer
 from selftune.runinfo import environment_info, peak_memory_mb
 from selftune.self_distillation import (
@@ -246,6 +247,8 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
     add_cls_norm(cfg, model, tokenizer, train_set, output_dir, start_dir=model_path,
                  is_main_process=process_state().is_main_process)
 
+    # Before the objective: its teachers are copies of the model, packing hooks included.
+    collator = training_collator(model, tokenizer, cfg.max_seq_length, cfg.packing)
     objective = build_objective(cfg, model, task.is_regression)
     trainer = SelftuneTrainer(
         objective=objective,
@@ -255,7 +258,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        data_collator=collator,
         compute_metrics=trainer_metrics_fn(task),
         callbacks=[LogToFile(), *(callbacks or [])],
         # Without layer-wise decay the Trainer builds its own (identical) AdamW.

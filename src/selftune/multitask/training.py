@@ -225,7 +225,7 @@ def evaluate_multitask_teacher(cfg: MultiTaskConfig, self_distillation, tasks: l
         teacher.export_task(task.name, task_dir, tokenizer)
         opts = dataclasses.replace(cfg.data_options(), task=task.name)
         evaluated = evaluate_model(str(task_dir), opts, None, cfg.max_seq_length,
-                                   cfg.per_device_eval_batch_size)
+                                   cfg.per_device_eval_batch_size, packing=cfg.packing)
         results[task.name] = {"metrics": evaluated["metrics"], "score": evaluated["score"]}
     return {"teacher_tasks": results,
             "teacher_score": float(np.mean([r["score"] for r in results.values()])),
