@@ -2,8 +2,9 @@
 
 With random batches and dynamic padding a batch computes on its longest example times its size:
 1.5–3× the real tokens on GLUE tasks (BENCHMARKS.md, Performance). Packing keeps exactly the
-examples of the batch and lays them end to end in rows of at most ``capacity`` tokens
-(first-fit decreasing), so the padding left is the tail of a few rows.
+examples of the batch and lays them end to end in as few rows of at most ``capacity`` tokens as
+first-fit decreasing needs, each row as short as that number of rows allows, so the padding
+left is the tail of a few rows.
 
 Each example keeps its own token types, and its positions restart at the model's first position.
 The model sees no attention mask: transformers 5 encoders (BERT, RoBERTa, ELECTRA) find the
@@ -49,9 +50,23 @@ class PackingPlan:
 
 
 def plan_rows(lengths: Sequence[int], capacity: int) -> PackingPlan:
-    """First-fit decreasing: the longest example first (ties in batch order), each into the
-    first row it fits in. ``capacity`` grows to the longest example if that is longer."""
+    """As few rows as first-fit decreasing needs with rows of ``capacity`` tokens, each row then
+    as short as it can be: rows of full capacity would leave the last one mostly empty, and
+    every row is as long as the longest. ``capacity`` grows to the longest example if need be."""
     capacity = max([capacity, *lengths])
+    best = first_fit_decreasing(lengths, capacity)
+    rows = best.num_rows
+    # The narrowest width that still holds the examples in that many rows, found upwards from
+    # the least it could be (usually a few tries).
+    for width in range(max([*lengths, -(-sum(lengths) // rows)]), best.row_length):
+        plan = first_fit_decreasing(lengths, width)
+        if plan.num_rows == rows:
+            return plan
+    return best
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> PackingPlan:
+    """The longest example first (ties in batch order), each into the first row it fits in."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     fill: list[int] = []
     row_of = [0] * len(lengths)
