@@ -29,7 +29,7 @@ from selftune.models.packed import (
 from selftune.self_distillation import SelfDistillation
 from selftune.training import train
 
-from .conftest import WORDS
+from .conftest import WORDS, make_tiny_model
 from .test_training import StopAfterFirstSave, dev_logits, tiny_config
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
@@ -297,6 +297,35 @@ def test_an_interrupted_packed_run_resumes_exactly(strategy, tiny_model, sentime
     texts = ["the movie was good", "it was really dull"]
     np.testing.assert_allclose(dev_logits(out, texts), dev_logits(tmp_path / "ref", texts),
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["none", "batchnorm"])
+def test_the_multitask_student_packs_each_tasks_rows(tmp_path, tokenizer, norm):
+    from selftune.data.tasks import get_task
+    from selftune.multitask.model import build_multitask_model
+
+    path = make_tiny_model(tmp_path / "bert", initializer_range=0.3, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0)
+    tasks = [get_task("rte"), get_task("stsb"), get_task("cola")]
+    models = {}
+    for packing in (False, True):
+        torch.manual_seed(0)
+        models[packing] = build_multitask_model(str(path), tasks)
+        if norm != "none":
+            models[packing].add_cls_norm(lambda head: install_cls_norm(head, norm))
+        models[packing].enable_packing(packing, capacity=24)
+    assert models[True].packing is not None and models[False].packing is None
+    batch = padded_batch(tokenizer, pairs=True, regression=False)
+    task_ids = torch.tensor([0, 1, 2, 0, 2, 1, 0, 2])
+    for mode in (True, False):  # batch statistics of each task's rows, then the running ones
+        outputs = {}
+        for packing, model in models.items():
+            model.train(mode)
+            outputs[packing] = model(task_ids=task_ids, input_ids=batch["input_ids"],
+                                     attention_mask=batch["attention_mask"],
+                                     token_type_ids=batch["token_type_ids"]).logits
+        assert outputs[False].std() > 0.1
+        torch.testing.assert_close(outputs[True], outputs[False], atol=1e-5, rtol=0)
 
 
 def test_packing_is_an_option_on_by_default():

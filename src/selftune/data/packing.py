@@ -90,12 +90,13 @@ def pack_padded_batch(batch: dict[str, Any], capacity: int, position_offset: int
     mask = batch["attention_mask"].bool()
     lengths = mask.sum(dim=1)
     plan = plan_rows(lengths.tolist(), capacity)
-    rows, row_length = plan.num_rows, plan.row_length
-    row_of = torch.tensor(plan.row_of, dtype=torch.long)
-    starts = row_of * row_length + torch.tensor(plan.offset_of, dtype=torch.long)
+    rows, row_length, device = plan.num_rows, plan.row_length, mask.device
+    row_of = torch.tensor(plan.row_of, dtype=torch.long, device=device)
+    starts = row_of * row_length + torch.tensor(plan.offset_of, dtype=torch.long, device=device)
     # Each real token's flat destination, and its position within its example.
     first_token = torch.cumsum(lengths, 0) - lengths
-    within = torch.arange(int(lengths.sum())) - torch.repeat_interleave(first_token, lengths)
+    within = torch.arange(int(lengths.sum()), device=device) - torch.repeat_interleave(
+        first_token, lengths)
     destination = torch.repeat_interleave(starts, lengths) + within
     packed: dict[str, Any] = {CLS_INDEX_KEY: starts}  # first: the Trainer sizes a batch by it
     for name in TOKEN_FIELDS:
@@ -106,7 +107,7 @@ def pack_padded_batch(batch: dict[str, Any], capacity: int, position_offset: int
         row_values = values.new_full((rows * row_length,), fill)
         row_values[destination] = values[mask]
         packed[name] = row_values.view(rows, row_length)
-    positions = _tail_positions(plan.row_fill, row_length)
+    positions = _tail_positions(plan.row_fill, row_length).to(device)
     positions[destination] = within
     packed["position_ids"] = (positions + position_offset).view(rows, row_length)
     packed.update({k: v for k, v in batch.items()

@@ -276,6 +276,7 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
         is_main_process = process_state().is_main_process
         model.add_cls_norm(lambda head: add_cls_norm(cfg, head, tokenizer, data.train, output_dir,
                                                      is_main_process=is_main_process))
+    model.enable_packing(cfg.packing, cfg.max_seq_length)  # before the teacher copies it
     shares = task_shares(data.sizes, cfg.task_sampling, cfg.sampling_alpha)
     logger.info("Multi-task run on %s: %s examples, shares %s, %s", cfg.tasks, data.sizes,
                 {t: round(s, 3) for t, s in shares.items()},
