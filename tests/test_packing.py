@@ -349,6 +349,8 @@ def test_packed_equals_padded_on_the_default_model_and_real_rte():
     tokenizer = load_tokenizer(path)
     torch.manual_seed(0)
     model = load_for_training(path, data.task).eval()
+    # A head of unit scale: logits of order 1, so an encoder difference would show in them.
+    torch.nn.init.normal_(model.classifier.weight, std=1.0)
     dataset = tokenize_records(data.train, tokenizer, 128)
     features = [{k: dataset[i][k] for k in ("input_ids", "token_type_ids", "attention_mask",
                                             "labels")} for i in range(32)]
@@ -362,5 +364,8 @@ def test_packed_equals_padded_on_the_default_model_and_real_rte():
             packed_batch = packed_collate(batch)
             packed = model(**packed_batch)
         assert packed_batch["input_ids"].numel() < padded_collate(batch)["input_ids"].numel()
+        row_length = packed_batch["input_ids"].shape[1]
+        assert (packed_batch[CLS_INDEX_KEY] % row_length).count_nonzero() > 0  # rows shared
+        assert padded.logits.std() > 0.1
         torch.testing.assert_close(packed.logits, padded.logits, atol=1e-5, rtol=0)
         torch.testing.assert_close(packed.loss, padded.loss, atol=1e-5, rtol=0)
