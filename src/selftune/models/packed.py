@@ -8,7 +8,8 @@ the rows by each example's own [CLS] hidden state, in the batch's order. Everyth
 the model's own: pooler (or the [CLS] normalizer of --cls-norm, which sits in the pooler's
 place), dropout, classifier and loss (cross-entropy, or MSE for regression). So the logits and
 the loss are the padded batch's up to float rounding, and the call still goes through the
-model (and its DDP or autocast wrapper) as ``model(**batch)``.
+model (and its DDP or autocast wrapper) as ``model(**batch)``. In training, dropout draws its
+masks over other shapes: the same distribution, not the same draws.
 
 The hooks are registered on the model once (:func:`enable_packing`) and are copied with it
 (a teacher made by ``copy.deepcopy`` reads packed batches too). A model without them is handed
@@ -24,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
-from transformers.modeling_outputs import BaseModelOutput
 
 from selftune.data.packing import CLS_INDEX_KEY, PackingCollator
 
@@ -160,7 +160,7 @@ def _gather_base_output(base: nn.Module, args: tuple, output: Any) -> Any:
         return output  # a padded batch, or BERT: read at the pooler
     hidden = output[0]
     gathered = _gather_cls(hidden, index)
-    if isinstance(output, BaseModelOutput) or hasattr(output, "last_hidden_state"):
+    if hasattr(output, "last_hidden_state"):  # a ModelOutput: its tuple view follows
         output.last_hidden_state = gathered
         return output
     return (gathered, *output[1:])
