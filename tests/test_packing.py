@@ -267,6 +267,27 @@ def test_predictions_are_the_same_packed_or_padded(tiny_classifier):
     np.testing.assert_allclose(packed, padded, atol=1e-5, rtol=0)
 
 
+def test_predict_command_packs_unless_told_not_to(tiny_classifier, tmp_path, capsys):
+    import json
+
+    from selftune.cli import main
+
+    data = tmp_path / "texts.csv"
+    data.write_text("text\n" + "\n".join(SENTENCES * 3) + "\n")
+    written = {}
+    for flag in ("--packing", "--no-packing"):
+        out = tmp_path / f"{flag}.jsonl"
+        assert main(["predict", str(tiny_classifier), "--input-file", str(data),
+                     "--text-columns", "text", "--output-file", str(out), "--batch-size", "5",
+                     flag]) == 0
+        written[flag] = [json.loads(line) for line in out.read_text().splitlines()]
+    capsys.readouterr()
+    assert len(written["--packing"]) == len(SENTENCES) * 3
+    for packed, padded in zip(written["--packing"], written["--no-packing"], strict=True):
+        assert packed["example_id"] == padded["example_id"] and packed["label"] == padded["label"]
+        assert packed["prob_LABEL_0"] == pytest.approx(padded["prob_LABEL_0"], abs=1e-6)
+
+
 @pytest.mark.parametrize("strategy", ["baseline", "sda"])
 def test_a_packed_run_trains_as_the_padded_one(strategy, tiny_model_without_dropout,
                                                sentiment_files, tmp_path):
