@@ -265,6 +265,10 @@ def test_predictions_are_the_same_packed_or_padded(tiny_classifier):
     packed = predict_logits(model, tokenizer, records, 64, 7)
     assert packing_enabled(model)
     np.testing.assert_allclose(packed, padded, atol=1e-5, rtol=0)
+    # A model once packed still predicts from padded batches when told to.
+    assert isinstance(packing_collator(model, tokenizer, packing=False), DataCollatorWithPadding)
+    again = predict_logits(model, tokenizer, records, 64, 7, packing=False)
+    np.testing.assert_array_equal(again, padded)
 
 
 def test_predict_command_packs_unless_told_not_to(tiny_classifier, tmp_path, capsys):

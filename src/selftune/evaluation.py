@@ -44,19 +44,20 @@ def predict_logits(
     check_sequence_length(max_seq_length, model)
     enable_packing(model, packing)
     dataset = tokenize_records(records, tokenizer, max_seq_length, with_labels=with_labels)
-    return dataset_logits(model, tokenizer, dataset, batch_size)
+    return dataset_logits(model, tokenizer, dataset, batch_size, packing)
 
 
 def dataset_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                   dataset: datasets.Dataset, batch_size: int) -> np.ndarray:
+                   dataset: datasets.Dataset, batch_size: int, packing: bool = True,
+                   ) -> np.ndarray:
     """Logits for an already tokenized dataset (eval mode, no_grad, dynamic padding; packed
-    rows if the model's packing is enabled).
+    rows if ``packing`` and the model's packing is enabled).
 
     A plain loop on purpose: inside a ``torchrun`` job a ``Trainer`` would shard and gather the
     predictions across processes, but these are one process's own (e.g. the main process
     caching a teacher's predictions while the others wait).
     """
-    collate = packing_collator(model, tokenizer)
+    collate = packing_collator(model, tokenizer, packing=packing)
     columns = [c for c in dataset.column_names if c in tokenizer.model_input_names]
     loader = DataLoader(dataset.select_columns(columns), batch_size=batch_size,
                         collate_fn=collate)

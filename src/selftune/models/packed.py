@@ -106,11 +106,13 @@ def packing_enabled(model: nn.Module) -> bool:
 
 
 def packing_collator(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
-                     capacity: int | None = None) -> PackingCollator | DataCollatorWithPadding:
+                     capacity: int | None = None, packing: bool = True,
+                     ) -> PackingCollator | DataCollatorWithPadding:
     """The collator for batches ``model`` reads: packed rows of up to ``capacity`` tokens (None:
-    the batch's longest example) if its packing is enabled, else padded batches as before."""
+    the batch's longest example) if ``packing`` and the model's packing is enabled, else padded
+    batches as before."""
     model = getattr(model, "module", model)
-    if not packing_enabled(model):
+    if not (packing and packing_enabled(model)):
         return DataCollatorWithPadding(tokenizer)
     return PackingCollator(tokenizer, capacity or 0, position_offset(model))
 
