@@ -1,9 +1,10 @@
 """How many tokens a training epoch computes on, by batching: the cause of the length lever.
 
 For each task, the tokens of the examples themselves against the tokens of the padded batches
-(batch 32) with random batches and dynamic padding (selftune's default), with length-grouped
-batches (--group-by-length) and with every batch padded to 128 (run_glue.py's default). Exact
-counts from the default model's tokenizer; no training.
+(batch 32) with random batches and dynamic padding (selftune --no-packing), with length-grouped
+batches (--group-by-length), with every batch padded to 128 (run_glue.py's default), and with the
+same random batches packed into rows of up to 128 tokens (selftune's default, --packing: the
+rows times their length). Exact counts from the default model's tokenizer; no training.
 
     python benchmarks/padding_tokens.py --data-dir ../shared/data
 """
@@ -18,6 +19,7 @@ import torch
 from selftune.data.features import tokenize_records
 from selftune.data.length_grouping import EpochSeededLengthGroupedSampler
 from selftune.data.loading import DataOptions, load_task_data
+from selftune.data.packing import token_counts
 from selftune.models.loading import load_tokenizer, resolve_model_path
 
 
@@ -29,6 +31,11 @@ def padded(order: np.ndarray, lengths: np.ndarray, batch: int, pad_to: int | Non
     return total
 
 
+def packed(order: np.ndarray, lengths: np.ndarray, batch: int, capacity: int) -> int:
+    return sum(token_counts(lengths[order[start:start + batch]].tolist(), capacity)[2]
+               for start in range(0, len(order), batch))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True)
@@ -38,8 +45,8 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = load_tokenizer(resolve_model_path("default"), False)
     print("| task | examples | mean length | tokens | random batches | length-grouped | "
-          "padded to 128 |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "padded to 128 | packed random batches |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for task in args.tasks.split(","):
         subset = 10_000 if task == "sst2" else None  # as the grids
         data = load_task_data(DataOptions(task=task, data_dir=args.data_dir,
@@ -52,7 +59,8 @@ def main() -> None:
                                                                 args.batch_size, seed=0)))
         counts = [padded(shuffled.numpy(), lengths, args.batch_size),
                   padded(grouped, lengths, args.batch_size),
-                  padded(shuffled.numpy(), lengths, args.batch_size, args.max_seq_length)]
+                  padded(shuffled.numpy(), lengths, args.batch_size, args.max_seq_length),
+                  packed(shuffled.numpy(), lengths, args.batch_size, args.max_seq_length)]
         print(f"| {task} | {len(lengths)} | {lengths.mean():.1f} | {real} | "
               + " | ".join(f"{c} ({c / real:.2f}×)" for c in counts) + " |", flush=True)
 

@@ -48,7 +48,8 @@ def final_logits(model_dir: Path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("strategy,options", [
-    ("baseline", []), ("sda", []), ("baseline", ["--group-by-length"])])
+    ("baseline", []), ("sda", []), ("baseline", ["--group-by-length"]),
+    ("baseline", ["--no-packing"])])
 def test_two_processes_match_one_with_the_same_global_batch(
         strategy, options, tiny_model_without_dropout, varied_length_files, tmp_path):
     train, dev = map(str, varied_length_files)

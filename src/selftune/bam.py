@@ -79,7 +79,7 @@ class BamConfig(MultiTaskConfig):
 def compute_teacher_predictions(
     model_dir: Path, task: TaskSpec, data_options: DataOptions, out_file: Path,
     both_orders: bool, max_seq_length: int = 128, batch_size: int = 128,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False, packing: bool = True,
 ) -> Path:
     """A teacher's logits over its task's training set (eval mode), keyed by example id."""
     from selftune.evaluation import check_task_matches, predict_logits
@@ -96,7 +96,8 @@ def compute_teacher_predictions(
     check_task_matches(task, model_label_names(model), model_dir)
     tokenizer = load_tokenizer(str(model_dir), trust_remote_code)
     records = teacher_records(task, data_options, both_orders)
-    logits = predict_logits(model, tokenizer, records, max_seq_length, batch_size)
+    logits = predict_logits(model, tokenizer, records, max_seq_length, batch_size,
+                            packing=packing)
     write_predictions(out_file, task, records, logits, str(model_dir), max_seq_length)
     return out_file
 
@@ -145,7 +146,7 @@ def _cached_teacher_predictions(teacher_dir: Path, task: TaskSpec, cfg: BamConfi
     logger.info("Teacher predictions for %s → %s", task.name, cache)
     compute_teacher_predictions(teacher_dir, task, cfg.data_options(), cache, both,
                                 cfg.max_seq_length, cfg.per_device_eval_batch_size,
-                                cfg.trust_remote_code)
+                                cfg.trust_remote_code, packing=cfg.packing)
     return cache
 
 

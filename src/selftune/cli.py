@@ -103,6 +103,10 @@ def _add_eval_data_options(parser: argparse.ArgumentParser, labelled: bool) -> N
                      help="Inference batch size (default: 128).")
     run.add_argument("--trust-remote-code", action="store_true",
                      help="Allow model code from the Hub to run.")
+    run.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
+                     help="Pack each batch's examples into as few rows as fit, each attending "
+                          "only to itself (BERT, RoBERTa, ELECTRA; other models are padded). "
+                          "--no-packing: padded batches.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,7 +286,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
                        label_column=args.label_column,
                        id_column=args.id_column, max_eval_samples=args.max_eval_samples)
     result = evaluate_model(args.model_dir, opts, args.eval_split, args.max_seq_length,
-                            args.batch_size, args.trust_remote_code)
+                            args.batch_size, args.trust_remote_code, packing=args.packing)
     text = json.dumps(result, indent=2)
     if args.output_file:
         from selftune.outputs import write_json_atomic
@@ -298,7 +302,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     count = predict_file(args.model_dir, args.input_file, args.output_file,
                          parse_text_columns(args.text_columns), args.id_column,
                          args.max_seq_length,
-                         args.batch_size, args.trust_remote_code)
+                         args.batch_size, args.trust_remote_code, packing=args.packing)
     print(f"wrote {count} predictions to {args.output_file}")
     return 0
 

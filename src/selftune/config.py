@@ -183,6 +183,13 @@ class TrainConfig:
     early_stopping_patience: int | None = opt(None, "Stop once the dev metric has not improved "
                                               "for N evaluations in a row (implies "
                                               "--load-best-model-at-end).", TRAIN)
+    packing: bool = opt(True, "Lay each batch's examples end to end in as few rows of up to "
+                        "--max-seq-length tokens as fit, each example attending only to itself "
+                        "and read at its own [CLS]: the same examples, loss and gradient (up to "
+                        "float rounding and dropout draws) at the cost of its real tokens. Also "
+                        "for teachers, evaluation and prediction. On for BERT, RoBERTa and "
+                        "ELECTRA; other models use padded batches. --no-packing: padded batches "
+                        "as before.", TRAIN)
     logging_steps: int = opt(50, "Log the training loss every N optimizer steps.", TRAIN)
     eval_each_epoch: bool = opt(True, "Evaluate on the dev split after every epoch (the "
                                 "learning curve in metrics.json).", TRAIN)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selftune.data.features import tokenize_records
 from selftune.data.loading import DataOptions, load_task_data
@@ -27,6 +27,7 @@ from selftune.models.loading import (
     load_tokenizer,
     model_label_names,
 )
+from selftune.models.packed import enable_packing, packing_collator
 
 if TYPE_CHECKING:
     import datasets
@@ -37,23 +38,27 @@ logger = logging.getLogger("selftune")
 def predict_logits(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[Record],
     max_seq_length: int,
-    batch_size: int, with_labels: bool = False,
+    batch_size: int, with_labels: bool = False, packing: bool = True,
 ) -> np.ndarray:
-    """Logits for ``records`` in eval mode, in batches with dynamic padding."""
+    """Logits for ``records`` in eval mode, in batches with dynamic padding (or packed, see
+    ``selftune.models.packed``)."""
     check_sequence_length(max_seq_length, model)
+    enable_packing(model, packing)
     dataset = tokenize_records(records, tokenizer, max_seq_length, with_labels=with_labels)
-    return dataset_logits(model, tokenizer, dataset, batch_size)
+    return dataset_logits(model, tokenizer, dataset, batch_size, packing)
 
 
 def dataset_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                   dataset: datasets.Dataset, batch_size: int) -> np.ndarray:
-    """Logits for an already tokenized dataset (eval mode, no_grad, dynamic padding).
+                   dataset: datasets.Dataset, batch_size: int, packing: bool = True,
+                   ) -> np.ndarray:
+    """Logits for an already tokenized dataset (eval mode, no_grad, dynamic padding; packed
+    rows if ``packing`` and the model's packing is enabled).
 
     A plain loop on purpose: inside a ``torchrun`` job a ``Trainer`` would shard and gather the
     predictions across processes, but these are one process's own (e.g. the main process
     caching a teacher's predictions while the others wait).
     """
-    collate = DataCollatorWithPadding(tokenizer)
+    collate = packing_collator(model, tokenizer, packing=packing)
     columns = [c for c in dataset.column_names if c in tokenizer.model_input_names]
     loader = DataLoader(dataset.select_columns(columns), batch_size=batch_size,
                         collate_fn=collate)
@@ -119,7 +124,8 @@ def _class_names(names: tuple[str, ...]) -> list[str]:
 
 def evaluate_model(
     model_dir: str, opts: DataOptions, eval_split: str | None, max_seq_length: int,
-    batch_size: int, trust_remote_code: bool = False, logits_fn: Callable | None = None,
+    batch_size: int, trust_remote_code: bool = False, packing: bool = True,
+    logits_fn: Callable | None = None,
 ) -> dict[str, Any]:
     """Metrics (percent) of a saved model on a registry task's dev split or a labelled file.
 
@@ -141,7 +147,11 @@ def evaluate_model(
             raise SelftuneError(f"task {task.name} has no split {split!r}; choose one of "
                                 f"{list(data.eval_splits)}")
         records = data.eval_splits[split]
-    logits = (logits_fn or predict_logits)(model, tokenizer, records, max_seq_length, batch_size)
+    if logits_fn is not None:
+        logits = logits_fn(model, tokenizer, records, max_seq_length, batch_size)
+    else:
+        logits = predict_logits(model, tokenizer, records, max_seq_length, batch_size,
+                                packing=packing)
     gold = np.array([r["label"] for r in records])
     metrics = compute_task_metrics(task, logits, gold)
     score = metrics.pop("score")
@@ -170,7 +180,7 @@ def _labelled_file(path: Path, opts: DataOptions, labels: tuple[str, ...] | None
 def predict_file(
     model_dir: str, input_file: str, output_file: str, text_columns: tuple[str, ...],
     id_column: str | None, max_seq_length: int, batch_size: int,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False, packing: bool = True,
 ) -> int:
     """Write predicted labels (and class probabilities) for every row of ``input_file``.
 
@@ -187,7 +197,8 @@ def predict_file(
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     labels = model_label_names(model)
     records = read_user_file(Path(input_file), text_columns, None, id_column)
-    logits = predict_logits(model, tokenizer, records, max_seq_length, batch_size)
+    logits = predict_logits(model, tokenizer, records, max_seq_length, batch_size,
+                            packing=packing)
     rows = []
     for record, row_logits in zip(records, logits, strict=True):
         row: dict[str, Any] = {"example_id": record["example_id"]}

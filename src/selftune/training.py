@@ -18,7 +18,7 @@ import datasets
 import numpy as np
 import torch
 import transformers
-from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from selftune import outputs
 from selftune.config import TrainConfig, check_strategy_options, validate_options
@@ -36,6 +36,7 @@ from selftune.models.loading import (
     load_tokenizer,
     resolve_model_path,
 )
+from selftune.models.packed import training_collator
 from selftune.optim import make_optimizer
 from selftune.runinfo import environment_info, peak_memory_mb
 from selftune.strategies import build_objective, objective_metrics, save_objective
@@ -321,6 +322,8 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
     add_cls_norm(cfg, model, tokenizer, train_set, output_dir, start_dir=model_path,
                  is_main_process=process_state().is_main_process)
 
+    # Before the objective: its teachers are copies of the model, packing hooks included.
+    collator = training_collator(model, tokenizer, cfg.max_seq_length, cfg.packing)
     objective = build_objective(strategy, model, task.is_regression)
     trainer = SelftuneTrainer(
         objective=objective,
@@ -330,7 +333,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        data_collator=collator,
         compute_metrics=trainer_metrics_fn(task),
         callbacks=[LogToFile(), *early_stopping(cfg), *(callbacks or [])],
         # Without layer-wise decay the Trainer builds its own (identical) AdamW.
@@ -375,7 +378,8 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
             return compute_task_metrics(task, logits, np.array(dataset["labels"]))
 
         def predict(model, dataset=eval_set) -> np.ndarray:
-            return dataset_logits(model, tokenizer, dataset, cfg.per_device_eval_batch_size)
+            return dataset_logits(model, tokenizer, dataset, cfg.per_device_eval_batch_size,
+                                  cfg.packing)
 
         result.update(objective_metrics(strategy, objective, metrics_of, predict, other_sets,
                                         final, other_splits))

@@ -15,9 +15,11 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from selftune.data.packing import pack_padded_batch
 from selftune.data.tasks import TaskSpec
 from selftune.models.cls_norm import ClsStats
 from selftune.models.heads import NORM_KEY, SOURCE_KEY, install_cls_norm, save_portable
+from selftune.models.packed import enable_packing, position_offset
 
 # STS-B is trained on y/5 (as BAM!); exported heads are scaled back to the 0-5 range.
 REGRESSION_SCALE = {"stsb": 5.0}
@@ -62,6 +64,8 @@ class MultiTaskModel(nn.Module):
             object.__setattr__(model, prefix, self.encoder)
             self.heads[name] = model
         self.config = first.config
+        # (row capacity, first position, pad id) once packing is enabled: see enable_packing.
+        self.packing: tuple[int, int, int] | None = None
 
     def forward(self, task_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 **inputs: torch.Tensor) -> SequenceClassifierOutput:
@@ -77,12 +81,25 @@ class MultiTaskModel(nn.Module):
             rows = (task_ids == index).nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
                 continue
-            head_logits = self.heads[name](**trim_padding({k: v[rows] for k, v in inputs.items()})
-                                           ).logits
+            task_inputs = trim_padding({k: v[rows] for k, v in inputs.items()})
+            if self.packing is not None:
+                task_inputs = pack_padded_batch(task_inputs, *self.packing)
+            head_logits = self.heads[name](**task_inputs).logits
             if logits is None:
                 logits = head_logits.new_zeros(batch, self.max_labels)
             logits[rows, : head_logits.shape[1]] = head_logits
         return SequenceClassifierOutput(logits=logits)
+
+    def enable_packing(self, wanted: bool, capacity: int) -> bool:
+        """Pack each task's rows of a batch (``selftune.data.packing``) in rows of up to
+        ``capacity`` tokens, if the architecture is verified; return whether it does."""
+        heads = [self.heads[name] for name in self.task_names]
+        if not enable_packing(heads[0], wanted):
+            return False
+        for head in heads[1:]:
+            enable_packing(head)
+        self.packing = (capacity, position_offset(heads[0]), self.config.pad_token_id or 0)
+        return True
 
     def add_cls_norm(self, install) -> None:
         """Put a [CLS] normalizer on the shared encoder: ``install(head_model)`` inserts it

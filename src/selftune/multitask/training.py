@@ -237,7 +237,7 @@ def evaluate_multitask_teacher(cfg: MultiTaskConfig, self_distillation, tasks: l
         teacher.export_task(task.name, task_dir, tokenizer)
         opts = dataclasses.replace(cfg.data_options(), task=task.name)
         evaluated = evaluate_model(str(task_dir), opts, None, cfg.max_seq_length,
-                                   cfg.per_device_eval_batch_size)
+                                   cfg.per_device_eval_batch_size, packing=cfg.packing)
         results[task.name] = {"metrics": evaluated["metrics"], "score": evaluated["score"]}
     return {"teacher_tasks": results,
             "teacher_score": float(np.mean([r["score"] for r in results.values()])),
@@ -290,6 +290,7 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
         is_main_process = process_state().is_main_process
         model.add_cls_norm(lambda head: add_cls_norm(cfg, head, tokenizer, data.train, output_dir,
                                                      is_main_process=is_main_process))
+    model.enable_packing(cfg.packing, cfg.max_seq_length)  # before the teacher copies it
     shares = task_shares(data.sizes, cfg.task_sampling, cfg.sampling_alpha)
     logger.info("Multi-task run on %s: %s examples, shares %s, %s", cfg.tasks, data.sizes,
                 {t: round(s, 3) for t, s in shares.items()},
