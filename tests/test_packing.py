@@ -182,7 +182,7 @@ def test_packed_reads_the_cls_normalizer(tokenizer, norm, source):
 def test_teachers_read_the_same_packed_batch(tokenizer, kind):
     model = tiny_bert().train()
     enable_packing(model)
-    objective = SelfDistillation(model, kind=kind, k=2)  # the teacher: a copy, hooks included
+    objective = SelfDistillation.for_strategy(model, kind=kind, k=2)  # a copy, hooks included
     objective.on_train_begin(model)
     objective.before_optimizer_step(model, 0)  # the initial model enters the window
     with torch.no_grad():  # the student moves on: the teacher differs from it

@@ -8,11 +8,15 @@ read back on resume, so an interrupted run continues exactly where it stopped.
 Use it in your own script::
 
     from selftune.self_distillation import SelfDistillation
+    from selftune.teachers import make_teacher
     from selftune.trainer import SelftuneTrainer
 
-    objective = SelfDistillation(model, kind="sda", k=3, lam=1.0)
+    objective = SelfDistillation(make_teacher("sda", model, k=3), lam=1.0)
     trainer = SelftuneTrainer(model=model, args=args, train_dataset=train, objective=objective)
     trainer.train()
+
+(A plain ``transformers.Trainer`` takes the same objective through
+:class:`selftune.plain_trainer.TrainerHooks`.)
 """
 
 from __future__ import annotations

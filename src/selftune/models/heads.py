@@ -275,7 +275,7 @@ def save_portable(model: PreTrainedModel, out_dir: Path) -> None:
     anywhere: a foldable [CLS] normalizer is folded into the saved classifier (the unfolded
     state goes to cls_norm/); an unfoldable one makes plain transformers refuse the folder.
     A model without a normalizer is left as saved."""
-    pooler = model.base_model.pooler
+    pooler = getattr(model.base_model, "pooler", None)  # DistilBERT has none
     if not isinstance(pooler, NormalizedPooler):
         return
     if not can_fold(model):
