@@ -6,6 +6,8 @@ Sources, in order: the user's own files (``--train-file``/``--validation-file``)
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -42,6 +44,16 @@ class DataOptions:
     dev_fraction: float = 0.1
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+
+
+def data_fingerprint(records: list[Record]) -> str:
+    """A hash of the training examples (ids, texts, labels, in order): a run keeps it, so that
+    resuming it over data that changed since is refused."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps(record, sort_keys=True, default=str).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
 
 
 def resolve_data_dir(data_dir: str | None) -> Path | None:
