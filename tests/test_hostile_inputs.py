@@ -238,6 +238,42 @@ def test_overwrite_deletes_a_marked_folder_but_not_its_neighbours(capsys, tmp_pa
     assert code == 0 and neighbour.read_text() == "keep"
 
 
+def test_the_committed_benchmark_run_folders_are_recognized():
+    folders = [p.parent for p in (REPO / "benchmarks").rglob(outputs.RUN_CONFIG_FILE)]
+    assert folders and all(outputs.is_run_folder(folder) for folder in folders)
+
+
+@pytest.mark.parametrize("old_file", [outputs.BENCH_RUN_FILE, outputs.BAM_SUMMARY_FILE,
+                                      "student/run_config.json", "teachers/rte/run_config.json"])
+def test_an_old_style_recipe_folder_is_ours(tmp_path, old_file):
+    root = tmp_path / "bam"
+    (root / old_file).parent.mkdir(parents=True, exist_ok=True)
+    (root / old_file).write_text("{}")
+    (root / "student" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    outputs.open_recipe_folder(root, {}, overwrite=True, hold=True,
+                               keep=(outputs.BENCH_RUN_FILE,))
+    try:
+        left = sorted(p.name for p in root.iterdir())
+        kept = [outputs.BENCH_RUN_FILE] if old_file == outputs.BENCH_RUN_FILE else []
+        assert left == sorted([outputs.LOCK_FILE, outputs.MARKER_FILE, *kept])
+    finally:
+        outputs.release_run_lock(root, outputs._HELD_LOCKS.pop(root.resolve()))
+
+
+def test_export_refuses_a_non_empty_folder_and_leaves_no_partial_copy(capsys, tmp_path,
+                                                                       tiny_classifier):
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    code, _, err = run_cli(capsys, "export", str(tiny_classifier), str(out))
+    assert_one_line_error(code, err, "not an empty folder")
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    fresh = tmp_path / "fresh"
+    code, _, _ = run_cli(capsys, "export", str(tiny_classifier), str(fresh))
+    assert code == 0 and (fresh / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "fresh"]
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. One writer per folder
 
@@ -302,6 +338,8 @@ def test_bench_claim_and_run_lock_do_not_deadlock(tmp_path, tiny_model, sentimen
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     with outputs.directory_lock(run, wait=False) as claim:
         assert claim is not None
+        # As bench does: its options file first, then the run reads them from there.
+        outputs.write_json_atomic(run / outputs.BENCH_RUN_FILE, {"seed": 42})
         proc = subprocess.run([sys.executable, "-m", "selftune",
                                *train_argv(tiny_model, sentiment_files, run)],
                               pass_fds=(claim.fileno(),), env=env, capture_output=True,
@@ -358,6 +396,13 @@ def _garble(path: Path) -> None:
     path.write_bytes(b"\x80\x04garbage, not what was saved")
 
 
+def _pickle_payload(path: Path) -> None:
+    """A pickle that would run code when loaded without weights_only (it is never run)."""
+    import torch
+
+    torch.save({"state": print}, path)
+
+
 def _append(path: Path) -> None:
     path.write_bytes(path.read_bytes() + b"\0" * 64)
 
@@ -375,6 +420,8 @@ CORRUPTIONS = {
     "no-manifest-truncated-weights": ("model.safetensors", _truncate, False),
     "no-manifest-garbled-weights": ("model.safetensors", _garble, False),
     "no-manifest-missing-rng-state": ("rng_state.pth", Path.unlink, False),
+    "no-manifest-pickled-optimizer": ("optimizer.pt", lambda p: _pickle_payload(p), False),
+    "no-manifest-truncated-optimizer": ("optimizer.pt", _truncate, False),
 }
 STEPS = 6  # 48 examples, batch 8, one epoch
 

@@ -69,14 +69,18 @@ def read_manifest(folder: Path) -> dict[str, dict[str, Any]] | None:
     return files
 
 
-def manifest_problem(folder: Path, missing_ok: bool = False) -> str | None:
+def manifest_problem(folder: Path, missing_ok: bool = False,
+                     suffix: str = "") -> str | None:
     """What is wrong with ``folder``'s files by its manifest (None: all match, or no
-    manifest). ``missing_ok``: a listed file deleted since (a pruned folder) is no problem."""
+    manifest). ``missing_ok``: a listed file deleted since (a pruned folder) is no problem;
+    ``suffix``: check only the files whose names end so."""
     try:
         files = read_manifest(folder)
     except (OSError, ValueError) as err:
         return f"{folder / MANIFEST_FILE} cannot be read ({err})"
     for name, entry in (files or {}).items():
+        if not name.endswith(suffix):
+            continue
         path = folder / name
         if not path.is_file():
             if missing_ok:
@@ -121,6 +125,20 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
             return problem
     if not any(checkpoint.glob("model*.safetensors")):
         return f"{checkpoint / 'model.safetensors'} is missing"
+    if not (checkpoint / MANIFEST_FILE).is_file():  # an older checkpoint: no hash to compare
+        return optimizer_problem(checkpoint / "optimizer.pt")
+    return None
+
+
+def optimizer_problem(path: Path) -> str | None:
+    """Whether the optimizer state loads as plain tensors (as the Trainer will load it): a
+    truncated file, or a pickle payload, does not."""
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError (a truncated zip), EOFError
+        return f"{path} cannot be loaded safely ({str(err).splitlines()[0][:120]})"
     return None
 
 
@@ -155,9 +173,10 @@ def newest_good_checkpoint(folder: Path) -> Path | None:
 
 
 def check_model_files(path: Path) -> None:
-    """Refuse a local model folder whose files are corrupt: by its manifest when it has one
-    (a folder written by selftune), and every safetensors file must open."""
-    problem = manifest_problem(path, missing_ok=True)
+    """Refuse a local model folder whose weights are corrupt: by its manifest when it has one
+    (a folder written by selftune), and every safetensors file must open. (Only the weights
+    are compared: a user may well edit config.json, e.g. its label names.)"""
+    problem = manifest_problem(path, missing_ok=True, suffix=".safetensors")
     for weights in sorted(path.glob("*.safetensors")):
         problem = problem or safetensors_problem(weights)
     if problem:

@@ -341,7 +341,8 @@ def finish_run_dir(output_dir: Path, result: dict[str, Any], keep_checkpoints: b
     # Only now: a kill before metrics.json must leave the checkpoints to resume from.
     if not keep_checkpoints:
         shutil.rmtree(output_dir / outputs.CHECKPOINTS, ignore_errors=True)
-    write_manifest(output_dir, skip=(outputs.CHECKPOINTS,))
+    # (train.log is not listed: it goes on being appended to.)
+    write_manifest(output_dir, skip=(outputs.CHECKPOINTS, outputs.LOG_FILE))
 
 
 def _task_metrics(eval_metrics: dict[str, float], task: TaskSpec) -> dict[str, float]:
