@@ -538,6 +538,33 @@ def test_a_resume_over_changed_data_is_refused(capsys, tmp_path, interrupted_run
     assert code == 0
 
 
+@pytest.mark.parametrize("with_manifest", [True, False], ids=["manifest", "no-manifest"])
+def test_a_garbage_objective_state_stops_naming_the_file(capsys, tmp_path, tiny_model,
+                                                         sentiment_files, with_manifest):
+    """sda's teacher window is state an exact resume needs: garbage there is never used."""
+    from selftune.config import TrainConfig
+    from selftune.trainer import OBJECTIVE_STATE_FILE
+    from selftune.training import train
+
+    run = tmp_path / "run"
+    argv = train_argv(tiny_model, sentiment_files, run, "--strategy", "sda",
+                      "--per-device-train-batch-size", "8", "--save-steps", "2")
+    config = TrainConfig(model=str(tiny_model), train_file=str(sentiment_files[0]),
+                         validation_file=str(sentiment_files[1]), output_dir=str(run),
+                         num_train_epochs=1, learning_rate=1e-2, warmup_ratio=0.0,
+                         per_device_train_batch_size=8, save_steps=2, strategy="sda")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, callbacks=[_interrupt_at(3)])
+    checkpoint = run / "checkpoints" / "checkpoint-2"
+    _garble(checkpoint / OBJECTIVE_STATE_FILE)
+    if not with_manifest:
+        (checkpoint / MANIFEST_FILE).unlink()
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, OBJECTIVE_STATE_FILE, "--no-resume")
+    code, _, err = run_cli(capsys, *argv, "--no-resume")
+    assert code == 0, err
+
+
 # ---------------------------------------------------------------------------------------------
 # 3b. Corrupt model folders given to train, evaluate, predict, export
 
