@@ -13,6 +13,7 @@ ignored, as before.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -31,6 +32,9 @@ TRAINER_STATE = "trainer_state.json"
 # torchrun.)
 RESUME_STATE = ("optimizer.pt", "scheduler.pt", TRAINER_STATE)
 CORRUPT_PREFIX = "corrupt-"
+# Written by the other processes of a torchrun run, maybe while the main one lists the
+# checkpoint: a manifest would catch them half-written.
+OTHER_PROCESSES_FILES = "rng_state_*.pth"
 
 
 def file_sha256(path: Path) -> str:
@@ -50,7 +54,8 @@ def write_manifest(folder: Path, skip: tuple[str, ...] = ()) -> None:
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
         if (not path.is_file() or relative.parts[0] in (*skip, MANIFEST_FILE, LOCK_FILE)
-                or path.name.startswith(".") and path.name.endswith(".tmp")):
+                or path.name.startswith(".") and path.name.endswith(".tmp")
+                or fnmatch.fnmatch(path.name, OTHER_PROCESSES_FILES)):
             continue
         files[relative.as_posix()] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     write_json_atomic(folder / MANIFEST_FILE, {"files": files})
