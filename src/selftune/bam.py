@@ -285,6 +285,7 @@ def teachers_root(cfg: BamConfig, root: Path) -> Path:
     return root / outputs.BAM_TEACHERS_DIR
 
 
+@outputs.releases_run_locks
 def run_bam(cfg: BamConfig) -> dict[str, Any]:
     from selftune.training import process_state, setup_logging, train
 
@@ -297,10 +298,12 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
                                     "directory (no config.json)")
     root = Path(cfg.output_dir or Path("runs") / "bam" / f"seed{cfg.seed}")
     state = process_state()
-    if cfg.overwrite_output_dir and state.is_main_process:
+    if state.is_main_process:
         # The options `selftune bench` started this recipe with stay: they are how it tells,
         # should this run be interrupted, whether its folder holds the grid's current options.
-        outputs.remove_run_dir(root, keep=(outputs.BENCH_RUN_FILE,))
+        # --teachers-only runs, one per task, may share a root (and write only teachers).
+        outputs.open_recipe_folder(root, cfg.to_dict(), cfg.overwrite_output_dir,
+                                   hold=not cfg.teachers_only, keep=(outputs.BENCH_RUN_FILE,))
     state.wait_for_everyone()
     summary: dict[str, Any] = {"tasks": [t.name for t in tasks], "config_hash": cfg.hash()}
     single_task = single_task_options(cfg)

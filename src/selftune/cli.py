@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -312,11 +313,22 @@ def _run_export(args: argparse.Namespace) -> int:
     from selftune.models.loading import load_finetuned, load_tokenizer
 
     out = Path(args.out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise SelftuneError(f"{out} exists and is not empty; choose a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SelftuneError(f"{out} exists and is not an empty folder; choose a new folder")
     model = fold_cls_norm(load_finetuned(args.model_dir))
-    model.save_pretrained(out)
-    load_tokenizer(args.model_dir).save_pretrained(out)
+    tokenizer = load_tokenizer(args.model_dir)
+    # Written beside, then renamed: never a half-written model under the final name, and a
+    # second export to the same folder fails at the rename instead of mixing two models.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, out)
+        except OSError as err:
+            raise SelftuneError(f"{out} was created meanwhile ({err.strerror}); choose a new "
+                                "folder") from None
+        Path(tmp).mkdir()  # for TemporaryDirectory's own cleanup
     print(f"wrote a plain model to {out}")
     return 0
 
@@ -427,17 +439,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nselftune: interrupted; run the same command again to resume from the last "
               "checkpoint", file=sys.stderr)
         return 130
-    except OSError as err:
-        if debug:
+    except Exception as err:
+        message = None if debug else io_failure_message(err)
+        if message is None:
             raise
-        if err.errno == errno.ENOSPC:
-            print("selftune: error: no space left on the device; free disk space or choose "
-                  "another --output-dir, then run the same command again to resume",
-                  file=sys.stderr)
-        else:
-            where = f": {err.filename}" if err.filename else ""
-            print(f"selftune: error: {err.strerror or err}{where}", file=sys.stderr)
+        print(f"selftune: error: {message}", file=sys.stderr)
         return 2
+
+
+# Errors of the storage itself, by errno and as the Rust of safetensors spells them.
+STORAGE_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", ("No space left", "StorageFull")),
+    errno.EDQUOT: ("disk quota exceeded", ("Disk quota exceeded", "QuotaExceeded")),
+    errno.EROFS: ("the file system is read-only", ("Read-only file system", "ReadOnlyFilesystem")),
+    errno.EIO: ("an input/output error of the storage", ("Input/output error",)),
+}
+RESUME_HINT = ("free disk space or choose another --output-dir, then run the same command "
+               "again to resume")
+
+
+def io_failure_message(err: BaseException) -> str | None:
+    """The one line for a failed write or read of the storage (a full disk, a quota, a
+    read-only or failing device), whichever library hit it; None for other errors."""
+    text = str(err)
+    for code, (what, spellings) in STORAGE_ERRORS.items():
+        if getattr(err, "errno", None) == code or (
+                not isinstance(err, OSError) and any(s in text for s in spellings)):
+            where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+            return f"{what}{where}; {RESUME_HINT}"
+    if isinstance(err, OSError):
+        where = f": {err.filename}" if err.filename else ""
+        return f"{err.strerror or err}{where}"
+    if isinstance(err, RuntimeError) and "PytorchStreamWriter failed" in text:
+        return f"writing a checkpoint failed ({text.splitlines()[0][:200]}); {RESUME_HINT}"
+    return None
 
 
 def entry() -> None:

@@ -501,7 +501,17 @@ def validate_options(cfg: TrainConfig) -> None:
          "--early-stopping-patience must be at least 1"),
         (cfg.layerwise_lr_decay is None or 0 < cfg.layerwise_lr_decay <= 1,
          "--layerwise-lr-decay must be in (0, 1]"),
+        (0 <= cfg.split_seed < 2**32, "--split-seed must be in [0, 2^32)"),
+        (0 < cfg.dev_fraction < 1, "--dev-fraction must be between 0 and 1"),
+        (cfg.max_train_samples is None or cfg.max_train_samples > 0,
+         "--max-train-samples must be positive"),
+        (cfg.max_eval_samples is None or cfg.max_eval_samples > 0,
+         "--max-eval-samples must be positive"),
     ]
+    # First: inf passes the comparisons above but means nothing (inf epochs never end).
+    checks[:0] = [(math.isfinite(value), f"--{name.replace('_', '-')} must be a finite number, "
+                   f"got {value}") for name, value in vars(cfg).items()
+                  if isinstance(value, float)]
     for ok, message in checks:
         if not ok:
             raise SelftuneError(message)

@@ -20,6 +20,7 @@ from selftune.data.loading import DataOptions, load_task_data
 from selftune.data.readers import Record, label_text, read_user_file, regression_label
 from selftune.data.tasks import TASKS, TaskSpec, custom_task
 from selftune.errors import SelftuneError
+from selftune.integrity import finite_or_none
 from selftune.metrics import compute_task_metrics
 from selftune.models.loading import (
     check_sequence_length,
@@ -225,7 +226,9 @@ def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     with open(tmp, "w", newline="") as f:
         if path.suffix.lower() == ".jsonl":
             for row in rows:
-                f.write(json.dumps(row) + "\n")
+                # NaN/infinity are not JSON: such a value (an overflow) is written as null.
+                f.write(json.dumps({k: finite_or_none(v) if isinstance(v, float) else v
+                                    for k, v in row.items()}) + "\n")
         else:
             delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
             writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter=delimiter)

@@ -5,19 +5,33 @@ Layout of ``--output-dir``::
     config.json, model.safetensors, tokenizer files   the final model (a standard HF directory)
     run_config.json                                   the resolved options of the run
     train.log                                         human-readable log
-    checkpoints/checkpoint-N/                         Trainer checkpoints while the run is going
-    metrics.json                                      written last: its presence means "finished"
+    selftune-run.json                                 the marker, written first: the run's id,
+                                                      the selftune version, the creation time and
+                                                      a fingerprint of the training data
+    .selftune-run.lock                                held (flock) by the run writing the folder
+    checkpoints/checkpoint-N/                         Trainer checkpoints while the run is going,
+                                                      each with a selftune-manifest.json (sha256)
+    metrics.json                                      its presence means "finished"
+    selftune-manifest.json                            written last: every file with its sha256
+
+A folder is the run's only if it carries the marker (or, written before markers existed, a
+run_config.json, bam.json or bench_run.json): selftune writes into no other non-empty folder and
+deletes nothing in one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,9 +50,15 @@ BAM_FINETUNED_DIR = "finetuned"
 BAM_SUMMARY_FILE = "bam.json"
 # The options `selftune bench` starts a run with, in the run's folder.
 BENCH_RUN_FILE = "bench_run.json"
-# What marks a folder as written by selftune, so that --overwrite-output-dir may delete it.
-RUN_MARKERS = (METRICS_FILE, RUN_CONFIG_FILE, LOG_FILE, CHECKPOINTS, BAM_STUDENT_DIR,
-               BAM_TEACHERS_DIR, BAM_FINETUNED_DIR, BAM_SUMMARY_FILE, BENCH_RUN_FILE)
+# What marks a folder as a run's: written first, before anything else of the run.
+MARKER_FILE = "selftune-run.json"
+# Held with flock by the one process writing the folder; holds that process's pid, host, start.
+LOCK_FILE = ".selftune-run.lock"
+# Files only selftune writes, by which run folders of versions before the marker are still
+# recognized (the committed benchmark grids' folders, an old run to resume or reuse). Generic
+# names (checkpoints/, train.log, student/, teachers/) prove nothing and are not among them.
+LEGACY_MARKERS = (RUN_CONFIG_FILE, BAM_SUMMARY_FILE, BENCH_RUN_FILE,
+                  f"{BAM_STUDENT_DIR}/{RUN_CONFIG_FILE}")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -80,7 +100,19 @@ def is_finished(output_dir: Path) -> bool:
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint (cheap: for planning; a resume verifies its files with
+    ``checkpoint_to_resume``)."""
     return newest_complete_checkpoint(output_dir / CHECKPOINTS)
+
+
+def checkpoint_to_resume(output_dir: Path, is_main_process: bool = True) -> Path | None:
+    """The newest intact checkpoint; the main process first sets corrupt newer ones aside
+    (saying so in the log), or stops when none is intact (see ``selftune.integrity``)."""
+    if not is_main_process:  # the main process has set the corrupt ones aside already
+        return last_checkpoint(output_dir)
+    from selftune.integrity import newest_good_checkpoint
+
+    return newest_good_checkpoint(output_dir / CHECKPOINTS)
 
 
 def newest_complete_checkpoint(folder: Path) -> Path | None:
@@ -110,13 +142,9 @@ def check_output_dir(
     A finished run is refused unless ``overwrite``. An unfinished run with other options is
     refused too: resuming it under a second configuration would make its results meaningless.
     """
-    if output_dir.exists() and not output_dir.is_dir():
-        raise SelftuneError(f"--output-dir {output_dir} exists and is not a folder")
-    model = config.get("model")
-    if isinstance(model, str) and Path(model).expanduser().resolve() == output_dir.resolve():
-        raise SelftuneError(f"--output-dir {output_dir} is the --model directory: the run "
-                            "would replace the model it starts from; choose another folder")
+    check_output_location(output_dir, config)
     check_selftune_folder(output_dir, "delete it" if overwrite else "write the run into it")
+    check_not_locked(output_dir)
     if overwrite:
         return
     if is_finished(output_dir):
@@ -128,6 +156,150 @@ def check_output_dir(
         raise SelftuneError(
             f"{output_dir} holds an unfinished run with other options ({', '.join(changed)}); "
             "use the same options to resume it, or --overwrite-output-dir to start over")
+
+
+def check_output_location(output_dir: Path, config: dict[str, Any]) -> None:
+    """Refuse an output folder that is not a folder, or that holds the current folder, the
+    model the run starts from or one of its input files (--overwrite-output-dir would delete
+    them; a run would write over them)."""
+    if str(config.get("output_dir", "x")).strip() == "":
+        raise SelftuneError("--output-dir is empty; name a folder for the run")
+    if output_dir.is_symlink() and not output_dir.exists():
+        raise SelftuneError(f"--output-dir {output_dir} is a broken symbolic link or a link "
+                            "loop; choose another folder")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SelftuneError(f"--output-dir {output_dir} exists and is not a folder")
+    out = output_dir.expanduser().resolve()
+    if _inside(Path.cwd().resolve(), out):
+        raise SelftuneError(f"--output-dir {output_dir} is the current folder or holds it; "
+                            "choose a folder of its own for the run (e.g. runs/NAME)")
+    for name, value in _input_paths(config):
+        path = Path(value).expanduser().resolve()
+        if path == out and name == "model":
+            raise SelftuneError(f"--output-dir {output_dir} is the --model directory: the run "
+                                "would replace the model it starts from; choose another folder")
+        if _inside(path, out):
+            flag = "--" + name.replace("_", "-")
+            raise SelftuneError(f"--output-dir {output_dir} holds the {flag} {value}, which "
+                                "the run could overwrite or delete; choose another folder")
+
+
+# Options naming what a run reads: none of them may lie inside its output folder.
+INPUT_OPTIONS = ("model", "train_file", "validation_file", "data_dir")
+
+
+def _input_paths(config: dict[str, Any]) -> list[tuple[str, str]]:
+    paths = [(name, config[name]) for name in INPUT_OPTIONS
+             if isinstance(config.get(name), str) and config[name]
+             and (name != "model" or Path(config[name]).expanduser().exists())]
+    teacher_files = config.get("teacher_predictions")
+    if isinstance(teacher_files, str) and teacher_files:
+        paths += [("teacher_predictions", item.split("=", 1)[-1])
+                  for item in teacher_files.split(",") if item.strip()]
+    return paths
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or path.is_relative_to(folder)
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether selftune made ``folder`` for a run: it carries the marker, or (a folder of a
+    version before markers) one of the files only selftune writes."""
+    return (folder / MARKER_FILE).is_file() or any(
+        (folder / name).is_file() for name in LEGACY_MARKERS) or any(
+        folder.glob(f"{BAM_TEACHERS_DIR}/*/{RUN_CONFIG_FILE}"))
+
+
+def read_marker(folder: Path) -> dict[str, Any]:
+    """The folder's marker ({} when it has none or it cannot be read)."""
+    try:
+        marker = json.loads((folder / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def write_marker(folder: Path, fingerprint: str | None) -> None:
+    """Mark ``folder`` as a run's (first thing written into it); a resumed run keeps its id."""
+    from selftune import __version__
+
+    marker = read_marker(folder)
+    if not marker.get("run_id"):
+        marker = {"run_id": uuid.uuid4().hex, "selftune_version": __version__,
+                  "created": datetime.now(UTC).isoformat(timespec="seconds")}
+    if fingerprint:
+        marker["data_fingerprint"] = fingerprint
+    write_json_atomic(folder / MARKER_FILE, marker)
+
+
+def check_same_data(folder: Path, fingerprint: str | None) -> None:
+    """Refuse to resume a run whose training data changed since it started: the resumed half
+    would train on other examples than the first."""
+    saved = read_marker(folder).get("data_fingerprint")
+    if fingerprint and saved and saved != fingerprint:
+        raise SelftuneError(
+            f"{folder} holds an unfinished run started on other training data (its fingerprint "
+            f"in {MARKER_FILE} differs); run again with --no-resume to start over on this data")
+
+
+def check_not_locked(output_dir: Path) -> None:
+    """Stop at once when another process is writing ``output_dir``."""
+    if (output_dir / LOCK_FILE).is_file() and output_dir.resolve() not in _HELD_LOCKS:
+        lock = acquire_run_lock(output_dir)
+        release_run_lock(output_dir, lock)
+
+
+def acquire_run_lock(output_dir: Path) -> IO:
+    """Take the folder's exclusive lock, or raise naming the process that holds it. The lock
+    lives as long as the returned file is open (and dies with the process)."""
+    lock = open(output_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise SelftuneError(f"{output_dir} is being written by another run ({holder}); wait "
+                            "for it to end or choose another --output-dir") from None
+    lock.seek(0)
+    lock.truncate()
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
+    lock.flush()
+    return lock
+
+
+def release_run_lock(output_dir: Path, lock: IO) -> None:
+    with contextlib.suppress(OSError):
+        lock.seek(0)
+        lock.truncate()
+    lock.close()
+
+
+# The run locks this process holds, by folder: released when the function that took them
+# (train, train_multitask, run_bam, decorated with ``releases_run_locks``) returns or raises.
+_HELD_LOCKS: dict[Path, IO] = {}
+
+
+def hold_run_lock(output_dir: Path) -> None:
+    key = output_dir.resolve()
+    if key not in _HELD_LOCKS:
+        _HELD_LOCKS[key] = acquire_run_lock(output_dir)
+
+
+def releases_run_locks(function: Callable) -> Callable:
+    """Release the run locks ``function`` took, however it ends (an in-process caller, a
+    test or a notebook, may start another run on the same folder next)."""
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        before = set(_HELD_LOCKS)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            for key in set(_HELD_LOCKS) - before:
+                release_run_lock(key, _HELD_LOCKS.pop(key))
+    return wrapper
 
 
 def changed_options(
@@ -177,13 +349,15 @@ def _resumable(output_dir: Path, config: dict[str, Any], defaults: dict[str, Any
 
 
 def remove_run_dir(output_dir: Path, keep: tuple[str, ...] = ()) -> None:
-    """Delete a run folder for --overwrite-output-dir, but only one selftune wrote (or an empty
-    one): pointed by mistake at a folder of the user's own (".", a home folder, a dataset),
-    the option must not wipe it. Entries named in ``keep`` stay."""
+    """Delete a run folder's content for --overwrite-output-dir, but only of a folder selftune
+    made for a run (or an empty one): pointed by mistake at a folder of the user's own (".",
+    a home folder, a dataset), the option must not wipe it. Entries named in ``keep`` stay, and
+    so does the lock file and (when held, or kept) the folder itself."""
     if not output_dir.exists():
         return
     check_selftune_folder(output_dir, "delete it")
-    if not keep:
+    keep = (*keep, LOCK_FILE)
+    if not any((output_dir / name).exists() for name in keep):
         shutil.rmtree(output_dir)
         return
     for entry in output_dir.iterdir():
@@ -196,36 +370,64 @@ def remove_run_dir(output_dir: Path, keep: tuple[str, ...] = ()) -> None:
 
 
 def check_selftune_folder(output_dir: Path, action: str) -> None:
-    """Refuse a non-empty folder selftune did not write: pointed by mistake at a folder of the
-    user's own (".", a home folder, the pretrained model's), a run would mix its files with the
-    user's or replace them (a model directory's config.json and weights)."""
-    if (output_dir.is_dir() and any(output_dir.iterdir())
-            and not any((output_dir / m).exists() for m in RUN_MARKERS)):
+    """Refuse a non-empty folder selftune did not make for a run: pointed by mistake at a
+    folder of the user's own (".", a home folder, the pretrained model's), a run would mix its
+    files with the user's or replace them (a model directory's config.json and weights)."""
+    if not output_dir.is_dir() or is_run_folder(output_dir):
+        return
+    if any(entry.name != LOCK_FILE for entry in output_dir.iterdir()):
         raise SelftuneError(
-            f"--output-dir {output_dir} is not a selftune run folder (none of "
-            f"{', '.join(RUN_MARKERS)} in it) and is not empty; refusing to {action}. "
-            "Choose a new or empty --output-dir")
+            f"--output-dir {output_dir} is not a selftune run folder (it has no {MARKER_FILE}) "
+            f"and is not empty; refusing to {action}. Choose a new or empty --output-dir")
 
 
 def prepare_output_dir(
     output_dir: Path, config: dict[str, Any], overwrite: bool, resume: bool,
-    defaults: dict[str, Any] | None = None,
+    defaults: dict[str, Any] | None = None, fingerprint: str | None = None,
 ) -> Path | None:
-    """Make the folder ready; return the checkpoint to resume from, if any."""
+    """Make the folder ready and hold its lock (until the decorated run function ends); mark
+    it as the run's; return the checkpoint to resume from, if any."""
+    check_output_location(output_dir, config)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SelftuneError(f"cannot write to --output-dir {output_dir}: {err.strerror}") from None
+    hold_run_lock(output_dir)
+    # Checked again under the lock: another run may have finished (or started) meanwhile.
     check_output_dir(output_dir, config, overwrite, resume, defaults)
     # --overwrite-output-dir replaces what cannot be resumed; an interrupted run of these same
     # options is resumed all the same, so rerunning a command after a crash loses nothing.
     if overwrite and (not resume or is_finished(output_dir)
-                      or not _resumable(output_dir, config, defaults)):
+                      or not _resumable(output_dir, config, defaults)
+                      or not _same_data(output_dir, fingerprint)):
         remove_run_dir(output_dir)
-    checkpoint = last_checkpoint(output_dir) if resume else None
-    if not resume and (output_dir / CHECKPOINTS).exists():
+    if resume:
+        check_same_data(output_dir, fingerprint)
+    elif (output_dir / CHECKPOINTS).exists():
         shutil.rmtree(output_dir / CHECKPOINTS)
+    write_marker(output_dir, fingerprint)
+    return last_checkpoint(output_dir) if resume else None
+
+
+def open_recipe_folder(root: Path, config: dict[str, Any], overwrite: bool, hold: bool,
+                       keep: tuple[str, ...] = ()) -> None:
+    """The folder of a recipe of several runs (``selftune bam``): refused unless it is ours
+    or empty; with ``hold``, locked for the recipe's life and marked; emptied (but ``keep``)
+    with --overwrite-output-dir."""
+    check_output_location(root, config)
+    check_selftune_folder(root, "delete it" if overwrite else "write the recipe into it")
+    if hold:
+        root.mkdir(parents=True, exist_ok=True)
+        hold_run_lock(root)
+    if overwrite:
+        remove_run_dir(root, keep)
+    if hold:
+        write_marker(root, None)
+
+
+def _same_data(output_dir: Path, fingerprint: str | None) -> bool:
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise SelftuneError(f"cannot write to --output-dir {output_dir}: {err.strerror}") from None
-    return checkpoint
+        check_same_data(output_dir, fingerprint)
+    except SelftuneError:
+        return False
+    return True

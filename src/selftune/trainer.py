@@ -268,6 +268,12 @@ class SelftuneTrainer(Trainer):
             save_file(state, str(tmp))
             os.replace(tmp, folder / OBJECTIVE_STATE_FILE)
         super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            # Last: a checkpoint whose files all match its manifest is intact (resume checks).
+            from selftune.integrity import write_manifest
+
+            write_manifest(Path(self._get_output_dir(trial=trial)) / (
+                f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """``Trainer.train``; resuming also restores the objective's state (teacher window...)."""
@@ -299,4 +305,10 @@ class SelftuneTrainer(Trainer):
 
             raise SelftuneError(f"{checkpoint} has no {OBJECTIVE_STATE_FILE}: it was written by "
                                 "another strategy; use --overwrite-output-dir to start over")
-        self.objective.load_state_dict(load_file(str(path)))
+        try:
+            self.objective.load_state_dict(load_file(str(path)))
+        except Exception as err:  # SafetensorError (truncated, garbled), wrong tensors
+            from selftune.errors import SelftuneError
+
+            raise SelftuneError(f"{path} cannot be read ({str(err).splitlines()[0]}); run "
+                                "again with --no-resume to start over") from None

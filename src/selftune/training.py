@@ -23,10 +23,11 @@ from transformers import TrainerCallback, TrainingArguments
 from selftune import outputs
 from selftune.config import TrainConfig, check_strategy_options, validate_options
 from selftune.data.features import tokenize_records
-from selftune.data.loading import TaskData, load_task_data
+from selftune.data.loading import TaskData, data_fingerprint, load_task_data
 from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
 from selftune.evaluation import dataset_logits
+from selftune.integrity import write_manifest
 from selftune.metrics import compute_task_metrics, metrics_and_score, trainer_metrics_fn
 from selftune.model_card import write_run_summary
 from selftune.models.heads import add_cls_norm, save_portable
@@ -248,23 +249,25 @@ def resolved_options(cfg: TrainConfig, snapshot_interval_steps: int) -> dict[str
     return {}
 
 
-def open_run_directory(cfg: TrainConfig, output_dir: Path,
+def open_run_directory(cfg: TrainConfig, output_dir: Path, fingerprint: str | None = None,
                        resolved: dict[str, Any] | None = None) -> Path | None:
     """Create the run folder (once the inputs are known to be good), start train.log, save
     run_config.json; return the checkpoint to resume from, if any.
 
-    Under ``accelerate launch``/``torchrun`` only the main process touches the folder; the
-    others wait for it, then find the same checkpoint.
+    Under ``accelerate launch``/``torchrun`` only the main process touches the folder (and
+    holds its lock); the others wait for it, then find the same checkpoint. ``fingerprint``
+    (of the training data) is kept in the folder's marker: a resume over other data is refused.
     """
     state = process_state()
     if state.is_main_process:
         outputs.prepare_output_dir(output_dir, cfg.to_dict(), cfg.overwrite_output_dir,
-                                   cfg.resume, type(cfg)().to_dict())
+                                   cfg.resume, type(cfg)().to_dict(), fingerprint)
         outputs.write_json_atomic(output_dir / outputs.RUN_CONFIG_FILE,
                                   {**cfg.to_dict(), **({"resolved": resolved} if resolved else {})})
     state.wait_for_everyone()
     setup_logging(output_dir / outputs.LOG_FILE if state.is_main_process else None)
-    resume_from = outputs.last_checkpoint(output_dir) if cfg.resume else None
+    resume_from = (outputs.checkpoint_to_resume(output_dir, state.is_main_process)
+                   if cfg.resume else None)
     if resume_from:
         logger.info("Resuming from %s", resume_from)
     return resume_from
@@ -293,6 +296,7 @@ def history_from_logs(log_history: list[dict]) -> list[dict]:
     return history
 
 
+@outputs.releases_run_locks
 def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
     """Fine-tune one model as ``cfg`` says; return the content of ``metrics.json``.
 
@@ -314,7 +318,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> d
     args = training_arguments(cfg, output_dir / outputs.CHECKPOINTS, cfg.eval_each_epoch)
     strategy = cfg.strategy_options(update_steps_per_epoch(len(data.train), args))
     resolved = resolved_options(cfg, strategy.interval)
-    resume_from = open_run_directory(cfg, output_dir, resolved)
+    resume_from = open_run_directory(cfg, output_dir, data_fingerprint(data.train), resolved)
     logger.info("Task %s from %s: %d train, %d %s examples; model %s", task.name, data.source,
                 len(data.train), len(data.eval_splits[split]), split, model_path)
     train_set = tokenize_records(data.train, tokenizer, cfg.max_seq_length)
@@ -427,11 +431,14 @@ def run_accounting(cfg: TrainConfig, trainer: SelftuneTrainer, train_output: Tra
 
 
 def finish_run_dir(output_dir: Path, result: dict[str, Any], keep_checkpoints: bool) -> None:
-    """Mark the run finished (metrics.json, written last), then drop its checkpoints."""
+    """Mark the run finished (metrics.json), drop its checkpoints, then list every file of the
+    folder in its manifest (written last)."""
     outputs.write_json_atomic(output_dir / outputs.METRICS_FILE, result)
     # Only now: a kill before metrics.json must leave the checkpoints to resume from.
     if not keep_checkpoints:
         shutil.rmtree(output_dir / outputs.CHECKPOINTS, ignore_errors=True)
+    # (train.log is not listed: it goes on being appended to.)
+    write_manifest(output_dir, skip=(outputs.CHECKPOINTS, outputs.LOG_FILE))
 
 
 def _task_metrics(eval_metrics: dict[str, float], task: TaskSpec) -> dict[str, float]:

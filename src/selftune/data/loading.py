@@ -6,6 +6,8 @@ Sources, in order: the user's own files (``--train-file``/``--validation-file``)
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -44,6 +46,16 @@ class DataOptions:
     max_eval_samples: int | None = None
     dataset_name: str | None = None  # any Hub dataset with text and label columns
     dataset_config_name: str | None = None
+
+
+def data_fingerprint(records: list[Record]) -> str:
+    """A hash of the training examples (ids, texts, labels, in order): a run keeps it, so that
+    resuming it over data that changed since is refused."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps(record, sort_keys=True, default=str).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
 
 
 def resolve_data_dir(data_dir: str | None) -> Path | None:

@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import math
+import re
 import sys
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -96,9 +97,16 @@ def _label_name(task: TaskSpec, raw: str, where: str) -> str:
     )
 
 
+# A number as a file may write it: 1, 01, +1, 1.0, 1e0.
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def label_text(label: object) -> str:
-    """A class label as written in a file: 1.0 read from a csv is the class "1"."""
-    if isinstance(label, float) and label.is_integer():
+    """A class label as written in a file, numbers normalised: 1, 1.0 and 01 (from a csv, a
+    tsv or a jsonl alike) are all the class "1"."""
+    if isinstance(label, str) and NUMBER.fullmatch(label.strip()):
+        label = float(label)
+    if isinstance(label, float) and label.is_integer() and abs(label) < 2**53:
         return str(int(label))
     return str(label)
 
@@ -281,14 +289,31 @@ def read_user_file(
             value = row.get(col)
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 value = ""
-            record[key] = _check_text(str(value), f"{where} column {col!r}")
+            if not isinstance(value, str):
+                # A list, an object or a number in a JSONL text field: its str() is no text.
+                raise SelftuneError(f"{where} column {col!r}: the text is a "
+                                    f"{type(value).__name__}, not a string; write it as text")
+            record[key] = _check_text(value, f"{where} column {col!r}")
         if label_column:
             label = row.get(label_column)
             if label is None or (isinstance(label, str) and not label.strip()):
                 raise SelftuneError(f"{where}: empty label in column {label_column!r}")
+            if isinstance(label, (list, dict)):
+                raise SelftuneError(f"{where}: the label in column {label_column!r} is a "
+                                    f"{type(label).__name__}; give one class name or number")
             record["label"] = label.strip() if isinstance(label, str) else label
         records.append(record)
     return records
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object whose keys are all different (json keeps the last of a repeated key)."""
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"key(s) {repeated} given more than once in one object; give every "
+                         "column its own name")
+    return dict(pairs)
 
 
 def _iter_user_rows(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
@@ -303,9 +328,11 @@ def _iter_user_rows(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as err:
                 raise SelftuneError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            except ValueError as err:  # a key given twice
+                raise SelftuneError(f"{path}:{lineno}: {err}") from None
             if not isinstance(obj, dict):
                 raise SelftuneError(f"{path}:{lineno}: each line must be a JSON object")
             yield lineno, obj
@@ -319,7 +346,14 @@ def _iter_user_rows(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
         if header is None:
             return
         header = [h.strip() for h in header]
-        for lineno, row in enumerate(reader, start=2):
+        repeated = sorted({h for h in header if header.count(h) > 1})
+        if repeated:
+            raise SelftuneError(f"{path}:{reader.line_num}: the header names column(s) "
+                                f"{repeated} more than once; give every column its own name")
+        # Messages name the physical line a record starts on (a quoted field may span lines).
+        start = reader.line_num + 1
+        for row in reader:
+            lineno, start = start, reader.line_num + 1
             if not row:
                 continue
             if len(row) != len(header):

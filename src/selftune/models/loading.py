@@ -23,6 +23,7 @@ from transformers import (
 from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
 from selftune.extras import DEFAULT_MODEL_EXTRA
+from selftune.integrity import check_finite_weights, check_model_files
 from selftune.models.heads import NORM_KEY, SOURCE_KEY, restore_cls_norm, selftune_only_config
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -110,6 +111,8 @@ def load_for_training(
         kwargs["id2label"] = dict(enumerate(task.label_names))
         kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
         kwargs["problem_type"] = "single_label_classification"
+    if Path(name).expanduser().is_dir():
+        check_model_files(Path(name).expanduser())
     verbosity = transformers.logging.get_verbosity()
     # The load report lists the new head's weights as "missing": expected here, so not shown.
     transformers.logging.set_verbosity_error()
@@ -132,6 +135,7 @@ def load_for_training(
         raise _hub_error(name, err) from None
     finally:
         transformers.logging.set_verbosity(verbosity)
+    check_finite_weights(model, name)
     logger.info("Loaded %s with a new %s head (%d outputs)", name,
                 "regression" if task.is_regression else "classification", task.num_labels)
     return model
@@ -143,6 +147,7 @@ def load_finetuned(path: str, trust_remote_code: bool = False) -> PreTrainedMode
     local = _is_local(path)
     if local:
         check_model_dir(Path(path).expanduser())
+        check_model_files(Path(path).expanduser())
     verbosity = transformers.logging.get_verbosity()
     # A [CLS] normalizer's buffers are "unexpected" to the plain class: restored just below.
     transformers.logging.set_verbosity_error()
@@ -167,6 +172,7 @@ def load_finetuned(path: str, trust_remote_code: bool = False) -> PreTrainedMode
             f"{path} is not a fine-tuned sequence classifier: it has no weights for {shown} "
             f"(a pretrained encoder?); fine-tune it first: selftune train --model {path} ...")
     restore_cls_norm(model, Path(path))
+    check_finite_weights(model, path)
     return model
 
 

@@ -23,7 +23,7 @@ from transformers import DataCollatorWithPadding, TrainerCallback
 
 from selftune import outputs
 from selftune.config import DATA, OUTPUT, TRAIN, TrainConfig, opt
-from selftune.data.loading import load_task_data
+from selftune.data.loading import data_fingerprint, load_task_data
 from selftune.data.tasks import TaskSpec, get_task
 from selftune.errors import SelftuneError
 from selftune.metrics import compute_task_metrics, metrics_and_score
@@ -245,6 +245,7 @@ def evaluate_multitask_teacher(cfg: MultiTaskConfig, self_distillation, tasks: l
             if cfg.strategy == "sdv" else self_distillation.teacher.name}
 
 
+@outputs.releases_run_locks
 def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     """Train one multi-task model; return the content of its ``metrics.json``."""
     tasks = check_multitask_options(cfg)
@@ -281,7 +282,8 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     model = build_multitask_model(model_path, tasks, cfg.trust_remote_code)
     check_sequence_length(cfg.max_seq_length, model)
-    resume_from = open_run_directory(cfg, output_dir)
+    resume_from = open_run_directory(cfg, output_dir, data_fingerprint(
+        [row for task in tasks for row in records[task.name]]))
     data = build_train_set(tasks, records, tokenizer, cfg.max_seq_length, teachers,
                            model.max_labels)
     if cfg.cls_norm != "none" or cfg.cls_source != "auto":
