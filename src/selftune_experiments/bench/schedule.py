@@ -10,17 +10,17 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from selftune.bench.grid import TEACHER_VARIANT, Grid
-from selftune.bench.planning import (
+from selftune.errors import SelftuneError
+from selftune.outputs import BAM_STUDENT_DIR, is_finished, last_checkpoint
+from selftune_experiments.bench.grid import TEACHER_VARIANT, Grid
+from selftune_experiments.bench.planning import (
     PlannedRun,
     finished_metrics,
     holds_other_config,
     must_train_teacher_again,
     teacher_dirs,
 )
-from selftune.bench.results import MULTITASK_COST_SCOPE, read_recorded
-from selftune.errors import SelftuneError
-from selftune.outputs import BAM_STUDENT_DIR, is_finished, last_checkpoint
+from selftune_experiments.bench.results import MULTITASK_COST_SCOPE, read_recorded
 
 # Runs of one kind vary by 10-25% in wall time here, with what else shares the machine.
 DEADLINE_MARGIN = 1.25
