@@ -7,10 +7,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import yaml
+
 from selftune.cli.common import Commands, HelpFormatter, add_common
 from selftune.config import int_at_least
 from selftune.errors import SelftuneError
-from selftune_experiments.bench.schedule import DEADLINE_MARGIN
+from selftune_experiments.bench import (
+    DEADLINE_MARGIN,
+    Grid,
+    check_bench_options,
+    check_name,
+    load_grid,
+    parse_deadline,
+    parse_seeds,
+    parse_tasks,
+    run_grid,
+)
 
 BENCH_EPILOG = """\
 examples:
@@ -98,8 +110,6 @@ def register(commands: Commands) -> None:
 
 
 def _parse_value(text: str):
-    import yaml
-
     return yaml.safe_load(text)
 
 
@@ -117,17 +127,6 @@ def _key_values(items: list[str], what: str) -> dict:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from selftune_experiments.bench import (
-        Grid,
-        check_bench_options,
-        check_name,
-        load_grid,
-        parse_deadline,
-        parse_seeds,
-        parse_tasks,
-        run_grid,
-    )
-
     if args.grid:
         grid = load_grid(Path(args.grid))
     else:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selftune.config import BamConfig, TrainConfig
+from selftune.config import BamConfig, TrainConfig, check_strategy_options, validate_options
+from selftune.data.tasks import get_task
 from selftune.errors import SelftuneError
 from selftune.outputs import BAM_SUMMARY_FILE, BENCH_RUN_FILE, METRICS_FILE, RUN_CONFIG_FILE
 from selftune_experiments.bench.grid import TEACHER_VARIANT, Grid, check_grid
@@ -41,8 +42,6 @@ class PlannedRun:
 
 def plan_runs(grid: Grid, runs_dir: Path) -> list[PlannedRun]:
     """Seed-major order: an interrupted grid has whole seeds for every task and variant."""
-    from selftune.data.tasks import get_task
-
     def is_bam(options: dict | None) -> bool:  # "pipeline: bam" in the variant or in common
         return {**grid.common, **(options or {})}.get("pipeline") == "bam"
 
@@ -77,8 +76,6 @@ def _check_options(config: Any, where: str, bam: bool = False) -> None:
     work (for a BAM! run: of the student's options and of each --teachers auto teacher's),
     made here for every run before the first starts: a bad value fails at once, not hours
     into a grid. No data or model is read."""
-    from selftune.config import check_strategy_options, validate_options
-
     try:
         if bam:
             from selftune.bam import check_bam_options
@@ -100,8 +97,6 @@ def _check_options(config: Any, where: str, bam: bool = False) -> None:
 
 def _plan_bam(grid: Grid, variant: str, options: dict, seed: int, runs_dir: Path) -> PlannedRun:
     """A BAM!/multi-task variant: one ``selftune bam`` run per seed covers every task."""
-    from selftune.data.tasks import get_task
-
     for task in grid.tasks:
         get_task(task)
     if grid.task_options:
