@@ -520,3 +520,16 @@ def test_stdout_is_the_final_json_alone(tmp_path, tiny_model, sentiment_files):
     quiet = run("quiet", "--quiet")
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stdout == "" and (tmp_path / "quiet" / "metrics.json").is_file()
+
+
+def test_evaluate_prints_its_json_or_nothing_when_quiet(capsys, tmp_path, tiny_classifier,
+                                                        sentiment_files):
+    _, dev = sentiment_files
+    args = ["evaluate", str(tiny_classifier), "--validation-file", str(dev)]
+    code, out, _ = run_cli(capsys, *args)
+    printed = json.loads(out)
+    assert code == 0 and printed["num_examples"] == 16
+    metrics_file = tmp_path / "metrics.json"
+    code, out, _ = run_cli(capsys, *args, "--output-file", str(metrics_file), "--quiet")
+    assert code == 0 and out == ""
+    assert json.loads(metrics_file.read_text()) == printed  # quiet, but still written
