@@ -50,7 +50,7 @@ if [ -n "${DEADLINE:-}" ]; then
   # The Python selftune runs in (the venv's), whichever `python` comes first on PATH.
   deadline=$("$(dirname "$(command -v selftune)")/python" - "$DEADLINE" <<'PY'
 import sys
-from selftune.bench import parse_deadline
+from selftune_experiments.bench import parse_deadline
 from selftune.errors import SelftuneError
 try:
     print(parse_deadline(sys.argv[1]).isoformat(timespec="minutes"))

@@ -22,12 +22,11 @@ import dataclasses
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from selftune import outputs
-from selftune.config import OUTPUT, SD_OPTIONS, TrainConfig, opt
+from selftune.config import SD_OPTIONS, BamConfig, TrainConfig
 from selftune.data.loading import DataOptions, load_task_data
 from selftune.data.readers import Record
 from selftune.data.tasks import TaskSpec
@@ -42,40 +41,6 @@ from selftune.multitask.teacher_cache import (
 from selftune.multitask.training import MultiTaskConfig, parse_task_paths, train_multitask
 
 logger = logging.getLogger("selftune")
-BAM = "BAM! recipe"
-
-
-@dataclass
-class BamConfig(MultiTaskConfig):
-    teachers: str = opt("auto", "auto: train (or reuse) a single-task teacher per task in "
-                        "<output-dir>/teachers; none: no teachers (plain multi-task, the "
-                        "paper's 'Multi'); or task=MODEL_DIR,... for teachers you trained "
-                        "('{seed}' in a path becomes the seed: rte=runs/rte-seed{seed}).", BAM)
-    teacher_learning_rate: float = opt(5e-5, "Learning rate of the single-task teachers.", BAM)
-    teacher_epochs: float = opt(3.0, "Epochs of the single-task teachers.", BAM)
-    teacher_batch_size: int = opt(32, "Batch size of the single-task teachers.", BAM)
-    teacher_layerwise_lr_decay: float | None = opt(0.9, "Layer-wise learning-rate decay of the "
-                                                   "teachers (BAM!: 0.9, as the student).", BAM)
-    teachers_root: str | None = opt(None, "Folder of the teachers trained with --teachers auto "
-                                    "(default: <output-dir>/teachers); '{seed}' is replaced by "
-                                    "the seed, so several recipes (e.g. ablations) can share "
-                                    "one set of teachers per seed.", BAM)
-    finetune_after: bool = opt(False, "Fine-tune each of the student's task models on its "
-                               "task alone afterwards (with the teachers' options).", BAM)
-    teachers_only: bool = opt(False, "Train (or reuse) the teachers and cache their "
-                              "predictions, then stop before the student. To train the "
-                              "teachers in parallel, start one such run per task (--tasks rte, "
-                              "--tasks mrpc, ...) with one --teachers-root; the full recipe "
-                              "with that root then reuses them.", BAM)
-    output_dir: str | None = opt(None, "Where the recipe writes teachers/, student/, "
-                                 "finetuned/ (with --finetune-after) and bam.json (default: "
-                                 "runs/bam/seed<seed>).", OUTPUT)
-    overwrite_output_dir: bool = opt(False, "Redo every stage: delete the recipe's folder "
-                                     "first (only a folder selftune wrote, or an empty one; any "
-                                     "other is refused). Without it, finished stages are "
-                                     "reused and an interrupted one resumes.", OUTPUT)
-
-
 def compute_teacher_predictions(
     model_dir: Path, task: TaskSpec, data_options: DataOptions, out_file: Path,
     both_orders: bool, max_seq_length: int = 128, batch_size: int = 128,
@@ -246,6 +211,14 @@ def teacher_config(cfg: BamConfig, task: str, teacher_dir: Path) -> TrainConfig:
                           "output_dir": str(teacher_dir)})
 
 
+def recipe_teachers(cfg: BamConfig) -> dict[str, TrainConfig]:
+    """The ``selftune train`` options of each teacher that --teachers auto trains, by task,
+    each with its folder as ``output_dir`` (for tools that plan or check the recipe's runs,
+    such as an experiment grid)."""
+    root = teachers_root(cfg, recipe_root(cfg))
+    tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
+    return {task: teacher_config(cfg, task, root / task) for task in tasks}
+
 def check_bam_options(cfg: BamConfig) -> list[TaskSpec]:
     """Every option of the recipe that can be checked without data or models, before hours of
     teacher training (also by `selftune bench` for each planned run); returns the tasks."""
@@ -285,6 +258,11 @@ def teachers_root(cfg: BamConfig, root: Path) -> Path:
     return root / outputs.BAM_TEACHERS_DIR
 
 
+def recipe_root(cfg: BamConfig) -> Path:
+    """The recipe's folder: --output-dir, else runs/bam/seed<seed>."""
+    return Path(cfg.output_dir or Path("runs") / "bam" / f"seed{cfg.seed}")
+
+
 @outputs.releases_run_locks
 def run_bam(cfg: BamConfig) -> dict[str, Any]:
     from selftune.training import process_state, setup_logging, train
@@ -296,7 +274,7 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
             if not (path / "config.json").is_file():
                 raise SelftuneError(f"--teachers: the {task} teacher {path} is not a model "
                                     "directory (no config.json)")
-    root = Path(cfg.output_dir or Path("runs") / "bam" / f"seed{cfg.seed}")
+    root = recipe_root(cfg)
     state = process_state()
     if state.is_main_process:
         # The options `selftune bench` started this recipe with stay: they are how it tells,

@@ -430,9 +430,12 @@ def add_dataclass_arguments(
         if run_glue_spelling:
             names.append(run_glue_spelling)
         default_text = "" if f.default is None else f" (default: {f.default})"
-        group.add_argument(*names, dest=f.name, type=meta.get("parse") or kind,
-                           default=f.default,
+        # A field may set a lower bound ("minimum"), checked as the flag is read, or a parser.
+        parse = (meta.get("parse") or
+                 (int_at_least(meta["minimum"]) if "minimum" in meta else kind))
+        group.add_argument(*names, dest=f.name, type=parse, default=f.default,
                            choices=meta.get("choices"), help=help_text + default_text,
+                           required=meta.get("required", False),
                            metavar=f.name.upper() if not meta.get("choices") else None)
 
 
@@ -531,3 +534,86 @@ def check_trackers(report_to: str) -> None:
             f"--report-to {','.join(missing)}: not available here (an unknown tracker, or its "
             f"package is not installed: pip install {' '.join(missing)}); installed trackers: "
             f"{', '.join(available) or 'none'}")
+
+
+# ---- the options of a multi-task run and of the BAM! recipe (here, beside TrainConfig, so
+# that building the command line imports no training code)
+
+MT = "multi-task"
+
+
+@dataclass
+class MultiTaskConfig(TrainConfig):
+    """Options of a multi-task run; defaults follow BAM!'s student (methods.md §2.5)."""
+
+    learning_rate: float = opt(1e-4, "Peak learning rate of AdamW (BAM!'s student: 1e-4).",
+                               TRAIN, aliases=("--lr",))
+    per_device_train_batch_size: int = opt(128, "Training batch size (BAM!'s student: 128).",
+                                           TRAIN, aliases=("--batch-size",))
+    num_train_epochs: float = opt(6.0, "Epochs over all tasks' examples (BAM!'s student: 6).",
+                                  TRAIN, aliases=("--epochs",))
+    layerwise_lr_decay: float | None = opt(0.9, "Layer-wise learning-rate decay (BAM!: 0.9; "
+                                           "1.0 turns it off).", TRAIN)
+    strategy: str = opt("baseline", "Self-distillation inside the multi-task run: baseline "
+                        "(none); sda / sdv (from the parameter average / output vote of the "
+                        "student's last K snapshots); ema (from an EMA teacher). se is for "
+                        "single-task runs.", TRAIN, ("baseline", "sda", "sdv", "ema"))
+    output_dir: str | None = opt(None, "Where the run writes tasks/<task>/ (one model directory "
+                                 "per task), metrics.json, run_config.json and train.log "
+                                 "(`selftune bam` puts it in <output-dir>/student; called "
+                                 "from Python, default runs/multitask/seed<seed>).", OUTPUT)
+
+    tasks: str = opt("rte,mrpc,stsb,cola", "Comma-separated tasks trained together.", DATA)
+    teacher_predictions: str | None = opt(
+        None, "Teacher predictions per task, 'task=FILE,...' (files from 'selftune "
+        "teacher-predictions'). Without them: plain multi-task training.", MT)
+    teacher_annealing: str = opt("linear", "linear: the target moves from the teacher to the "
+                                 "gold label as λ = step/total rises 0→1; fixed: a constant "
+                                 "mixture (--distill-weight).", MT, ("linear", "fixed"))
+    distill_weight: float = opt(0.5, "With --teacher-annealing fixed: the teacher's share 1−λ "
+                                "of the target (1.0 = pure distillation, BAM!'s λ = 0).", MT)
+    loss_reduction: str = opt("mean", "Batch loss: mean over examples (default: gradient "
+                              "clipping and learning rate behave as in single-task runs) or "
+                              "sum (BAM!'s reference code).", MT, ("mean", "sum"))
+    task_sampling: str = opt("power", "Each task's share of training examples: ∝ |D|^alpha "
+                             "(power), ∝ |D| (proportional) or equal (uniform).", MT,
+                             ("power", "proportional", "uniform"))
+    sampling_alpha: float = opt(0.75, "The exponent of --task-sampling power.", MT)
+    mix_tasks: bool = opt(True, "Batches mix tasks (off: each batch holds one task).", MT)
+    double_unordered: bool = opt(True, "Train MRPC and STS-B on both sentence orders (as BAM!; "
+                                 "the single-task teachers train on one order and predict on "
+                                 "both).", MT)
+
+
+BAM = "BAM! recipe"
+
+
+@dataclass
+class BamConfig(MultiTaskConfig):
+    teachers: str = opt("auto", "auto: train (or reuse) a single-task teacher per task in "
+                        "<output-dir>/teachers; none: no teachers (plain multi-task, the "
+                        "paper's 'Multi'); or task=MODEL_DIR,... for teachers you trained "
+                        "('{seed}' in a path becomes the seed: rte=runs/rte-seed{seed}).", BAM)
+    teacher_learning_rate: float = opt(5e-5, "Learning rate of the single-task teachers.", BAM)
+    teacher_epochs: float = opt(3.0, "Epochs of the single-task teachers.", BAM)
+    teacher_batch_size: int = opt(32, "Batch size of the single-task teachers.", BAM)
+    teacher_layerwise_lr_decay: float | None = opt(0.9, "Layer-wise learning-rate decay of the "
+                                                   "teachers (BAM!: 0.9, as the student).", BAM)
+    teachers_root: str | None = opt(None, "Folder of the teachers trained with --teachers auto "
+                                    "(default: <output-dir>/teachers); '{seed}' is replaced by "
+                                    "the seed, so several recipes (e.g. ablations) can share "
+                                    "one set of teachers per seed.", BAM)
+    finetune_after: bool = opt(False, "Fine-tune each of the student's task models on its "
+                               "task alone afterwards (with the teachers' options).", BAM)
+    teachers_only: bool = opt(False, "Train (or reuse) the teachers and cache their "
+                              "predictions, then stop before the student. To train the "
+                              "teachers in parallel, start one such run per task (--tasks rte, "
+                              "--tasks mrpc, ...) with one --teachers-root; the full recipe "
+                              "with that root then reuses them.", BAM)
+    output_dir: str | None = opt(None, "Where the recipe writes teachers/, student/, "
+                                 "finetuned/ (with --finetune-after) and bam.json (default: "
+                                 "runs/bam/seed<seed>).", OUTPUT)
+    overwrite_output_dir: bool = opt(False, "Redo every stage: delete the recipe's folder "
+                                     "first (only a folder selftune wrote, or an empty one; any "
+                                     "other is refused). Without it, finished stages are "
+                                     "reused and an interrupted one resumes.", OUTPUT)

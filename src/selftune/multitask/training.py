@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, TrainerCallback
 
 from selftune import outputs
-from selftune.config import DATA, OUTPUT, TRAIN, TrainConfig, opt
+from selftune.config import MultiTaskConfig
 from selftune.data.loading import data_fingerprint, load_task_data
 from selftune.data.tasks import TaskSpec, get_task
 from selftune.errors import SelftuneError
@@ -56,52 +55,6 @@ from selftune.training import (
 )
 
 logger = logging.getLogger("selftune")
-MT = "multi-task"
-
-
-@dataclass
-class MultiTaskConfig(TrainConfig):
-    """Options of a multi-task run; defaults follow BAM!'s student (methods.md §2.5)."""
-
-    learning_rate: float = opt(1e-4, "Peak learning rate of AdamW (BAM!'s student: 1e-4).",
-                               TRAIN, aliases=("--lr",))
-    per_device_train_batch_size: int = opt(128, "Training batch size (BAM!'s student: 128).",
-                                           TRAIN, aliases=("--batch-size",))
-    num_train_epochs: float = opt(6.0, "Epochs over all tasks' examples (BAM!'s student: 6).",
-                                  TRAIN, aliases=("--epochs",))
-    layerwise_lr_decay: float | None = opt(0.9, "Layer-wise learning-rate decay (BAM!: 0.9; "
-                                           "1.0 turns it off).", TRAIN)
-    strategy: str = opt("baseline", "Self-distillation inside the multi-task run: baseline "
-                        "(none); sda / sdv (from the parameter average / output vote of the "
-                        "student's last K snapshots); ema (from an EMA teacher). se is for "
-                        "single-task runs.", TRAIN, ("baseline", "sda", "sdv", "ema"))
-    output_dir: str | None = opt(None, "Where the run writes tasks/<task>/ (one model directory "
-                                 "per task), metrics.json, run_config.json and train.log "
-                                 "(`selftune bam` puts it in <output-dir>/student; called "
-                                 "from Python, default runs/multitask/seed<seed>).", OUTPUT)
-
-    tasks: str = opt("rte,mrpc,stsb,cola", "Comma-separated tasks trained together.", DATA)
-    teacher_predictions: str | None = opt(
-        None, "Teacher predictions per task, 'task=FILE,...' (files from 'selftune "
-        "teacher-predictions'). Without them: plain multi-task training.", MT)
-    teacher_annealing: str = opt("linear", "linear: the target moves from the teacher to the "
-                                 "gold label as λ = step/total rises 0→1; fixed: a constant "
-                                 "mixture (--distill-weight).", MT, ("linear", "fixed"))
-    distill_weight: float = opt(0.5, "With --teacher-annealing fixed: the teacher's share 1−λ "
-                                "of the target (1.0 = pure distillation, BAM!'s λ = 0).", MT)
-    loss_reduction: str = opt("mean", "Batch loss: mean over examples (default: gradient "
-                              "clipping and learning rate behave as in single-task runs) or "
-                              "sum (BAM!'s reference code).", MT, ("mean", "sum"))
-    task_sampling: str = opt("power", "Each task's share of training examples: ∝ |D|^alpha "
-                             "(power), ∝ |D| (proportional) or equal (uniform).", MT,
-                             ("power", "proportional", "uniform"))
-    sampling_alpha: float = opt(0.75, "The exponent of --task-sampling power.", MT)
-    mix_tasks: bool = opt(True, "Batches mix tasks (off: each batch holds one task).", MT)
-    double_unordered: bool = opt(True, "Train MRPC and STS-B on both sentence orders (as BAM!; "
-                                 "the single-task teachers train on one order and predict on "
-                                 "both).", MT)
-
-
 def check_multitask_options(cfg: MultiTaskConfig,
                             with_teachers: bool | None = None) -> list[TaskSpec]:
     """Every option of a multi-task run, checked before any work; returns the tasks.

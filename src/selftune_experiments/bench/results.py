@@ -7,10 +7,10 @@ import json
 import os
 from pathlib import Path
 
-from selftune.bench.grid import TEACHER_VARIANT
-from selftune.bench.planning import PlannedRun, teacher_dirs
 from selftune.config import TrainConfig
 from selftune.outputs import BAM_STUDENT_DIR, METRICS_FILE, RUN_CONFIG_FILE
+from selftune_experiments.bench.grid import TEACHER_VARIANT
+from selftune_experiments.bench.planning import PlannedRun, teacher_dirs
 
 RESULTS_SCHEMA = 1
 # Set on the lines of a multi-task student: its timings and memory are the whole run's (every

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from selftune.bench import (
+from selftune.errors import SelftuneError
+from selftune.outputs import directory_lock
+from selftune_experiments.bench import (
     Grid,
     append_record,
     expected_duration,
@@ -26,9 +28,7 @@ from selftune.bench import (
     plan_runs,
     run_grid,
 )
-from selftune.errors import SelftuneError
-from selftune.outputs import directory_lock
-from selftune.report import load_results
+from selftune_experiments.report import load_results
 
 
 @pytest.fixture()
@@ -118,7 +118,8 @@ def test_a_killed_workers_training_keeps_its_claim_until_it_ends(grid, tmp_path)
         f"while not pathlib.Path({str(release)!r}).exists(): time.sleep(0.1)\n"
         "os.execv(sys.executable, [sys.executable, '-m', 'selftune', *sys.argv[1:]])\n")
     worker_script = (
-        "import json, sys\nfrom pathlib import Path\nfrom selftune.bench import Grid, run_grid\n"
+        "import json, sys\nfrom pathlib import Path\n"
+        "from selftune_experiments.bench import Grid, run_grid\n"
         f"grid = Grid(**json.loads({json.dumps(json.dumps(dataclasses.asdict(grid)))}))\n"
         f"run_grid(grid, Path({str(results)!r}), Path({str(runs)!r}), "
         f"train_command=[sys.executable, {str(slow_start)!r}, 'train'])\n")
@@ -598,7 +599,7 @@ def test_a_variants_data_dir_is_relative_to_the_grid_file(tmp_path):
 def test_an_unfinished_bam_run_of_other_options_is_redone(tmp_path):
     """A BAM! run writes its bam.json only at the end: until then the options it was started
     with are in bench_run.json, and a grid that changed meanwhile must not resume it."""
-    from selftune.bench.planning import holds_other_config
+    from selftune_experiments.bench.planning import holds_other_config
 
     grid_file = tmp_path / "g.yaml"
     grid_file.write_text("name: g\ntasks: [rte]\nseeds: [0]\n"

@@ -1,4 +1,9 @@
-"""A grid turned into runs, each one process, and what a run's folder says about it."""
+"""A grid turned into runs, each one process, and what a run's folder says about it.
+
+The BAM! recipe's layout and checks come from ``selftune.bam``'s public functions, imported
+where a BAM! run is planned or checked: that module loads torch, which building the command
+line must not.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selftune.bench.grid import TEACHER_VARIANT, Grid, check_grid
-from selftune.config import TrainConfig
+from selftune.config import BamConfig, TrainConfig, check_strategy_options, validate_options
+from selftune.data.tasks import get_task
 from selftune.errors import SelftuneError
 from selftune.outputs import BAM_SUMMARY_FILE, BENCH_RUN_FILE, METRICS_FILE, RUN_CONFIG_FILE
+from selftune_experiments.bench.grid import TEACHER_VARIANT, Grid, check_grid
 
 
 @dataclass
@@ -36,8 +42,6 @@ class PlannedRun:
 
 def plan_runs(grid: Grid, runs_dir: Path) -> list[PlannedRun]:
     """Seed-major order: an interrupted grid has whole seeds for every task and variant."""
-    from selftune.data.tasks import get_task
-
     def is_bam(options: dict | None) -> bool:  # "pipeline: bam" in the variant or in common
         return {**grid.common, **(options or {})}.get("pipeline") == "bam"
 
@@ -72,8 +76,6 @@ def _check_options(config: Any, where: str, bam: bool = False) -> None:
     work (for a BAM! run: of the student's options and of each --teachers auto teacher's),
     made here for every run before the first starts: a bad value fails at once, not hours
     into a grid. No data or model is read."""
-    from selftune.config import check_strategy_options, validate_options
-
     try:
         if bam:
             from selftune.bam import check_bam_options
@@ -83,11 +85,10 @@ def _check_options(config: Any, where: str, bam: bool = False) -> None:
             validate_options(config)
             check_strategy_options(config)
         if bam and config.teachers == "auto":
-            from selftune.bam import teacher_config
+            from selftune.bam import recipe_teachers
 
-            for task in config.tasks.split(","):
-                _check_options(teacher_config(config, task, Path(config.output_dir or ".")),
-                               f"{where}, its {task} teacher")
+            for task, teacher in recipe_teachers(config).items():
+                _check_options(teacher, f"{where}, its {task} teacher")
     except SelftuneError as err:
         if str(err).startswith(where):
             raise
@@ -96,9 +97,6 @@ def _check_options(config: Any, where: str, bam: bool = False) -> None:
 
 def _plan_bam(grid: Grid, variant: str, options: dict, seed: int, runs_dir: Path) -> PlannedRun:
     """A BAM!/multi-task variant: one ``selftune bam`` run per seed covers every task."""
-    from selftune.bam import BamConfig
-    from selftune.data.tasks import get_task
-
     for task in grid.tasks:
         get_task(task)
     if grid.task_options:
@@ -135,16 +133,16 @@ def _plan_shared_teachers(bam_runs: list[PlannedRun]) -> list[PlannedRun]:
     before the students: workers then train a seed's teachers side by side, and a deadline
     weighs a teacher run of minutes instead of a teachers-and-student run of hours. A student
     whose teacher another worker is still training waits for it (the recipe's teacher lock)."""
-    from selftune.bam import teacher_config
+    from selftune.bam import recipe_teachers
 
     teachers: dict[Path, PlannedRun] = {}
     for run in bam_runs:
         if not has_shared_teachers(run):
             continue  # teachers inside a student's own folder stay part of its run
-        for task, teacher_dir in teacher_dirs(run, {}).items():
+        for task, config in recipe_teachers(run.config).items():
+            teacher_dir = Path(config.output_dir)
             planned = PlannedRun(f"{task}__{TEACHER_VARIANT}__seed{run.seed}", task,
-                                 TEACHER_VARIANT, run.seed,
-                                 teacher_config(run.config, task, teacher_dir))
+                                 TEACHER_VARIANT, run.seed, config)
             first = teachers.setdefault(teacher_dir, planned)  # variants share their teachers
             first.students.append(run)
             if first.config.hash() != planned.config.hash():
@@ -192,10 +190,9 @@ def teacher_dirs(run: PlannedRun, summary: dict) -> dict[str, Path]:
         return {task: Path(d) for task, d in summary["teacher_dirs"].items()}
     if teachers != "auto":
         return {}
-    from selftune.bam import teachers_root
+    from selftune.bam import recipe_teachers
 
-    root = teachers_root(run.config, Path(run.config.output_dir or ""))
-    return {task: root / task for task in run.task.split(",")}
+    return {task: Path(config.output_dir) for task, config in recipe_teachers(run.config).items()}
 
 
 def holds_other_config(out: Path, run: PlannedRun) -> bool:

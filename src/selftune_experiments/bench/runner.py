@@ -8,8 +8,16 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from selftune.bench.grid import Grid
-from selftune.bench.planning import (
+from selftune.errors import SelftuneError
+from selftune.outputs import (
+    BAM_STUDENT_DIR,
+    BENCH_RUN_FILE,
+    LOG_FILE,
+    directory_lock,
+    write_json_atomic,
+)
+from selftune_experiments.bench.grid import Grid
+from selftune_experiments.bench.planning import (
     PlannedRun,
     finished_metrics,
     has_shared_teachers,
@@ -19,15 +27,17 @@ from selftune.bench.planning import (
     students_without_predictions,
     teacher_dirs,
 )
-from selftune.bench.results import append_record, bam_records, make_record, read_recorded
-from selftune.bench.schedule import expected_duration, fits_before, format_duration, timing_history
-from selftune.errors import SelftuneError
-from selftune.outputs import (
-    BAM_STUDENT_DIR,
-    BENCH_RUN_FILE,
-    LOG_FILE,
-    directory_lock,
-    write_json_atomic,
+from selftune_experiments.bench.results import (
+    append_record,
+    bam_records,
+    make_record,
+    read_recorded,
+)
+from selftune_experiments.bench.schedule import (
+    expected_duration,
+    fits_before,
+    format_duration,
+    timing_history,
 )
 
 
