@@ -12,12 +12,13 @@ from selftune.config import add_dataclass_arguments, dataclass_from_namespace, i
 # Single-task options that mean nothing to a multi-task run.
 NOT_FOR_MULTITASK = ("task", "train_file", "validation_file", "text_columns", "label_column",
                      "id_column", "label_type", "eval_split", "teacher_predictions",
-                     "se_pool", "se_combine")
+                     "se_pool", "se_combine", "task_list")
 
 BAM_EPILOG = """\
 examples:
   selftune bam --tasks rte,mrpc,stsb,cola --data-dir ../shared/data --output-dir runs/bam
   selftune bam --tasks rte,mrpc --teachers none --output-dir runs/multi     # plain "Multi"
+  selftune bam --tasks-file tasks.yaml --output-dir runs/mine   # registry tasks and your files
   selftune bam --tasks rte,mrpc --teachers rte=runs/rte,mrpc=runs/mrpc --finetune-after
   selftune bam --tasks rte --teachers-only --teachers-root runs/teachers &  # teachers
   selftune bam --tasks mrpc --teachers-only --teachers-root runs/teachers &  # in parallel
