@@ -234,3 +234,21 @@ def test_task_list_file_mistakes_and_the_command_line(tiny_model, glue_dir, own_
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "named twice" in err
     assert not (tmp_path / "cli").exists()
+
+
+def test_two_process_bam_over_a_task_list(tiny_model, glue_dir, own_files, tmp_path):
+    from .test_distributed import selftune
+
+    tasks_file = write_task_list(own_files, ["rte", REVIEWS])
+    out = tmp_path / "bam"
+    selftune(["bam", "--tasks-file", str(tasks_file), "--model", str(tiny_model), "--data-dir",
+              str(glue_dir), "--output-dir", str(out), "--num-train-epochs", "1",
+              "--per-device-train-batch-size", "4", "--teacher-epochs", "1",
+              "--teacher-batch-size", "8"], 2)
+    summary = json.loads((out / "bam.json").read_text())
+    assert set(summary["student"]) == {"rte", "reviews"}
+    student = json.loads((out / "student" / "metrics.json").read_text())
+    # 16 RTE + 24 review examples in global batches of 8 (two ranks of 4): 5 steps.
+    assert student["with_teachers"] and student["global_steps"] == 5
+    assert (out / "student" / "tasks" / "reviews" / "model.safetensors").is_file()
+    assert not list(out.rglob(".*.tmp"))
