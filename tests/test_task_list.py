@@ -104,9 +104,9 @@ def test_registry_and_own_tasks_mix_in_one_bam_student(tiny_model, glue_dir, own
     assert run_bam(cfg)["student"] == summary["student"]  # every stage reused
     assert {p: p.stat().st_mtime for p in root.rglob("metrics.json")} == stamps
     # Another column in the task list is another student: not taken for this one's.
-    edited = write_task_list(own_files, ["rte", REVIEWS, {**PAIRS, "label_type": "auto"}])
+    write_task_list(own_files, ["rte", REVIEWS, {**PAIRS, "label_type": "auto"}])
     with pytest.raises(SelftuneError, match="holds a finished run with other options"):
-        run_bam(bam_config(tiny_model, glue_dir, edited, tmp_path / "bam"))
+        run_bam(cfg)  # the same options object, read again
 
 
 def test_a_changed_own_file_is_never_served_its_old_predictions(tiny_model, glue_dir,
@@ -215,6 +215,15 @@ def test_each_task_list_mistake_gets_one_error_before_any_training(tasks, messag
     with pytest.raises(SelftuneError, match=message):
         run_bam(cfg)
     assert not (tmp_path / "bam").exists()
+
+
+def test_a_task_list_counts_in_the_options_hash_by_content_not_by_place():
+    listed = BamConfig(tasks_file="tasks.yaml", task_list='[{"name": "rte"}]')
+    assert BamConfig(tasks_file="elsewhere/tasks.yaml", task_list=listed.task_list).hash() == \
+        listed.hash()
+    assert BamConfig(tasks_file="tasks.yaml", task_list='[{"name": "mrpc"}]').hash() != \
+        listed.hash()
+    assert BamConfig().hash() != listed.hash()
 
 
 def test_task_list_file_mistakes_and_the_command_line(tiny_model, glue_dir, own_files, tmp_path,

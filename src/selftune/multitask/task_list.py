@@ -25,6 +25,7 @@ predictions made on its earlier version.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -207,6 +208,13 @@ def _check_distinct(entries: list[TaskEntry], where: str) -> None:
 
 def file_hash(path: Path) -> str:
     """The first 12 hex digits of the sha256 of a file's bytes."""
+    stat = path.stat()
+    return _file_hash(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_hash(path: str, _mtime_ns: int, _size: int) -> str:
+    # Keyed by modification time and size too: an edited file is hashed again.
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -228,7 +236,9 @@ def apply_task_list(cfg: MultiTaskConfig) -> None:
         return
     entries = load_task_list(cfg.tasks_file)
     names = ",".join(e.name for e in entries)
-    if cfg.tasks not in (MultiTaskConfig.tasks, names):
+    # Options read before (the list may have changed since) keep the names they read.
+    read_before = ",".join(t["name"] for t in json.loads(cfg.task_list or "[]"))
+    if cfg.tasks not in (MultiTaskConfig.tasks, names, read_before):
         raise SelftuneError("give the tasks with --tasks or with --tasks-file, not both")
     cfg.tasks = names
     cfg.task_list = json.dumps([dataclasses.asdict(e) for e in entries])

@@ -10,6 +10,7 @@ checkpoints while the run is going.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,11 @@ class MultiTaskConfig(TrainConfig):
     task_list: str | None = opt(None, "Filled in from --tasks-file: the tasks as read, kept in "
                                 "run_config.json so that a finished stage is reused only for "
                                 "the same tasks.", DATA)
+
+    def hash(self) -> str:
+        """As ``TrainConfig.hash``; of a task list, its content counts (``task_list``, with its
+        files' full paths), not where the list itself lies."""
+        return TrainConfig.hash(dataclasses.replace(self, tasks_file=None))
 
 
 def check_multitask_options(cfg: MultiTaskConfig,
