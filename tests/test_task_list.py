@@ -236,6 +236,10 @@ def test_task_list_file_mistakes_and_the_command_line(tiny_model, glue_dir, own_
     tasks_file = write_task_list(own_files, [REVIEWS])
     with pytest.raises(SelftuneError, match="--tasks or with --tasks-file, not both"):
         run_bam(bam_config(tiny_model, glue_dir, tasks_file, tmp_path / "bam", tasks="rte"))
+    # An own task in --tasks: the error points to the task list (not to --train-file).
+    assert main(["bam", "--tasks", "rte,mytask", "--output-dir", str(tmp_path / "cli")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'mytask'" in err and "--tasks-file" in err and "--train-file" not in err
     # On the command line: one line, exit status 2, nothing written.
     bad = write_task_list(own_files, ["rte", "rte"])
     code = main(["bam", "--tasks-file", str(bad), "--model", str(tiny_model),

@@ -248,7 +248,14 @@ def task_entries(cfg: MultiTaskConfig) -> list[TaskEntry]:
     """The run's tasks: those of --tasks-file, else the registry tasks of --tasks."""
     if cfg.tasks_file:
         return load_task_list(cfg.tasks_file)
-    return [TaskEntry(get_task(t.strip()).name) for t in cfg.tasks.split(",") if t.strip()]
+    names = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
+    unknown = [name for name in names if not _is_registry_name(name)]
+    if unknown:
+        # get_task's own hint (--train-file) is for single-task runs.
+        raise SelftuneError(f"unknown task {unknown[0]!r}; known tasks: {', '.join(TASKS)}; "
+                            "your own files are listed in a --tasks-file (README: 'Your own "
+                            "tasks in BAM!')")
+    return [TaskEntry(get_task(name).name) for name in names]
 
 
 def task_data_options(cfg: MultiTaskConfig, task: str) -> DataOptions:

@@ -83,7 +83,8 @@ class MultiTaskConfig(TrainConfig):
                                  "(`selftune bam` puts it in <output-dir>/student; called "
                                  "from Python, default runs/multitask/seed<seed>).", OUTPUT)
 
-    tasks: str = opt("rte,mrpc,stsb,cola", "Comma-separated tasks trained together.", DATA)
+    tasks: str = opt("rte,mrpc,stsb,cola", "Comma-separated registry tasks trained together "
+                     "(your own files: --tasks-file).", DATA)
     teacher_predictions: str | None = opt(
         None, "Teacher predictions per task, 'task=FILE,...' (files from 'selftune "
         "teacher-predictions'). Without them: plain multi-task training.", MT)
