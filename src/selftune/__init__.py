@@ -1,3 +1,80 @@
-"""selftune: more accurate and more stable fine-tuning of pretrained Transformer encoders."""
+"""selftune: more accurate and more stable fine-tuning of pretrained Transformer encoders.
+
+From Python (docs/api.md)::
+
+    import selftune
+    result = selftune.train(task="rte", data_dir="../shared/data", strategy="sda")
+    result = selftune.bam(tasks_file="tasks.yaml", output_dir="runs/mine")
+
+The public names are imported on first use (PEP 562), so ``import selftune`` stays light: no
+torch or transformers until a name that needs them is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import ModuleType
+from typing import Any
 
 __version__ = "0.1.0"
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "train": "selftune.api",
+    "bam": "selftune.bam",  # the module, callable as the recipe: see _Package below
+    "RunResult": "selftune.api",
+    "TrainConfig": "selftune.config",
+    "BamConfig": "selftune.bam",
+    "MultiTaskConfig": "selftune.multitask.training",
+    "SelftuneError": "selftune.errors",
+    "SelftuneTrainer": "selftune.trainer",
+    "SelfDistillation": "selftune.self_distillation",
+    "SnapshotWindow": "selftune.teachers",
+    "EmaAverage": "selftune.teachers",
+    "ClsStats": "selftune.models.cls_norm",
+    "CenterNorm": "selftune.models.cls_norm",
+    "StandardizeNorm": "selftune.models.cls_norm",
+    "BatchNormNoAffine": "selftune.models.cls_norm",
+    "IsoBN": "selftune.models.cls_norm",
+    "make_cls_norm": "selftune.models.cls_norm",
+    "MultiTaskModel": "selftune.multitask.model",
+    "build_multitask_model": "selftune.multitask.model",
+}
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'selftune' has no attribute {name!r}")
+    module = importlib.import_module(module_name)
+    value = module if module_name == f"selftune.{name}" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+class _CallableModule(ModuleType):
+    """``selftune.bam`` is both the recipe's module and ``selftune.api.bam``: a submodule
+    becomes its package's attribute once imported, so a function of the same name would be
+    replaced by the module as soon as anything imports it."""
+
+    def __call__(self, **options: Any) -> Any:
+        """The BAM! recipe with the command line's options: see ``selftune.api.bam``."""
+        from selftune import api
+
+        return api.bam(**options)
+
+
+class _Package(ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "bam" and type(value) is ModuleType:
+            value.__class__ = _CallableModule
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

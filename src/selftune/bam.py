@@ -27,11 +27,19 @@ from typing import Any
 
 from selftune import outputs
 from selftune.config import SD_OPTIONS, BamConfig, TrainConfig
-from selftune.data.loading import DataOptions, load_task_data
+from selftune.data.loading import DataOptions
 from selftune.data.readers import Record
 from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
 from selftune.multitask.data import UNORDERED_TASKS, with_swapped_pairs
+from selftune.multitask.task_list import (
+    apply_task_list,
+    check_given_teachers,
+    load_multitask_data,
+    task_data_options,
+    task_entries,
+    task_train_options,
+)
 from selftune.multitask.teacher_cache import (
     mismatches,
     read_header,
@@ -69,7 +77,7 @@ def compute_teacher_predictions(
 
 def teacher_records(task: TaskSpec, data_options: DataOptions, both_orders: bool) -> list[Record]:
     """The training examples a teacher predicts on (the student's, with the swapped copies)."""
-    records = load_task_data(dataclasses.replace(data_options, task=task.name)).train
+    records = load_multitask_data(dataclasses.replace(data_options, task=task.name)).train
     return with_swapped_pairs(records) if both_orders else records
 
 
@@ -101,7 +109,7 @@ def _cached_teacher_predictions(teacher_dir: Path, task: TaskSpec, cfg: BamConfi
     cache = teacher_predictions_file(teacher_dir, task.name, cfg)
     stale = None
     if cache.is_file():
-        records = teacher_records(task, cfg.data_options(), both)
+        records = teacher_records(task, task_data_options(cfg, task.name), both)
         stale = _stale_cache_reason(cache, task, records, cfg.max_seq_length)
         if stale is None:
             return cache
@@ -109,8 +117,8 @@ def _cached_teacher_predictions(teacher_dir: Path, task: TaskSpec, cfg: BamConfi
     if stale:
         logger.info("%s %s: made again", cache, stale)
     logger.info("Teacher predictions for %s → %s", task.name, cache)
-    compute_teacher_predictions(teacher_dir, task, cfg.data_options(), cache, both,
-                                cfg.max_seq_length, cfg.per_device_eval_batch_size,
+    compute_teacher_predictions(teacher_dir, task, task_data_options(cfg, task.name), cache,
+                                both, cfg.max_seq_length, cfg.per_device_eval_batch_size,
                                 cfg.trust_remote_code, packing=cfg.packing)
     return cache
 
@@ -207,7 +215,7 @@ def single_task_options(cfg: BamConfig) -> dict[str, Any]:
 
 def teacher_config(cfg: BamConfig, task: str, teacher_dir: Path) -> TrainConfig:
     """The ``selftune train`` options of the recipe's --teachers auto teacher for ``task``."""
-    return TrainConfig(**{**single_task_options(cfg), "task": task,
+    return TrainConfig(**{**single_task_options(cfg), **task_train_options(cfg, task),
                           "output_dir": str(teacher_dir)})
 
 
@@ -224,6 +232,7 @@ def check_bam_options(cfg: BamConfig) -> list[TaskSpec]:
     teacher training (also by `selftune bench` for each planned run); returns the tasks."""
     from selftune.multitask.training import check_multitask_options
 
+    apply_task_list(cfg)  # --tasks-file: the tasks as read, kept in the saved options
     # Grouping is for the teachers only; the copy keeps the default output folder unset.
     tasks = check_multitask_options(dataclasses.replace(cfg, group_by_length=False),
                                     with_teachers=cfg.teachers != "none")
@@ -247,7 +256,8 @@ def check_bam_options(cfg: BamConfig) -> list[TaskSpec]:
 
 def given_teacher_dirs(cfg: BamConfig) -> dict[str, Path]:
     """The teachers named by --teachers task=DIR,... ('{seed}' replaced)."""
-    return parse_task_paths(cfg.teachers.replace("{seed}", str(cfg.seed)), "--teachers")
+    return parse_task_paths(cfg.teachers.replace("{seed}", str(cfg.seed)), "--teachers",
+                            [entry.name for entry in task_entries(cfg)])
 
 
 def teachers_root(cfg: BamConfig, root: Path) -> Path:
@@ -274,6 +284,7 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
             if not (path / "config.json").is_file():
                 raise SelftuneError(f"--teachers: the {task} teacher {path} is not a model "
                                     "directory (no config.json)")
+        check_given_teachers(tasks, given_teacher_dirs(cfg))
     root = recipe_root(cfg)
     state = process_state()
     if state.is_main_process:
@@ -333,7 +344,8 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
         summary["finetuned"] = {}
         for task in tasks:
             out = root / outputs.BAM_FINETUNED_DIR / task.name
-            finetune_cfg = TrainConfig(**{**single_task, "task": task.name, "output_dir": str(out),
+            finetune_cfg = TrainConfig(**{**single_task, **task_train_options(cfg, task.name),
+                                          "output_dir": str(out),
                                           "model": str(student_dir / "tasks" / task.name)})
             if outputs.is_finished(out):
                 _check_same_options(out, finetune_cfg, root)

@@ -563,7 +563,8 @@ class MultiTaskConfig(TrainConfig):
                                  "(`selftune bam` puts it in <output-dir>/student; called "
                                  "from Python, default runs/multitask/seed<seed>).", OUTPUT)
 
-    tasks: str = opt("rte,mrpc,stsb,cola", "Comma-separated tasks trained together.", DATA)
+    tasks: str = opt("rte,mrpc,stsb,cola", "Comma-separated registry tasks trained together "
+                     "(your own files: --tasks-file).", DATA)
     teacher_predictions: str | None = opt(
         None, "Teacher predictions per task, 'task=FILE,...' (files from 'selftune "
         "teacher-predictions'). Without them: plain multi-task training.", MT)
@@ -583,6 +584,19 @@ class MultiTaskConfig(TrainConfig):
     double_unordered: bool = opt(True, "Train MRPC and STS-B on both sentence orders (as BAM!; "
                                  "the single-task teachers train on one order and predict on "
                                  "both).", MT)
+    tasks_file: str | None = opt(None, "Instead of --tasks: a YAML or JSON list of the tasks, "
+                                 "registry tasks by name and your own train/validation files "
+                                 "(columns as --train-file takes them); registry and own tasks "
+                                 "mix in one student. See README, 'Your own tasks in BAM!'.",
+                                 DATA)
+    task_list: str | None = opt(None, "Filled in from --tasks-file: the tasks as read, kept in "
+                                "run_config.json so that a finished stage is reused only for "
+                                "the same tasks.", DATA)
+
+    def hash(self) -> str:
+        """As ``TrainConfig.hash``; of a task list, its content counts (``task_list``, with its
+        files' full paths), not where the list itself lies."""
+        return TrainConfig.hash(dataclasses.replace(self, tasks_file=None))
 
 
 BAM = "BAM! recipe"

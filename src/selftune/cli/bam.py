@@ -25,12 +25,13 @@ NOT_FOR_MULTITASK = ("task", "train_file", "validation_file", "text_columns", "l
                      "se_pool", "se_combine", "dataset_name", "dataset_config_name",
                      "save_snapshots", "load_best_model_at_end", "metric_for_best_model",
                      "early_stopping_patience", "push_to_hub", "hub_model_id",
-                     "hub_private_repo")
+                     "hub_private_repo", "task_list")
 
 BAM_EPILOG = """\
 examples:
   selftune bam --tasks rte,mrpc,stsb,cola --data-dir ../shared/data --output-dir runs/bam
   selftune bam --tasks rte,mrpc --teachers none --output-dir runs/multi     # plain "Multi"
+  selftune bam --tasks-file tasks.yaml --output-dir runs/mine   # registry tasks and your files
   selftune bam --tasks rte,mrpc --teachers rte=runs/rte,mrpc=runs/mrpc --finetune-after
   selftune bam --tasks rte --teachers-only --teachers-root runs/teachers &  # teachers
   selftune bam --tasks mrpc --teachers-only --teachers-root runs/teachers &  # in parallel

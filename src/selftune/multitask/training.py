@@ -10,7 +10,6 @@ checkpoints while the run is going.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -22,8 +21,8 @@ from transformers import DataCollatorWithPadding, TrainerCallback
 
 from selftune import outputs
 from selftune.config import MultiTaskConfig
-from selftune.data.loading import data_fingerprint, load_task_data
-from selftune.data.tasks import TaskSpec, get_task
+from selftune.data.loading import data_fingerprint
+from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
 from selftune.metrics import compute_task_metrics, metrics_and_score
 from selftune.model_card import write_multitask_summary
@@ -39,6 +38,13 @@ from selftune.multitask.data import (
 from selftune.multitask.model import build_multitask_model
 from selftune.multitask.objective import SelfDistilledAnnealing, TeacherAnnealing
 from selftune.multitask.sampling import MultiTaskBatchSampler, ProcessChunks, task_shares
+from selftune.multitask.task_list import (
+    apply_task_list,
+    load_multitask_data,
+    resolve_tasks,
+    task_data_options,
+    task_name,
+)
 from selftune.multitask.teacher_cache import check_coverage, read_predictions
 from selftune.optim import make_optimizer
 from selftune.strategies import build_objective
@@ -64,7 +70,8 @@ def check_multitask_options(cfg: MultiTaskConfig,
 
     validate_options(cfg)
     check_strategy_options(cfg, strategies="sda/sdv/ema")
-    tasks = [get_task(t.strip()) for t in cfg.tasks.split(",") if t.strip()]
+    apply_task_list(cfg)
+    tasks = resolve_tasks(cfg)
     if len(tasks) < 1 or len({t.name for t in tasks}) != len(tasks):
         raise SelftuneError("--tasks: give distinct task names, e.g. rte,mrpc,stsb,cola")
     if cfg.train_file or cfg.validation_file:
@@ -110,7 +117,9 @@ def check_multitask_options(cfg: MultiTaskConfig,
     return tasks
 
 
-def parse_task_paths(value: str | None, what: str) -> dict[str, Path]:
+def parse_task_paths(value: str | None, what: str,
+                     names: list[str] | None = None) -> dict[str, Path]:
+    """``task=PATH,...``; ``names``: the run's tasks, whose own (non-registry) names count."""
     if not value:
         return {}
     pairs = {}
@@ -118,7 +127,7 @@ def parse_task_paths(value: str | None, what: str) -> dict[str, Path]:
         if "=" not in item:
             raise SelftuneError(f"{what} expects task=PATH,..., got {item!r}")
         task, path = item.split("=", 1)
-        name = get_task(task.strip()).name
+        name = task_name(task.strip(), names)
         if name in pairs:
             raise SelftuneError(f"{what} names {name} twice; give one path per task")
         pairs[name] = Path(path.strip())
@@ -188,9 +197,9 @@ def evaluate_multitask_teacher(cfg: MultiTaskConfig, self_distillation, tasks: l
     for task in tasks:
         task_dir = teacher_dir / "tasks" / task.name
         teacher.export_task(task.name, task_dir, tokenizer)
-        opts = dataclasses.replace(cfg.data_options(), task=task.name)
-        evaluated = evaluate_model(str(task_dir), opts, None, cfg.max_seq_length,
-                                   cfg.per_device_eval_batch_size, packing=cfg.packing)
+        evaluated = evaluate_model(str(task_dir), task_data_options(cfg, task.name), None,
+                                   cfg.max_seq_length, cfg.per_device_eval_batch_size,
+                                   packing=cfg.packing)
         results[task.name] = {"metrics": evaluated["metrics"], "score": evaluated["score"]}
     return {"teacher_tasks": results,
             "teacher_score": float(np.mean([r["score"] for r in results.values()])),
@@ -205,15 +214,15 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     started = begin_run(cfg, output_dir)
 
-    teacher_files = parse_task_paths(cfg.teacher_predictions, "--teacher-predictions")
+    teacher_files = parse_task_paths(cfg.teacher_predictions, "--teacher-predictions",
+                                     [t.name for t in tasks])
     unknown = sorted(set(teacher_files) - {t.name for t in tasks})
     if unknown or (teacher_files and len(teacher_files) != len(tasks)):
         raise SelftuneError("--teacher-predictions must name one file for each of --tasks "
                             f"({cfg.tasks}); got {sorted(teacher_files)}")
     records, dev_records, other_dev_records, described = {}, {}, {}, {}
     for task in tasks:
-        opts = dataclasses.replace(cfg.data_options(), task=task.name)
-        data = load_task_data(opts)
+        data = load_multitask_data(task_data_options(cfg, task.name))
         rows = data.train
         if cfg.double_unordered and task.name in UNORDERED_TASKS:
             rows = with_swapped_pairs(rows)
