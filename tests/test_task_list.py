@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig
 
-from selftune.bam import BamConfig, run_bam
 from selftune.cli import main
 from selftune.errors import SelftuneError
 from selftune.multitask.task_list import file_hash, load_task_list
 from selftune.multitask.training import train_multitask
+from selftune.recipes.bam import BamConfig, run_bam
 
 from .conftest import make_tiny_model, sentiment_rows, write_csv
 from .test_training import StopAfterFirstSave

@@ -13,8 +13,6 @@ torch or transformers until a name that needs them is used.
 from __future__ import annotations
 
 import importlib
-import sys
-from types import ModuleType
 from typing import Any
 
 __version__ = "0.1.0"
@@ -22,11 +20,14 @@ __version__ = "0.1.0"
 # Public name -> the module that defines it.
 _EXPORTS = {
     "train": "selftune.api",
-    "bam": "selftune.bam",  # the module, callable as the recipe: see _Package below
+    "bam": "selftune.api",
     "RunResult": "selftune.api",
     "TrainConfig": "selftune.config",
-    "BamConfig": "selftune.bam",
-    "MultiTaskConfig": "selftune.multitask.training",
+    "BamConfig": "selftune.config",
+    "MultiTaskConfig": "selftune.config",
+    "make_teacher": "selftune.teachers",
+    "SelfEnsemble": "selftune.self_ensemble",
+    "TrainerHooks": "selftune.plain_trainer",
     "SelftuneError": "selftune.errors",
     "SelftuneTrainer": "selftune.trainer",
     "SelfDistillation": "selftune.self_distillation",
@@ -48,33 +49,10 @@ def __getattr__(name: str) -> Any:
     module_name = _EXPORTS.get(name)
     if module_name is None:
         raise AttributeError(f"module 'selftune' has no attribute {name!r}")
-    module = importlib.import_module(module_name)
-    value = module if module_name == f"selftune.{name}" else getattr(module, name)
+    value = getattr(importlib.import_module(module_name), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
     return sorted(__all__)
-
-
-class _CallableModule(ModuleType):
-    """``selftune.bam`` is both the recipe's module and ``selftune.api.bam``: a submodule
-    becomes its package's attribute once imported, so a function of the same name would be
-    replaced by the module as soon as anything imports it."""
-
-    def __call__(self, **options: Any) -> Any:
-        """The BAM! recipe with the command line's options: see ``selftune.api.bam``."""
-        from selftune import api
-
-        return api.bam(**options)
-
-
-class _Package(ModuleType):
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "bam" and type(value) is ModuleType:
-            value.__class__ = _CallableModule
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -544,7 +544,7 @@ MT = "multi-task"
 
 @dataclass
 class MultiTaskConfig(TrainConfig):
-    """Options of a multi-task run; defaults follow BAM!'s student (methods.md §2.5)."""
+    """Options of a multi-task run; defaults follow BAM!'s student (docs/methods.md §2.1)."""
 
     learning_rate: float = opt(1e-4, "Peak learning rate of AdamW (BAM!'s student: 1e-4).",
                                TRAIN, aliases=("--lr",))

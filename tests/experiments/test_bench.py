@@ -479,7 +479,7 @@ def test_shared_teacher_runs_leave_the_predictions_their_students_read(tiny_mode
     """Git keeps a shared teacher's folder without its model, so its own run makes the
     predictions its students will read; a teacher recorded without them (its model gone) is
     trained again, the same teacher, rather than failing its students sessions later."""
-    from selftune.bam import teacher_predictions_file
+    from selftune.recipes.bam import teacher_predictions_file
 
     small = {"num_train_epochs": 1, "per_device_train_batch_size": 4, "teacher_epochs": 1,
              "teacher_batch_size": 4}

@@ -79,16 +79,16 @@ def register(commands: Commands) -> None:
 
 
 def run_bam(args: argparse.Namespace) -> int:
-    from selftune.bam import run_bam as run_recipe
+    from selftune.recipes.bam import run_bam as run_recipe
 
     print_result(args, run_recipe(dataclass_from_namespace(BamConfig, args)), indent=2)
     return 0
 
 
 def run_teacher_predictions(args: argparse.Namespace) -> int:
-    from selftune.bam import compute_teacher_predictions
     from selftune.data.loading import DataOptions
     from selftune.data.tasks import get_task
+    from selftune.recipes.bam import compute_teacher_predictions
 
     if Path(args.output_file).suffix != ".jsonl":
         raise SelftuneError(f"--output-file {args.output_file}: teacher predictions are "

@@ -1,6 +1,6 @@
 """A grid turned into runs, each one process, and what a run's folder says about it.
 
-The BAM! recipe's layout and checks come from ``selftune.bam``'s public functions, imported
+The BAM! recipe's layout and checks come from ``selftune.recipes.bam``'s public functions, imported
 where a BAM! run is planned or checked: that module loads torch, which building the command
 line must not.
 """
@@ -78,14 +78,14 @@ def _check_options(config: Any, where: str, bam: bool = False) -> None:
     into a grid. No data or model is read."""
     try:
         if bam:
-            from selftune.bam import check_bam_options
+            from selftune.recipes.bam import check_bam_options
 
             check_bam_options(config)
         else:
             validate_options(config)
             check_strategy_options(config)
         if bam and config.teachers == "auto":
-            from selftune.bam import recipe_teachers
+            from selftune.recipes.bam import recipe_teachers
 
             for task, teacher in recipe_teachers(config).items():
                 _check_options(teacher, f"{where}, its {task} teacher")
@@ -133,7 +133,7 @@ def _plan_shared_teachers(bam_runs: list[PlannedRun]) -> list[PlannedRun]:
     before the students: workers then train a seed's teachers side by side, and a deadline
     weighs a teacher run of minutes instead of a teachers-and-student run of hours. A student
     whose teacher another worker is still training waits for it (the recipe's teacher lock)."""
-    from selftune.bam import recipe_teachers
+    from selftune.recipes.bam import recipe_teachers
 
     teachers: dict[Path, PlannedRun] = {}
     for run in bam_runs:
@@ -158,7 +158,7 @@ def students_without_predictions(run: PlannedRun) -> list[TrainConfig]:
     """The options of a shared teacher's students whose cached predictions its folder does
     not hold yet (one per file: students that read the same file count once). Its run makes
     them; a teacher recorded but without them is not done."""
-    from selftune.bam import teacher_predictions_file
+    from selftune.recipes.bam import teacher_predictions_file
 
     teacher_dir = Path(run.config.output_dir or "")
     missing: dict[Path, TrainConfig] = {}
@@ -173,7 +173,7 @@ def must_train_teacher_again(run: PlannedRun) -> bool:
     """A finished teacher that lost its model (git keeps no models) before it made the
     predictions some student needs: only training it again (same options and seed, so the
     same teacher) can make them."""
-    from selftune.bam import holds_model
+    from selftune.recipes.bam import holds_model
 
     out = Path(run.config.output_dir or "")
     return (run.variant == TEACHER_VARIANT and finished_metrics(out, run) is not None
@@ -190,7 +190,7 @@ def teacher_dirs(run: PlannedRun, summary: dict) -> dict[str, Path]:
         return {task: Path(d) for task, d in summary["teacher_dirs"].items()}
     if teachers != "auto":
         return {}
-    from selftune.bam import recipe_teachers
+    from selftune.recipes.bam import recipe_teachers
 
     return {task: Path(config.output_dir) for task, config in recipe_teachers(run.config).items()}
 

@@ -176,7 +176,7 @@ def _run_claimed(run: PlannedRun, out: Path, results: Path, train_command: list[
 def _make_students_predictions(run: PlannedRun) -> bool:
     """A shared teacher's run ends with the predictions its students will read, made while
     its model is there (git keeps no models); False when they cannot be made."""
-    from selftune.bam import prepare_teacher_predictions
+    from selftune.recipes.bam import prepare_teacher_predictions
 
     for student in students_without_predictions(run):
         try:
