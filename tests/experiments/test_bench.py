@@ -730,3 +730,42 @@ def test_a_failed_run_points_to_its_log_only_when_it_wrote_one(grid, tmp_path, c
                            "sys.exit(1)"]
     run_grid(grid, tmp_path / "r.jsonl", tmp_path / "runs", train_command=write_log_then_fail)
     assert f"see {log}" in capsys.readouterr().out
+
+
+def test_an_ensemble_variant_records_the_self_ensemble_of_its_sources_snapshots(grid,
+                                                                              tmp_path):
+    from safetensors.torch import load_file
+
+    results, runs = tmp_path / "r.jsonl", tmp_path / "runs"
+    grid.seeds = [0]
+    grid.variants = {"se": {"pipeline": "ensemble", "from": "base", "k": 2, "vote": True},
+                     "base": {"save_snapshots": 3, "snapshot_interval": 1}}
+    planned = plan_runs(grid, runs)
+    assert [r.run_id for r in planned] == ["custom__base__seed0", "custom__se__seed0"]
+    assert planned[1].hash() != planned[0].hash()
+    counts = run_grid(grid, results, runs)
+    assert counts["done"] == 2 and counts["failed"] == 0
+    records = {r["variant"]: r for r in map(json.loads, results.read_text().splitlines())}
+    se = records["se"]
+    assert se["strategy"] == "se" and se["config"]["ensemble_of"] == "custom__base__seed0"
+    assert se["score"] == json.loads((runs / "custom__se__seed0" / "metrics.json").read_text())[
+        "score"]
+    # The model is the mean of the source's two newest snapshots.
+    saved = load_file(str(runs / "custom__base__seed0" / "snapshots.safetensors"))
+    model = load_file(str(runs / "custom__se__seed0" / "model.safetensors"))
+    mean = (saved["snapshot.1.classifier.weight"] + saved["snapshot.2.classifier.weight"]) / 2
+    assert (model["classifier.weight"] - mean).abs().max() < 1e-6
+    assert run_grid(grid, results, runs)["done"] == 0  # recorded: nothing to do again
+    report_records, problems = load_results(results)
+    assert {r.variant for r in report_records} == {"base", "se"} and not problems
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"pipeline": "ensemble", "from": "nope"}, "'from' names the trained variant"),
+    ({"pipeline": "ensemble", "from": "base", "k": 9}, "k must be a whole number from 1 to"),
+    ({"pipeline": "ensemble", "from": "base", "lr": 1}, "takes only from, k and vote"),
+])
+def test_bad_ensemble_variants_are_refused_when_planned(options, message, grid, tmp_path):
+    grid.variants = {"base": {"save_snapshots": 3, "snapshot_interval": 2}, "se": options}
+    with pytest.raises(SelftuneError, match=message):
+        plan_runs(grid, tmp_path / "runs")

@@ -31,6 +31,18 @@ class PlannedRun:
     command: str = "train"
     # A shared BAM! teacher's run: the students that read its predictions.
     students: list[PlannedRun] = field(default_factory=list)
+    # A self-ensemble built afterwards ("pipeline: ensemble"): the run whose saved snapshots
+    # it averages, how many, and whether their output vote is scored too.
+    source: PlannedRun | None = None
+    k: int = 0
+    vote: bool = False
+
+    def hash(self) -> str:
+        """What identifies the run's results line: its options' hash (an ensemble: its source
+        run's, and its own k and vote)."""
+        if self.command != ENSEMBLE:
+            return self.config.hash()
+        return f"{self.config.hash()}+se{self.k}{'+vote' if self.vote else ''}"
 
     def record_ids(self) -> list[str]:
         """The run_ids of the results lines that make this run recorded (a BAM! run's teacher
@@ -38,6 +50,10 @@ class PlannedRun:
         if self.command == "train":
             return [self.run_id]
         return [f"{t}__{self.variant}__seed{self.seed}" for t in self.task.split(",")]
+
+
+ENSEMBLE = "ensemble"
+ENSEMBLE_KEYS = {"pipeline", "from", "k", "vote"}
 
 
 def plan_runs(grid: Grid, runs_dir: Path) -> list[PlannedRun]:
@@ -53,8 +69,9 @@ def plan_runs(grid: Grid, runs_dir: Path) -> list[PlannedRun]:
         runs.extend(_plan_shared_teachers(students))
         runs.extend(students)
         for task in grid.tasks:
+            planned: dict[str, PlannedRun] = {}
             for variant, options in grid.variants.items():
-                if is_bam(options):
+                if is_bam(options) or (options or {}).get("pipeline") == ENSEMBLE:
                     continue
                 values = {**grid.common, **grid.task_options.get(task, {}), **(options or {}),
                           "task": task, "seed": seed}
@@ -67,8 +84,37 @@ def plan_runs(grid: Grid, runs_dir: Path) -> list[PlannedRun]:
                 except TypeError as err:
                     raise SelftuneError(f"grid variant {variant!r}: {err}") from None
                 _check_options(config, f"grid variant {variant!r} ({task})")
-                runs.append(PlannedRun(run_id, task, variant, seed, config))
+                planned[variant] = PlannedRun(run_id, task, variant, seed, config)
+                runs.append(planned[variant])
+            # After the runs they are built from, so one worker usually takes both in turn.
+            runs.extend(_plan_ensemble(variant, options, planned, runs_dir)
+                        for variant, options in grid.variants.items()
+                        if (options or {}).get("pipeline") == ENSEMBLE)
     return runs
+
+
+def _plan_ensemble(variant: str, options: dict, planned: dict[str, PlannedRun],
+                   runs_dir: Path) -> PlannedRun:
+    """A self-ensemble of a trained variant's saved snapshots ('selftune ensemble'): an
+    evaluation, recorded as a run of its own."""
+    where = f"grid variant {variant!r}"
+    unknown = sorted(set(options) - ENSEMBLE_KEYS)
+    if unknown:
+        raise SelftuneError(f"{where}: an ensemble takes only from, k and vote, not {unknown}")
+    source = planned.get(str(options.get("from")))
+    if source is None:
+        raise SelftuneError(f"{where}: 'from' names the trained variant whose snapshots it "
+                            f"averages, one of {sorted(planned)}")
+    kept = source.config.save_snapshots
+    k = options.get("k", kept)
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= kept:
+        raise SelftuneError(f"{where}: k must be a whole number from 1 to the {kept} snapshots "
+                            f"variant {source.variant!r} keeps (save_snapshots)")
+    run_id = f"{source.task}__{variant}__seed{source.seed}"
+    config = TrainConfig.from_dict({**source.config.to_dict(),
+                                    "output_dir": str(runs_dir / run_id)})
+    return PlannedRun(run_id, source.task, variant, source.seed, config, command=ENSEMBLE,
+                      source=source, k=k, vote=bool(options.get("vote", False)))
 
 
 def _check_options(config: Any, where: str, bam: bool = False) -> None:
@@ -211,8 +257,12 @@ def holds_other_config(out: Path, run: PlannedRun) -> bool:
 def finished_metrics(out: Path, run: PlannedRun) -> dict | None:
     """metrics.json of a finished run with this exact configuration, else None (for a bam
     run: its bam.json summary)."""
-    path = out / (METRICS_FILE if run.command == "train" else BAM_SUMMARY_FILE)
+    path = out / (BAM_SUMMARY_FILE if run.command == "bam" else METRICS_FILE)
     if not path.is_file():
         return None
     metrics = json.loads(path.read_text())
+    if run.command == ENSEMBLE:
+        same = (metrics.get("source_run") == run.source.config.output_dir
+                and metrics.get("k") == run.k and ("vote_score" in metrics) == run.vote)
+        return metrics if same else None
     return metrics if metrics.get("config_hash") == run.config.hash() else None

@@ -52,7 +52,7 @@ def run_grid(
     recorded = read_recorded(results)
 
     def is_recorded(run: PlannedRun) -> bool:
-        return all((rid, run.config.hash()) in recorded for rid in run.record_ids())
+        return all((rid, run.hash()) in recorded for rid in run.record_ids())
 
     for run in runs:  # a teacher's predictions are for the students still to run
         run.students = [student for student in run.students if not is_recorded(student)]
@@ -130,10 +130,12 @@ def _run_claimed(run: PlannedRun, out: Path, results: Path, train_command: list[
     """Run (or find finished) one claimed run and record it: True when recorded here, False
     when another worker had already recorded it, None when it failed."""
     recorded = read_recorded(results)  # another worker may have recorded it since we planned
-    if all((rid, run.config.hash()) in recorded for rid in run.record_ids()) \
+    if all((rid, run.hash()) in recorded for rid in run.record_ids()) \
             and not students_without_predictions(run):
         print(f"  {run.run_id}: recorded meanwhile by another 'selftune bench'", flush=True)
         return False
+    if run.source is not None:
+        return _run_ensemble(run, out, results, durations)
     metrics = finished_metrics(out, run)
     if must_train_teacher_again(run):
         print(f"  {run.run_id}: its folder kept no model to make its students' predictions "
@@ -170,6 +172,31 @@ def _run_claimed(run: PlannedRun, out: Path, results: Path, train_command: list[
         append_record(results, record, unless_recorded=True)
     score = metrics.get("score", metrics.get("student_average"))
     print(f"  {run.run_id}: score {score:.2f}", flush=True)
+    return True
+
+
+def _run_ensemble(run: PlannedRun, out: Path, results: Path,
+                  durations: list[float]) -> bool | None:
+    """A self-ensemble of its source run's saved snapshots: 'selftune ensemble', recorded."""
+    source_dir = Path(run.source.config.output_dir or "")
+    metrics = finished_metrics(out, run)
+    if metrics is None:
+        if finished_metrics(source_dir, run.source) is None:
+            print(f"  {run.run_id}: waits for {run.source.run_id} to finish", flush=True)
+            return False
+        started = time.time()
+        command = [sys.executable, "-m", "selftune", "ensemble", str(source_dir),
+                   "--k", str(run.k), "--output-dir", str(out), "--overwrite-output-dir",
+                   "--quiet", *(["--vote"] if run.vote else [])]
+        proc = subprocess.run(command)
+        metrics = finished_metrics(out, run)
+        if proc.returncode != 0 or metrics is None:
+            print(f"  run {run.run_id} failed (exit {proc.returncode}); see its error above. "
+                  "Not recorded: a rerun of this grid retries it", flush=True)
+            return None
+        durations.append(time.time() - started)
+    append_record(results, make_record(run, metrics), unless_recorded=True)
+    print(f"  {run.run_id}: score {metrics['score']:.2f}", flush=True)
     return True
 
 
