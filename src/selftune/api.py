@@ -68,8 +68,8 @@ def bam(**options: Any) -> RunResult:
     """The BAM! recipe, as ``selftune bam`` with these options; see ``selftune bam --help``
     (``tasks="rte,mrpc"`` or ``tasks_file="tasks.yaml"``, ``teachers="none"`` for plain Multi,
     ``finetune_after=True``, ...). Finished stages are reused when called again."""
-    from selftune.bam_cli import NOT_FOR_MULTITASK
-    from selftune.recipes.bam import BamConfig, run_bam
+    from selftune.config import NOT_FOR_MULTITASK, BamConfig
+    from selftune.recipes.bam import run_bam
 
     # As on the command line, which has no single-task options (BamConfig keeps their fields).
     known = {f.name for f in dataclasses.fields(BamConfig)} - set(NOT_FOR_MULTITASK)

@@ -599,6 +599,14 @@ class MultiTaskConfig(TrainConfig):
         return TrainConfig.hash(dataclasses.replace(self, tasks_file=None))
 
 
+# Single-task options that mean nothing to a multi-task run.
+NOT_FOR_MULTITASK = ("task", "train_file", "validation_file", "text_columns", "label_column",
+                     "id_column", "label_type", "eval_split", "teacher_predictions",
+                     "se_pool", "se_combine", "dataset_name", "dataset_config_name",
+                     "save_snapshots", "load_best_model_at_end", "metric_for_best_model",
+                     "early_stopping_patience", "push_to_hub", "hub_model_id",
+                     "hub_private_repo", "task_list")
+
 BAM = "BAM! recipe"
 
 

@@ -15,17 +15,14 @@ from selftune.cli.common import (
     print_result,
 )
 from selftune.cli.options import TeacherPredictionsOptions
-from selftune.config import BamConfig, add_dataclass_arguments, dataclass_from_namespace
+from selftune.config import (
+    NOT_FOR_MULTITASK,
+    BamConfig,
+    add_dataclass_arguments,
+    dataclass_from_namespace,
+)
 from selftune.errors import SelftuneError
 from selftune.trainer_options import add_trainer_arguments
-
-# Single-task options that mean nothing to a multi-task run.
-NOT_FOR_MULTITASK = ("task", "train_file", "validation_file", "text_columns", "label_column",
-                     "id_column", "label_type", "eval_split", "teacher_predictions",
-                     "se_pool", "se_combine", "dataset_name", "dataset_config_name",
-                     "save_snapshots", "load_best_model_at_end", "metric_for_best_model",
-                     "early_stopping_patience", "push_to_hub", "hub_model_id",
-                     "hub_private_repo", "task_list")
 
 BAM_EPILOG = """\
 examples:
