@@ -18,13 +18,10 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from selftune.data.loading import DataOptions, parse_text_columns
 from selftune.errors import SelftuneError
-
-if TYPE_CHECKING:
-    from selftune.strategies import StrategyOptions
 
 
 def parse_snapshot_interval(value: Any) -> int | str:
@@ -78,6 +75,21 @@ NOT_HASHED = frozenset({"seed", "output_dir", "overwrite_output_dir", "resume", 
                         "teachers_root",
                         # not an option: values resolved once the data is known
                         "resolved"})
+
+
+@dataclass(frozen=True)
+class StrategyOptions:
+    """What the objective needs of the run's options, resolved (intervals in steps)."""
+
+    strategy: str  # baseline, se, sda, sdv, ema
+    k: int = 3
+    lam: float = 1.0
+    interval: int = 1  # optimizer steps between snapshots
+    skip_initial: bool = False  # the initial model is no snapshot
+    teacher_dropout: bool = False
+    se_pool: str = "epochs"
+    se_combine: str = "average"
+    save_snapshots: int = 0  # baseline: keep the last K snapshots to save them
 
 
 @dataclass
@@ -273,8 +285,6 @@ class TrainConfig:
 
     def strategy_options(self, steps_per_epoch: int) -> StrategyOptions:
         """What the strategy's objective needs, with the snapshot interval in steps."""
-        from selftune.strategies import StrategyOptions
-
         skip_initial = self.snapshot_start == "first-snapshot" or (
             self.snapshot_start == "auto" and isinstance(self.snapshot_interval, str))
         return StrategyOptions(

@@ -38,7 +38,7 @@ from selftune.data.tasks import TASKS, TaskSpec, get_task
 from selftune.errors import SelftuneError
 
 if TYPE_CHECKING:
-    from selftune.multitask.training import MultiTaskConfig
+    from selftune.config import MultiTaskConfig
 
 # The keys an own task takes: its name and the options of `selftune train` for own files.
 OWN_TASK_KEYS = ("name", "train_file", "validation_file", "text_columns", "label_column",
@@ -228,7 +228,7 @@ def _file_hash(path: str, _mtime_ns: int, _size: int) -> str:
 def apply_task_list(cfg: MultiTaskConfig) -> None:
     """With --tasks-file: read it into the options (``tasks``: its names; ``task_list``: the
     tasks as read, so the saved options tell whether a finished stage ran on them)."""
-    from selftune.multitask.training import MultiTaskConfig
+    from selftune.config import MultiTaskConfig
 
     if not cfg.tasks_file:
         if cfg.task_list:
