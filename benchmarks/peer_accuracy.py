@@ -20,7 +20,7 @@ from pathlib import Path
 
 from scipy import stats
 
-from selftune.stats import summarize
+from selftune_experiments.stats import summarize
 
 
 def scores_by_task(path: Path, variant: str | None = None) -> dict[str, dict[int, float]]:

@@ -497,3 +497,39 @@ def test_evaluate_a_hub_id_while_offline(capsys, monkeypatch, sentiment_files):
                            "--validation-file", str(sentiment_files[1]))
     assert_one_line_error(code, err, "could not load model 'someone/not-cached-classifier'",
                           "HF_HUB_OFFLINE=1", "no local folder has that name")
+
+
+def test_stdout_is_the_final_json_alone(tmp_path, tiny_model, sentiment_files):
+    """The Trainer's log dicts and progress bars, and our log lines, go to stderr: stdout
+    parses as one JSON document (and is empty with --quiet)."""
+    train, dev = sentiment_files
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def run(out: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "selftune", "train", "--train-file", str(train),
+             "--validation-file", str(dev), "--model", str(tiny_model), "--output-dir",
+             str(tmp_path / out), "--num-train-epochs", "1", "--logging-steps", "1", *extra],
+            capture_output=True, text=True, env=env, cwd=tmp_path)
+
+    proc = run("loud")
+    assert proc.returncode == 0, proc.stderr
+    assert "'loss'" in proc.stderr  # the Trainer's log dicts were printed, on stderr
+    result = json.loads(proc.stdout)
+    assert result["score"] == json.loads((tmp_path / "loud" / "metrics.json").read_text())["score"]
+    quiet = run("quiet", "--quiet")
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout == "" and (tmp_path / "quiet" / "metrics.json").is_file()
+
+
+def test_evaluate_prints_its_json_or_nothing_when_quiet(capsys, tmp_path, tiny_classifier,
+                                                        sentiment_files):
+    _, dev = sentiment_files
+    args = ["evaluate", str(tiny_classifier), "--validation-file", str(dev)]
+    code, out, _ = run_cli(capsys, *args)
+    printed = json.loads(out)
+    assert code == 0 and printed["num_examples"] == 16
+    metrics_file = tmp_path / "metrics.json"
+    code, out, _ = run_cli(capsys, *args, "--output-file", str(metrics_file), "--quiet")
+    assert code == 0 and out == ""
+    assert json.loads(metrics_file.read_text()) == printed  # quiet, but still written

@@ -1,4 +1,4 @@
-"""[CLS] normalizers (methods.md section 3) and the [CLS] statistics they use."""
+"""[CLS] normalizers (docs/methods.md §3) and the [CLS] statistics they use."""
 
 from __future__ import annotations
 

@@ -638,7 +638,7 @@ def test_predictions_are_valid_json_even_when_logits_overflow(capsys, tmp_path,
 
     from selftune import evaluation
 
-    def overflowing(model, tokenizer, records, *args):
+    def overflowing(model, tokenizer, records, *args, **kwargs):
         logits = np.zeros((len(records), 2), dtype=np.float32)
         logits[0] = [np.inf, np.inf]
         return logits

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from selftune import outputs
-from selftune.bam import BamConfig, run_bam
+from selftune.recipes.bam import BamConfig, run_bam
 from selftune.training import train
 
 from .test_training import dev_logits, tiny_config
@@ -67,7 +67,7 @@ if kind == "train":
     from selftune.training import train
     train(TrainConfig(**options))
 else:
-    from selftune.bam import BamConfig, run_bam
+    from selftune.recipes.bam import BamConfig, run_bam
     run_bam(BamConfig(**options))
 """
 

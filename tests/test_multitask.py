@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from selftune.bam import BamConfig, run_bam
 from selftune.data.tasks import get_task
 from selftune.errors import SelftuneError
 from selftune.multitask.data import build_train_set, with_swapped_pairs
@@ -23,6 +22,7 @@ from selftune.multitask.model import build_multitask_model
 from selftune.multitask.objective import TeacherAnnealing
 from selftune.multitask.training import MultiTaskConfig, train_multitask
 from selftune.outputs import directory_lock
+from selftune.recipes.bam import BamConfig, run_bam
 from selftune.training import train
 
 from .test_training import StopAfterFirstSave, tiny_config
@@ -284,7 +284,7 @@ def test_multitask_run_reports_every_dev_set_of_a_task(tiny_model, glue_dir_with
 
 
 def test_every_multitask_parameter_gets_the_learning_rate_of_its_depth(mt_model):
-    """methods.md §2.4 on the real parameter names: heads L+2, pooler L+1, layer i i+1,
+    """docs/methods.md §2.4 on the real parameter names: heads L+2, pooler L+1, layer i i+1,
     embeddings 0 (the tiny model has L = 2)."""
     from selftune.optim import layerwise_param_groups
 
@@ -526,9 +526,9 @@ def test_bam_student_self_distills_while_its_teachers_stay_plain(tiny_model, glu
 
 def test_a_model_with_another_class_order_is_refused(tiny_model, glue_dir, tmp_path, capsys):
     """As a teacher, or to `selftune evaluate`: its predictions would be permuted."""
-    from selftune.bam import compute_teacher_predictions
     from selftune.data.loading import DataOptions
     from selftune.evaluation import evaluate_model
+    from selftune.recipes.bam import compute_teacher_predictions
 
     train(tiny_config(tiny_model, (None, None), tmp_path / "rte", task="rte",
                       data_dir=str(glue_dir), train_file=None, validation_file=None,
@@ -599,7 +599,7 @@ def test_given_teacher_predictions_must_be_on_the_students_texts(tiny_model, glu
                                                                    tmp_path):
     """Ids alone do not tell that a text changed under its id; each line's input hash does,
     while a file made on more data than the student trains on still serves it."""
-    from selftune.bam import compute_teacher_predictions
+    from selftune.recipes.bam import compute_teacher_predictions
 
     teacher, _, _ = given_rte_teacher(tiny_model, glue_dir, tmp_path)
     task = get_task("rte")
@@ -708,7 +708,7 @@ def test_teacher_cache_is_made_again_when_the_training_data_changed(tiny_model, 
                                                                     tmp_path):
     """Same ids, other rows: the input hashes tell. A file without them (written before them,
     as the committed benchmark caches) is reused while it covers the ids."""
-    from selftune.bam import _cached_teacher_predictions
+    from selftune.recipes.bam import _cached_teacher_predictions
 
     teacher = tmp_path / "rte-teacher"
     train(tiny_config(tiny_model, (None, None), teacher, task="rte", data_dir=str(glue_dir),
@@ -754,7 +754,7 @@ def test_a_stale_teacher_cache_with_other_ids_is_made_again_or_named(tiny_model,
     run_bam(BamConfig(output_dir=str(tmp_path / "b"), **common))  # selftune's own cache
     assert '"other-' not in cache.read_text() and '"example_id": "train-0"' in cache.read_text()
     # Without the teacher's model it cannot be made again: the error names the file.
-    from selftune.bam import _cached_teacher_predictions
+    from selftune.recipes.bam import _cached_teacher_predictions
 
     make_stale()
     (teacher / "config.json").rename(teacher / "config.json.away")

@@ -16,7 +16,7 @@ from selftune.errors import SelftuneError
 from selftune.models.loading import resolve_model_path
 
 from .conftest import REPO
-from .test_report import grid_lines, write_lines
+from .experiments.test_report import grid_lines, write_lines
 
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 
@@ -43,9 +43,10 @@ def test_default_model_and_plots_are_extras() -> None:
 
 
 def third_party_imports() -> dict[str, str]:
-    """Top-level modules imported anywhere in src/selftune, mapped to the file importing it."""
+    """Top-level modules imported anywhere in src/ (the library and the experiment harness),
+    mapped to the file importing it."""
     found: dict[str, str] = {}
-    for path in sorted((REPO / "src" / "selftune").rglob("*.py")):
+    for path in sorted((REPO / "src").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
@@ -55,7 +56,8 @@ def third_party_imports() -> dict[str, str]:
                 continue
             for name in names:
                 top = name.split(".")[0]
-                if top not in sys.stdlib_module_names and top not in ("selftune", "__future__"):
+                if top not in sys.stdlib_module_names and top not in (
+                        "selftune", "selftune_experiments", "__future__"):
                     found.setdefault(top, str(path.relative_to(REPO)))
     return found
 

@@ -9,10 +9,10 @@ import json
 import pytest
 from transformers import TrainingArguments
 
-from selftune.bam import BamConfig
 from selftune.cli import build_parser, main
 from selftune.config import TrainConfig
 from selftune.errors import SelftuneError
+from selftune.recipes.bam import BamConfig
 from selftune.trainer_options import OWNED, SPEC_FILE, generate_spec, installed_transformers_version
 
 

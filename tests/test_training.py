@@ -66,10 +66,10 @@ def test_a_task_with_two_dev_sets_reports_both(strategy, tiny_model, glue_dir_wi
 
     predicted_with = []  # (rows, parameters) of every model scored outside the Trainer
 
-    def spy(model, tokenizer, dataset, batch_size):
+    def spy(model, tokenizer, dataset, batch_size, *args):
         predicted_with.append((len(dataset), {k: v.clone() for k, v in
                                               model.state_dict().items()}))
-        return dataset_logits(model, tokenizer, dataset, batch_size)
+        return dataset_logits(model, tokenizer, dataset, batch_size, *args)
 
     dataset_logits = training_module.dataset_logits
     monkeypatch.setattr(training_module, "dataset_logits", spy)

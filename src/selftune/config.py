@@ -18,13 +18,10 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from selftune.data.loading import DataOptions, parse_text_columns
 from selftune.errors import SelftuneError
-
-if TYPE_CHECKING:
-    from selftune.strategies import StrategyOptions
 
 
 def parse_snapshot_interval(value: Any) -> int | str:
@@ -78,6 +75,21 @@ NOT_HASHED = frozenset({"seed", "output_dir", "overwrite_output_dir", "resume", 
                         "teachers_root",
                         # not an option: values resolved once the data is known
                         "resolved"})
+
+
+@dataclass(frozen=True)
+class StrategyOptions:
+    """What the objective needs of the run's options, resolved (intervals in steps)."""
+
+    strategy: str  # baseline, se, sda, sdv, ema
+    k: int = 3
+    lam: float = 1.0
+    interval: int = 1  # optimizer steps between snapshots
+    skip_initial: bool = False  # the initial model is no snapshot
+    teacher_dropout: bool = False
+    se_pool: str = "epochs"
+    se_combine: str = "average"
+    save_snapshots: int = 0  # baseline: keep the last K snapshots to save them
 
 
 @dataclass
@@ -273,8 +285,6 @@ class TrainConfig:
 
     def strategy_options(self, steps_per_epoch: int) -> StrategyOptions:
         """What the strategy's objective needs, with the snapshot interval in steps."""
-        from selftune.strategies import StrategyOptions
-
         skip_initial = self.snapshot_start == "first-snapshot" or (
             self.snapshot_start == "auto" and isinstance(self.snapshot_interval, str))
         return StrategyOptions(
@@ -430,9 +440,12 @@ def add_dataclass_arguments(
         if run_glue_spelling:
             names.append(run_glue_spelling)
         default_text = "" if f.default is None else f" (default: {f.default})"
-        group.add_argument(*names, dest=f.name, type=meta.get("parse") or kind,
-                           default=f.default,
+        # A field may set a lower bound ("minimum"), checked as the flag is read, or a parser.
+        parse = (meta.get("parse") or
+                 (int_at_least(meta["minimum"]) if "minimum" in meta else kind))
+        group.add_argument(*names, dest=f.name, type=parse, default=f.default,
                            choices=meta.get("choices"), help=help_text + default_text,
+                           required=meta.get("required", False),
                            metavar=f.name.upper() if not meta.get("choices") else None)
 
 
@@ -531,3 +544,108 @@ def check_trackers(report_to: str) -> None:
             f"--report-to {','.join(missing)}: not available here (an unknown tracker, or its "
             f"package is not installed: pip install {' '.join(missing)}); installed trackers: "
             f"{', '.join(available) or 'none'}")
+
+
+# ---- the options of a multi-task run and of the BAM! recipe (here, beside TrainConfig, so
+# that building the command line imports no training code)
+
+MT = "multi-task"
+
+
+@dataclass
+class MultiTaskConfig(TrainConfig):
+    """Options of a multi-task run; defaults follow BAM!'s student (docs/methods.md §2.1)."""
+
+    learning_rate: float = opt(1e-4, "Peak learning rate of AdamW (BAM!'s student: 1e-4).",
+                               TRAIN, aliases=("--lr",))
+    per_device_train_batch_size: int = opt(128, "Training batch size (BAM!'s student: 128).",
+                                           TRAIN, aliases=("--batch-size",))
+    num_train_epochs: float = opt(6.0, "Epochs over all tasks' examples (BAM!'s student: 6).",
+                                  TRAIN, aliases=("--epochs",))
+    layerwise_lr_decay: float | None = opt(0.9, "Layer-wise learning-rate decay (BAM!: 0.9; "
+                                           "1.0 turns it off).", TRAIN)
+    strategy: str = opt("baseline", "Self-distillation inside the multi-task run: baseline "
+                        "(none); sda / sdv (from the parameter average / output vote of the "
+                        "student's last K snapshots); ema (from an EMA teacher). se is for "
+                        "single-task runs.", TRAIN, ("baseline", "sda", "sdv", "ema"))
+    output_dir: str | None = opt(None, "Where the run writes tasks/<task>/ (one model directory "
+                                 "per task), metrics.json, run_config.json and train.log "
+                                 "(`selftune bam` puts it in <output-dir>/student; called "
+                                 "from Python, default runs/multitask/seed<seed>).", OUTPUT)
+
+    tasks: str = opt("rte,mrpc,stsb,cola", "Comma-separated registry tasks trained together "
+                     "(your own files: --tasks-file).", DATA)
+    teacher_predictions: str | None = opt(
+        None, "Teacher predictions per task, 'task=FILE,...' (files from 'selftune "
+        "teacher-predictions'). Without them: plain multi-task training.", MT)
+    teacher_annealing: str = opt("linear", "linear: the target moves from the teacher to the "
+                                 "gold label as λ = step/total rises 0→1; fixed: a constant "
+                                 "mixture (--distill-weight).", MT, ("linear", "fixed"))
+    distill_weight: float = opt(0.5, "With --teacher-annealing fixed: the teacher's share 1−λ "
+                                "of the target (1.0 = pure distillation, BAM!'s λ = 0).", MT)
+    loss_reduction: str = opt("mean", "Batch loss: mean over examples (default: gradient "
+                              "clipping and learning rate behave as in single-task runs) or "
+                              "sum (BAM!'s reference code).", MT, ("mean", "sum"))
+    task_sampling: str = opt("power", "Each task's share of training examples: ∝ |D|^alpha "
+                             "(power), ∝ |D| (proportional) or equal (uniform).", MT,
+                             ("power", "proportional", "uniform"))
+    sampling_alpha: float = opt(0.75, "The exponent of --task-sampling power.", MT)
+    mix_tasks: bool = opt(True, "Batches mix tasks (off: each batch holds one task).", MT)
+    double_unordered: bool = opt(True, "Train MRPC and STS-B on both sentence orders (as BAM!; "
+                                 "the single-task teachers train on one order and predict on "
+                                 "both).", MT)
+    tasks_file: str | None = opt(None, "Instead of --tasks: a YAML or JSON list of the tasks, "
+                                 "registry tasks by name and your own train/validation files "
+                                 "(columns as --train-file takes them); registry and own tasks "
+                                 "mix in one student. See README, 'Your own tasks in BAM!'.",
+                                 DATA)
+    task_list: str | None = opt(None, "Filled in from --tasks-file: the tasks as read, kept in "
+                                "run_config.json so that a finished stage is reused only for "
+                                "the same tasks.", DATA)
+
+    def hash(self) -> str:
+        """As ``TrainConfig.hash``; of a task list, its content counts (``task_list``, with its
+        files' full paths), not where the list itself lies."""
+        return TrainConfig.hash(dataclasses.replace(self, tasks_file=None))
+
+
+# Single-task options that mean nothing to a multi-task run.
+NOT_FOR_MULTITASK = ("task", "train_file", "validation_file", "text_columns", "label_column",
+                     "id_column", "label_type", "eval_split", "teacher_predictions",
+                     "se_pool", "se_combine", "dataset_name", "dataset_config_name",
+                     "save_snapshots", "load_best_model_at_end", "metric_for_best_model",
+                     "early_stopping_patience", "push_to_hub", "hub_model_id",
+                     "hub_private_repo", "task_list")
+
+BAM = "BAM! recipe"
+
+
+@dataclass
+class BamConfig(MultiTaskConfig):
+    teachers: str = opt("auto", "auto: train (or reuse) a single-task teacher per task in "
+                        "<output-dir>/teachers; none: no teachers (plain multi-task, the "
+                        "paper's 'Multi'); or task=MODEL_DIR,... for teachers you trained "
+                        "('{seed}' in a path becomes the seed: rte=runs/rte-seed{seed}).", BAM)
+    teacher_learning_rate: float = opt(5e-5, "Learning rate of the single-task teachers.", BAM)
+    teacher_epochs: float = opt(3.0, "Epochs of the single-task teachers.", BAM)
+    teacher_batch_size: int = opt(32, "Batch size of the single-task teachers.", BAM)
+    teacher_layerwise_lr_decay: float | None = opt(0.9, "Layer-wise learning-rate decay of the "
+                                                   "teachers (BAM!: 0.9, as the student).", BAM)
+    teachers_root: str | None = opt(None, "Folder of the teachers trained with --teachers auto "
+                                    "(default: <output-dir>/teachers); '{seed}' is replaced by "
+                                    "the seed, so several recipes (e.g. ablations) can share "
+                                    "one set of teachers per seed.", BAM)
+    finetune_after: bool = opt(False, "Fine-tune each of the student's task models on its "
+                               "task alone afterwards (with the teachers' options).", BAM)
+    teachers_only: bool = opt(False, "Train (or reuse) the teachers and cache their "
+                              "predictions, then stop before the student. To train the "
+                              "teachers in parallel, start one such run per task (--tasks rte, "
+                              "--tasks mrpc, ...) with one --teachers-root; the full recipe "
+                              "with that root then reuses them.", BAM)
+    output_dir: str | None = opt(None, "Where the recipe writes teachers/, student/, "
+                                 "finetuned/ (with --finetune-after) and bam.json (default: "
+                                 "runs/bam/seed<seed>).", OUTPUT)
+    overwrite_output_dir: bool = opt(False, "Redo every stage: delete the recipe's folder "
+                                     "first (only a folder selftune wrote, or an empty one; any "
+                                     "other is refused). Without it, finished stages are "
+                                     "reused and an interrupted one resumes.", OUTPUT)

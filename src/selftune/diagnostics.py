@@ -1,4 +1,4 @@
-"""``selftune diagnose-cls``: the analysis that motivates [CLS] normalization (methods.md §3).
+"""``selftune diagnose-cls``: the analysis that motivates [CLS] normalization (docs/methods.md §3).
 
 Zhou et al. (2019) report that, before fine-tuning, the last-layer [CLS] values "concentrate on a
 few dimensions and are non-zero centered", and that gradients through [CLS] may explode. This

@@ -61,12 +61,16 @@ def run_config_of(run_dir: Path) -> TrainConfig:
 
 def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
     """Write the self-ensemble of ``cfg.run_dir`` and return its ``metrics.json`` content."""
+    import time
+
     from selftune.evaluation import evaluate_model, predict_logits
     from selftune.models.loading import load_finetuned, load_tokenizer
+    from selftune.runinfo import environment_info, peak_memory_mb
     from selftune.self_distillation import vote_logits
     from selftune.self_ensemble import SNAPSHOTS_FILE, load_snapshots
     from selftune.teachers import SnapshotWindow
 
+    started = time.time()
     check_ensemble_options(cfg)
     run_dir = Path(cfg.run_dir)
     run = run_config_of(run_dir)
@@ -105,6 +109,8 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
         result.update({"vote_metrics": voted["metrics"], "vote_score": voted["score"]})
     from selftune.outputs import METRICS_FILE, write_json_atomic
 
+    result.update({"k": k, "history": [], "wall_time_s": time.time() - started,
+                   "peak_memory_mb": peak_memory_mb(), **environment_info()})
     write_json_atomic(out / METRICS_FILE, result)  # last: the folder is complete
     return result
 

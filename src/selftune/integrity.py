@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from selftune.errors import SelftuneError
+from selftune.files import LOCK_FILE, write_json_atomic
 
 logger = logging.getLogger("selftune")
 
@@ -48,8 +49,6 @@ def file_sha256(path: Path) -> str:
 def write_manifest(folder: Path, skip: tuple[str, ...] = ()) -> None:
     """List every file under ``folder`` (but the top-level entries in ``skip``) with its size
     and sha256, in ``folder/selftune-manifest.json``, written atomically and last."""
-    from selftune.outputs import LOCK_FILE, write_json_atomic
-
     files = {}
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)

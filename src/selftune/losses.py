@@ -1,4 +1,4 @@
-"""Losses of teacher annealing (BAM!, methods.md §2.2) and self-distillation (§1.1).
+"""Losses of teacher annealing (BAM!, docs/methods.md §2.2) and self-distillation (§1.1).
 
 Pure functions on tensors, so the trainers stay thin and the formulas are tested on their own.
 Teacher outputs are always detached: a teacher is a constant target, never trained through the
@@ -92,7 +92,7 @@ def annealed_loss(
     :func:`annealed_targets`.
 
     ``reduction="mean"`` is the default (the natural PyTorch choice, independent of batch
-    size); ``"sum"`` is what the reference code does (methods.md §2.2); ``"none"`` gives the
+    size); ``"sum"`` is what the reference code does (docs/methods.md §2.2); ``"none"`` gives the
     per-example losses, for per-task weights.
     """
     targets = annealed_targets(labels, teacher_logits, lam, is_regression, temperature)

@@ -1,4 +1,4 @@
-"""AdamW with layer-wise learning-rate decay, as in BAM! (Clark et al. 2019; methods.md §2.4).
+"""AdamW with layer-wise learning-rate decay, as in BAM! (Clark et al. 2019; docs/methods.md §2.4).
 
 Lower layers of a pretrained encoder hold general features that fine-tuning should disturb
 least, so their learning rate is smaller: lr(depth) = base_lr · decay^(L + 2 − depth), with

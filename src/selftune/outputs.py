@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -37,6 +36,7 @@ from typing import IO, Any
 
 from selftune.config import NOT_HASHED
 from selftune.errors import SelftuneError
+from selftune.files import LOCK_FILE, write_json_atomic  # noqa: F401 (re-exported)
 
 METRICS_FILE = "metrics.json"
 RUN_CONFIG_FILE = "run_config.json"
@@ -53,28 +53,11 @@ BENCH_RUN_FILE = "bench_run.json"
 # What marks a folder as a run's: written first, before anything else of the run.
 MARKER_FILE = "selftune-run.json"
 # Held with flock by the one process writing the folder; holds that process's pid, host, start.
-LOCK_FILE = ".selftune-run.lock"
 # Files only selftune writes, by which run folders of versions before the marker are still
 # recognized (the committed benchmark grids' folders, an old run to resume or reuse). Generic
 # names (checkpoints/, train.log, student/, teachers/) prove nothing and are not among them.
 LEGACY_MARKERS = (RUN_CONFIG_FILE, BAM_SUMMARY_FILE, BENCH_RUN_FILE,
                   f"{BAM_STUDENT_DIR}/{RUN_CONFIG_FILE}")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager

@@ -4,13 +4,13 @@ its teacher (or ensemble) scores on the dev set, and what it saves beside the st
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import nn
 
+from selftune.config import StrategyOptions
 from selftune.metrics import metrics_and_score
 from selftune.self_distillation import SelfDistillation
 from selftune.self_ensemble import SNAPSHOTS_FILE, SelfEnsemble
@@ -21,21 +21,6 @@ Objective = SelfDistillation | SelfEnsemble
 MetricsOf = Callable[..., dict[str, float]]
 # Logits of a model over a dev set: predict(model, dataset).
 Predict = Callable[..., np.ndarray]
-
-
-@dataclass(frozen=True)
-class StrategyOptions:
-    """What the objective needs of the run's options, resolved (intervals in steps)."""
-
-    strategy: str  # baseline, se, sda, sdv, ema
-    k: int = 3
-    lam: float = 1.0
-    interval: int = 1  # optimizer steps between snapshots
-    skip_initial: bool = False  # the initial model is no snapshot
-    teacher_dropout: bool = False
-    se_pool: str = "epochs"
-    se_combine: str = "average"
-    save_snapshots: int = 0  # baseline: keep the last K snapshots to save them
 
 
 def build_objective(options: StrategyOptions, model: nn.Module,

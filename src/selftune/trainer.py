@@ -21,7 +21,9 @@ Use it in your own script::
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,13 +32,30 @@ import datasets
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Trainer, TrainerCallback
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from selftune.data.length_grouping import EpochSeededLengthGroupedSampler
 from selftune.models.cls_norm import has_running_statistics
 
 OBJECTIVE_STATE_FILE = "selftune_objective.safetensors"
+
+
+class _ProgressOnStderr(ProgressCallback):
+    """The Trainer's progress bar, whose log lines (``tqdm.write``: stdout by default) go to
+    stderr beside the bar: stdout is left to the command's result (``selftune train | jq``)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        with contextlib.redirect_stdout(sys.stderr):
+            super().on_log(args, state, control, logs=logs, **kwargs)
+
+
+class _PrinterOnStderr(PrinterCallback):
+    """The Trainer's log printer without progress bars (--disable-tqdm), on stderr."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        with contextlib.redirect_stdout(sys.stderr):
+            super().on_log(args, state, control, logs=logs, **kwargs)
 
 
 class Objective(Protocol):
@@ -128,6 +147,10 @@ class SelftuneTrainer(Trainer):
     def __init__(self, *args: Any, objective: Objective | None = None,
                  nan_policy: str = "stop", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        for printed, on_stderr in ((ProgressCallback, _ProgressOnStderr),
+                                   (PrinterCallback, _PrinterOnStderr)):
+            if self.pop_callback(printed) is not None:
+                self.add_callback(on_stderr)
         self.objective = objective
         self.nan_policy = nan_policy  # "stop" the run, or "skip" the update
         self.skipped_steps = 0

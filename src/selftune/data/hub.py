@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from selftune.data.readers import Record
+from selftune.data.readers import Record, natural_label_key
 from selftune.data.tasks import TaskSpec, custom_task
 from selftune.errors import SelftuneError
-
-if TYPE_CHECKING:
-    from selftune.data.loading import DataOptions, TaskData
 
 
 def load_from_hub(
@@ -62,17 +59,17 @@ def load_from_hub(
 EVAL_SPLITS = ("validation", "validation_matched", "dev", "test")
 
 
-def load_hub_dataset(opts: DataOptions) -> TaskData:
+def load_hub_dataset(name: str, config: str | None, label_column: str, id_column: str | None,
+                     text_columns: tuple[str, ...] | None
+                     ) -> tuple[TaskSpec, list[Record], dict[str, list[Record]], str]:
     """Any Hub dataset with text and label columns (``--dataset-name``), by run_glue.py's
     conventions: its train split and its validation split (else test); the label column's
     class names when it is a ``ClassLabel``, a regression when its values are floats; the
     text columns ``sentence1,sentence2``, else ``text``, else its one or two string columns
-    (or ``--text-columns``)."""
+    (or ``text_columns``, when given). Returns the task, its train records,
+    its eval split's records by name, and the source."""
     import datasets
 
-    from selftune.data.loading import TaskData, _natural_key
-
-    name, config = opts.dataset_name, opts.dataset_config_name
     shown = f"{name}{'/' + config if config else ''}"
     try:
         raw = datasets.load_dataset(name, config)
@@ -87,38 +84,36 @@ def load_hub_dataset(opts: DataOptions) -> TaskData:
         raise SelftuneError(f"{shown} has splits {list(raw)}; selftune needs 'train' and one "
                             f"of {', '.join(EVAL_SPLITS)}")
     features = raw["train"].features
-    label_column = opts.label_column
     if label_column not in features:
         raise SelftuneError(f"{shown} has no label column {label_column!r} (columns: "
                             f"{', '.join(features)}); name it with --label-column")
-    text_columns = _hub_text_columns(shown, features, opts)
+    text_columns = _hub_text_columns(shown, features, label_column, id_column, text_columns)
     label_feature = features[label_column]
     class_names = getattr(label_feature, "names", None)
     regression = class_names is None and getattr(label_feature, "dtype", "").startswith("float")
     splits = {split: _hub_records(raw[split], split, shown, text_columns, label_column,
-                                  class_names, opts.id_column)
+                                  class_names, id_column)
               for split in ("train", eval_split)}
     train, dev = splits["train"], splits[eval_split]
     if regression:
         label_names = None
     else:
         label_names = tuple(class_names) if class_names else tuple(sorted(
-            {str(r["label"]) for r in train}, key=_natural_key))
+            {str(r["label"]) for r in train}, key=natural_label_key))
         for records in (train, dev):
             for record in records:
                 record["label"] = str(record["label"])
     task = custom_task(name.rsplit("/", 1)[-1], len(text_columns), label_names)
-    return TaskData(task, train, {eval_split: dev}, source=f"hub:{shown}")
+    return task, train, {eval_split: dev}, f"hub:{shown}"
 
 
-def _hub_text_columns(shown: str, features: Any, opts: DataOptions) -> tuple[str, ...]:
-    from selftune.data.loading import DataOptions
-
-    if opts.text_columns != DataOptions().text_columns:  # given with --text-columns
-        columns = opts.text_columns
+def _hub_text_columns(shown: str, features: Any, label_column: str, id_column: str | None,
+                      given: tuple[str, ...] | None) -> tuple[str, ...]:
+    if given:  # with --text-columns
+        columns = given
     else:
         strings = [c for c, f in features.items() if getattr(f, "dtype", None) == "string"
-                   and c not in (opts.label_column, opts.id_column)]
+                   and c not in (label_column, id_column)]
         if "sentence1" in strings and "sentence2" in strings:
             columns = ("sentence1", "sentence2")
         elif "text" in strings:

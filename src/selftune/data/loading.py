@@ -81,7 +81,10 @@ def load_task_data(opts: DataOptions, include_train: bool = True) -> TaskData:
                                 "--train-file and --data-dir")
         from selftune.data.hub import load_hub_dataset
 
-        data = _to_label_ids(load_hub_dataset(opts))
+        given = opts.text_columns if opts.text_columns != DataOptions().text_columns else None
+        task, train, evals, source = load_hub_dataset(
+            opts.dataset_name, opts.dataset_config_name, opts.label_column, opts.id_column, given)
+        data = _to_label_ids(TaskData(task, train, evals, source))
     elif opts.dataset_config_name:
         raise SelftuneError("--dataset-config-name goes with --dataset-name")
     elif opts.train_file or opts.validation_file:
@@ -210,7 +213,7 @@ def _load_user_files(opts: DataOptions) -> TaskData:
     for records in (train, dev):
         for r in records:
             r["label"] = readers.label_text(r["label"])
-    label_names = tuple(sorted({r["label"] for r in train}, key=_natural_key))
+    label_names = tuple(sorted({r["label"] for r in train}, key=readers.natural_label_key))
     if len(label_names) < 2:
         raise SelftuneError(f"{opts.train_file}: only one label ({label_names[0]!r}) in the "
                             "training data; classification needs at least two")
@@ -220,14 +223,6 @@ def _load_user_files(opts: DataOptions) -> TaskData:
                             "training file; fix the labels or add training examples")
     task = custom_task(name, len(opts.text_columns), label_names)
     return _to_label_ids(TaskData(task, train, {"validation": dev}, source="files"))
-
-
-def _natural_key(label: str) -> tuple:
-    # Numeric class labels sort numerically ("2" before "10"), names alphabetically.
-    try:
-        return (0, float(label), "")
-    except ValueError:
-        return (1, 0.0, label)
 
 
 def _is_regression(train: list[Record], label_type: str, path: str) -> bool:

@@ -363,3 +363,11 @@ def _iter_user_rows(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
             yield lineno, dict(zip(header, row, strict=True))
     else:
         raise SelftuneError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv or .jsonl")
+
+
+def natural_label_key(label: str) -> tuple:
+    # Numeric class labels sort numerically ("2" before "10"), names alphabetically.
+    try:
+        return (0, float(label), "")
+    except ValueError:
+        return (1, 0.0, label)

@@ -1,6 +1,6 @@
 """Normalizers for the [CLS] representation, applied before the classifier head.
 
-Spec: ``docs/methods.md`` section 3. Zhou, Du & Ren (arXiv:1911.03918, withdrawn) observed that
+What it computes: docs/methods.md §3. Zhou, Du & Ren (arXiv:1911.03918, withdrawn) observed that
 pre-trained [CLS] embeddings concentrate on a few dimensions and are not zero-centred, so the
 gradients through them can explode; normalizing [CLS] during fine-tuning helps. Each method here is
 an ``nn.Module`` mapping a batch ``x`` of shape ``(batch, hidden)`` to the same shape:
@@ -103,7 +103,7 @@ class IsoBN(nn.Module):
 
     Zhou, Lin & Ren, "IsoBN: Fine-Tuning BERT with Isotropic Batch Normalization", AAAI 2021
     (arXiv:2005.02178); followed here is the ``IsoBN`` class of the official code,
-    github.com/INK-USC/IsoBN ``model.py`` (read, not copied), and the spec line in methods.md.
+    github.com/INK-USC/IsoBN ``model.py`` (read, not copied); docs/methods.md §3.
     Per dimension ``i``, from the running covariance ``C`` and running std ``s``::
 
         corr  = clamp(C / (s sᵀ), -1, 1)

@@ -1,4 +1,4 @@
-"""One shared encoder, one head per task (BAM!, methods.md §2.1).
+"""One shared encoder, one head per task (BAM!, docs/methods.md §2.1).
 
 Each task keeps the head of a standard ``AutoModelForSequenceClassification`` (for BERT:
 pooled [CLS] → dropout → linear), so every task can be exported as an ordinary Hugging Face

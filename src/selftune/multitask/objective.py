@@ -1,4 +1,4 @@
-"""Teacher annealing (BAM!, methods.md §2.2) as an objective of ``SelftuneTrainer``.
+"""Teacher annealing (BAM!, docs/methods.md §2.2) as an objective of ``SelftuneTrainer``.
 
 target = λ·y + (1 − λ)·teacher, λ = global_step / total_steps rising from 0 to 1 over the whole
 run (warm-up included), or fixed. Classification uses the teacher's softmax (T = 1) and a soft

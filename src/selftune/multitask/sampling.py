@@ -1,4 +1,4 @@
-"""Task mixing for multi-task training (BAM!, methods.md §2.3).
+"""Task mixing for multi-task training (BAM!, docs/methods.md §2.3).
 
 BAM! gives each task a share of the training examples proportional to |D_τ|^0.75, between
 proportional sampling (large tasks drown small ones) and uniform sampling (small tasks are

@@ -1,4 +1,4 @@
-"""Teacher predictions, computed once per task and stored keyed by example id (BAM!, §2.2).
+"""Teacher predictions, computed once per task, stored keyed by example id (docs/methods.md §2.5).
 
 File format (JSON Lines, UTF-8): a header line, then one line per training example::
 

@@ -10,10 +10,8 @@ checkpoints while the run is going.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +20,9 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, TrainerCallback
 
 from selftune import outputs
-from selftune.config import DATA, OUTPUT, TRAIN, TrainConfig, opt
-from selftune.data.loading import data_fingerprint, load_task_data
-from selftune.data.tasks import TaskSpec, get_task
+from selftune.config import MultiTaskConfig
+from selftune.data.loading import data_fingerprint
+from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
 from selftune.metrics import compute_task_metrics, metrics_and_score
 from selftune.model_card import write_multitask_summary
@@ -40,6 +38,13 @@ from selftune.multitask.data import (
 from selftune.multitask.model import build_multitask_model
 from selftune.multitask.objective import SelfDistilledAnnealing, TeacherAnnealing
 from selftune.multitask.sampling import MultiTaskBatchSampler, ProcessChunks, task_shares
+from selftune.multitask.task_list import (
+    apply_task_list,
+    load_multitask_data,
+    resolve_tasks,
+    task_data_options,
+    task_name,
+)
 from selftune.multitask.teacher_cache import check_coverage, read_predictions
 from selftune.optim import make_optimizer
 from selftune.strategies import build_objective
@@ -56,52 +61,6 @@ from selftune.training import (
 )
 
 logger = logging.getLogger("selftune")
-MT = "multi-task"
-
-
-@dataclass
-class MultiTaskConfig(TrainConfig):
-    """Options of a multi-task run; defaults follow BAM!'s student (methods.md §2.5)."""
-
-    learning_rate: float = opt(1e-4, "Peak learning rate of AdamW (BAM!'s student: 1e-4).",
-                               TRAIN, aliases=("--lr",))
-    per_device_train_batch_size: int = opt(128, "Training batch size (BAM!'s student: 128).",
-                                           TRAIN, aliases=("--batch-size",))
-    num_train_epochs: float = opt(6.0, "Epochs over all tasks' examples (BAM!'s student: 6).",
-                                  TRAIN, aliases=("--epochs",))
-    layerwise_lr_decay: float | None = opt(0.9, "Layer-wise learning-rate decay (BAM!: 0.9; "
-                                           "1.0 turns it off).", TRAIN)
-    strategy: str = opt("baseline", "Self-distillation inside the multi-task run: baseline "
-                        "(none); sda / sdv (from the parameter average / output vote of the "
-                        "student's last K snapshots); ema (from an EMA teacher). se is for "
-                        "single-task runs.", TRAIN, ("baseline", "sda", "sdv", "ema"))
-    output_dir: str | None = opt(None, "Where the run writes tasks/<task>/ (one model directory "
-                                 "per task), metrics.json, run_config.json and train.log "
-                                 "(`selftune bam` puts it in <output-dir>/student; called "
-                                 "from Python, default runs/multitask/seed<seed>).", OUTPUT)
-
-    tasks: str = opt("rte,mrpc,stsb,cola", "Comma-separated tasks trained together.", DATA)
-    teacher_predictions: str | None = opt(
-        None, "Teacher predictions per task, 'task=FILE,...' (files from 'selftune "
-        "teacher-predictions'). Without them: plain multi-task training.", MT)
-    teacher_annealing: str = opt("linear", "linear: the target moves from the teacher to the "
-                                 "gold label as λ = step/total rises 0→1; fixed: a constant "
-                                 "mixture (--distill-weight).", MT, ("linear", "fixed"))
-    distill_weight: float = opt(0.5, "With --teacher-annealing fixed: the teacher's share 1−λ "
-                                "of the target (1.0 = pure distillation, BAM!'s λ = 0).", MT)
-    loss_reduction: str = opt("mean", "Batch loss: mean over examples (default: gradient "
-                              "clipping and learning rate behave as in single-task runs) or "
-                              "sum (BAM!'s reference code).", MT, ("mean", "sum"))
-    task_sampling: str = opt("power", "Each task's share of training examples: ∝ |D|^alpha "
-                             "(power), ∝ |D| (proportional) or equal (uniform).", MT,
-                             ("power", "proportional", "uniform"))
-    sampling_alpha: float = opt(0.75, "The exponent of --task-sampling power.", MT)
-    mix_tasks: bool = opt(True, "Batches mix tasks (off: each batch holds one task).", MT)
-    double_unordered: bool = opt(True, "Train MRPC and STS-B on both sentence orders (as BAM!; "
-                                 "the single-task teachers train on one order and predict on "
-                                 "both).", MT)
-
-
 def check_multitask_options(cfg: MultiTaskConfig,
                             with_teachers: bool | None = None) -> list[TaskSpec]:
     """Every option of a multi-task run, checked before any work; returns the tasks.
@@ -111,7 +70,8 @@ def check_multitask_options(cfg: MultiTaskConfig,
 
     validate_options(cfg)
     check_strategy_options(cfg, strategies="sda/sdv/ema")
-    tasks = [get_task(t.strip()) for t in cfg.tasks.split(",") if t.strip()]
+    apply_task_list(cfg)
+    tasks = resolve_tasks(cfg)
     if len(tasks) < 1 or len({t.name for t in tasks}) != len(tasks):
         raise SelftuneError("--tasks: give distinct task names, e.g. rte,mrpc,stsb,cola")
     if cfg.train_file or cfg.validation_file:
@@ -157,7 +117,9 @@ def check_multitask_options(cfg: MultiTaskConfig,
     return tasks
 
 
-def parse_task_paths(value: str | None, what: str) -> dict[str, Path]:
+def parse_task_paths(value: str | None, what: str,
+                     names: list[str] | None = None) -> dict[str, Path]:
+    """``task=PATH,...``; ``names``: the run's tasks, whose own (non-registry) names count."""
     if not value:
         return {}
     pairs = {}
@@ -165,7 +127,7 @@ def parse_task_paths(value: str | None, what: str) -> dict[str, Path]:
         if "=" not in item:
             raise SelftuneError(f"{what} expects task=PATH,..., got {item!r}")
         task, path = item.split("=", 1)
-        name = get_task(task.strip()).name
+        name = task_name(task.strip(), names)
         if name in pairs:
             raise SelftuneError(f"{what} names {name} twice; give one path per task")
         pairs[name] = Path(path.strip())
@@ -235,9 +197,9 @@ def evaluate_multitask_teacher(cfg: MultiTaskConfig, self_distillation, tasks: l
     for task in tasks:
         task_dir = teacher_dir / "tasks" / task.name
         teacher.export_task(task.name, task_dir, tokenizer)
-        opts = dataclasses.replace(cfg.data_options(), task=task.name)
-        evaluated = evaluate_model(str(task_dir), opts, None, cfg.max_seq_length,
-                                   cfg.per_device_eval_batch_size, packing=cfg.packing)
+        evaluated = evaluate_model(str(task_dir), task_data_options(cfg, task.name), None,
+                                   cfg.max_seq_length, cfg.per_device_eval_batch_size,
+                                   packing=cfg.packing)
         results[task.name] = {"metrics": evaluated["metrics"], "score": evaluated["score"]}
     return {"teacher_tasks": results,
             "teacher_score": float(np.mean([r["score"] for r in results.values()])),
@@ -252,15 +214,15 @@ def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     started = begin_run(cfg, output_dir)
 
-    teacher_files = parse_task_paths(cfg.teacher_predictions, "--teacher-predictions")
+    teacher_files = parse_task_paths(cfg.teacher_predictions, "--teacher-predictions",
+                                     [t.name for t in tasks])
     unknown = sorted(set(teacher_files) - {t.name for t in tasks})
     if unknown or (teacher_files and len(teacher_files) != len(tasks)):
         raise SelftuneError("--teacher-predictions must name one file for each of --tasks "
                             f"({cfg.tasks}); got {sorted(teacher_files)}")
     records, dev_records, other_dev_records, described = {}, {}, {}, {}
     for task in tasks:
-        opts = dataclasses.replace(cfg.data_options(), task=task.name)
-        data = load_task_data(opts)
+        data = load_multitask_data(task_data_options(cfg, task.name))
         rows = data.train
         if cfg.double_unordered and task.name in UNORDERED_TASKS:
             rows = with_swapped_pairs(rows)

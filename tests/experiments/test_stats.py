@@ -1,4 +1,4 @@
-"""Tests for selftune.stats: every p-value is checked against a direct scipy call."""
+"""Tests for selftune_experiments.stats: every p-value is checked against a direct scipy call."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from selftune.stats import compare, holm_adjust, summarize
+from selftune_experiments.stats import compare, holm_adjust, summarize
 
 BASE = {0: 60.2, 1: 62.9, 2: 58.4, 3: 61.7, 4: 59.9}
 OTHER = {0: 61.0, 1: 64.1, 2: 58.2, 3: 63.5, 4: 61.2}

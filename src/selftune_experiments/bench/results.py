@@ -7,10 +7,10 @@ import json
 import os
 from pathlib import Path
 
-from selftune.bench.grid import TEACHER_VARIANT
-from selftune.bench.planning import PlannedRun, teacher_dirs
 from selftune.config import TrainConfig
 from selftune.outputs import BAM_STUDENT_DIR, METRICS_FILE, RUN_CONFIG_FILE
+from selftune_experiments.bench.grid import TEACHER_VARIANT
+from selftune_experiments.bench.planning import PlannedRun, teacher_dirs
 
 RESULTS_SCHEMA = 1
 # Set on the lines of a multi-task student: its timings and memory are the whole run's (every
@@ -100,12 +100,14 @@ def make_record(run: PlannedRun, metrics: dict) -> dict:
     return {
         "schema": RESULTS_SCHEMA,
         "run_id": run.run_id,
-        "config_hash": run.config.hash(),
+        "config_hash": run.hash(),
         "task": run.task,
-        "strategy": run.config.strategy,
+        "strategy": "se" if run.source is not None else run.config.strategy,
         "variant": run.variant,
         "seed": run.seed,
-        "config": run.config.to_dict(),
+        "config": {**run.config.to_dict(),
+                   **({"ensemble_of": run.source.run_id, "ensemble_k": run.k}
+                      if run.source is not None else {})},
         **{k: metrics.get(k) for k in keep},
         # A task with several dev sets (MNLI): the others' scores too.
         **({"other_splits": metrics["other_splits"]} if metrics.get("other_splits") else {}),

@@ -8,17 +8,17 @@ from typing import Any
 
 from selftune.errors import SelftuneError
 from selftune.extras import require_matplotlib
-from selftune.report.grid import RunGrid
-from selftune.report.plots import plot_learning_curves, plot_scores
-from selftune.report.records import Problem, RunRecord, dedupe, load_results
-from selftune.report.sections import (
+from selftune_experiments.report.grid import RunGrid
+from selftune_experiments.report.plots import plot_learning_curves, plot_scores
+from selftune_experiments.report.records import Problem, RunRecord, dedupe, load_results
+from selftune_experiments.report.sections import (
     across_tasks_section,
     cost_section,
     header_section,
     scores_section,
     teacher_section,
 )
-from selftune.stats import DEFAULT_ALPHA
+from selftune_experiments.stats import DEFAULT_ALPHA
 
 
 def _coerce(records: Iterable[RunRecord | Mapping[str, Any]]) -> list[RunRecord]:

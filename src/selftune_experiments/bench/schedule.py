@@ -10,17 +10,18 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from selftune.bench.grid import TEACHER_VARIANT, Grid
-from selftune.bench.planning import (
+from selftune.errors import SelftuneError
+from selftune.outputs import BAM_STUDENT_DIR, is_finished, last_checkpoint
+from selftune.runinfo import cpu_model
+from selftune_experiments.bench.grid import TEACHER_VARIANT, Grid
+from selftune_experiments.bench.planning import (
     PlannedRun,
     finished_metrics,
     holds_other_config,
     must_train_teacher_again,
     teacher_dirs,
 )
-from selftune.bench.results import MULTITASK_COST_SCOPE, read_recorded
-from selftune.errors import SelftuneError
-from selftune.outputs import BAM_STUDENT_DIR, is_finished, last_checkpoint
+from selftune_experiments.bench.results import MULTITASK_COST_SCOPE, read_recorded
 
 # Runs of one kind vary by 10-25% in wall time here, with what else shares the machine.
 DEADLINE_MARGIN = 1.25
@@ -50,9 +51,7 @@ def parse_deadline(value: str, now: datetime | None = None) -> datetime:
 def current_setting() -> tuple[str, int]:
     """What a run's speed depends on here: the CPU model and torch's thread count (which
     OMP_NUM_THREADS sets for the worker and the runs it starts alike)."""
-    import torch
-
-    from selftune.runinfo import cpu_model
+    import torch  # here, not above: building the command line imports no torch
 
     return cpu_model(), torch.get_num_threads()
 

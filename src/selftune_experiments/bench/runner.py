@@ -8,8 +8,16 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from selftune.bench.grid import Grid
-from selftune.bench.planning import (
+from selftune.errors import SelftuneError
+from selftune.outputs import (
+    BAM_STUDENT_DIR,
+    BENCH_RUN_FILE,
+    LOG_FILE,
+    directory_lock,
+    write_json_atomic,
+)
+from selftune_experiments.bench.grid import Grid
+from selftune_experiments.bench.planning import (
     PlannedRun,
     finished_metrics,
     has_shared_teachers,
@@ -19,15 +27,17 @@ from selftune.bench.planning import (
     students_without_predictions,
     teacher_dirs,
 )
-from selftune.bench.results import append_record, bam_records, make_record, read_recorded
-from selftune.bench.schedule import expected_duration, fits_before, format_duration, timing_history
-from selftune.errors import SelftuneError
-from selftune.outputs import (
-    BAM_STUDENT_DIR,
-    BENCH_RUN_FILE,
-    LOG_FILE,
-    directory_lock,
-    write_json_atomic,
+from selftune_experiments.bench.results import (
+    append_record,
+    bam_records,
+    make_record,
+    read_recorded,
+)
+from selftune_experiments.bench.schedule import (
+    expected_duration,
+    fits_before,
+    format_duration,
+    timing_history,
 )
 
 
@@ -42,7 +52,7 @@ def run_grid(
     recorded = read_recorded(results)
 
     def is_recorded(run: PlannedRun) -> bool:
-        return all((rid, run.config.hash()) in recorded for rid in run.record_ids())
+        return all((rid, run.hash()) in recorded for rid in run.record_ids())
 
     for run in runs:  # a teacher's predictions are for the students still to run
         run.students = [student for student in run.students if not is_recorded(student)]
@@ -120,10 +130,12 @@ def _run_claimed(run: PlannedRun, out: Path, results: Path, train_command: list[
     """Run (or find finished) one claimed run and record it: True when recorded here, False
     when another worker had already recorded it, None when it failed."""
     recorded = read_recorded(results)  # another worker may have recorded it since we planned
-    if all((rid, run.config.hash()) in recorded for rid in run.record_ids()) \
+    if all((rid, run.hash()) in recorded for rid in run.record_ids()) \
             and not students_without_predictions(run):
         print(f"  {run.run_id}: recorded meanwhile by another 'selftune bench'", flush=True)
         return False
+    if run.source is not None:
+        return _run_ensemble(run, out, results, durations)
     metrics = finished_metrics(out, run)
     if must_train_teacher_again(run):
         print(f"  {run.run_id}: its folder kept no model to make its students' predictions "
@@ -163,10 +175,35 @@ def _run_claimed(run: PlannedRun, out: Path, results: Path, train_command: list[
     return True
 
 
+def _run_ensemble(run: PlannedRun, out: Path, results: Path,
+                  durations: list[float]) -> bool | None:
+    """A self-ensemble of its source run's saved snapshots: 'selftune ensemble', recorded."""
+    source_dir = Path(run.source.config.output_dir or "")
+    metrics = finished_metrics(out, run)
+    if metrics is None:
+        if finished_metrics(source_dir, run.source) is None:
+            print(f"  {run.run_id}: waits for {run.source.run_id} to finish", flush=True)
+            return False
+        started = time.time()
+        command = [sys.executable, "-m", "selftune", "ensemble", str(source_dir),
+                   "--k", str(run.k), "--output-dir", str(out), "--overwrite-output-dir",
+                   "--quiet", *(["--vote"] if run.vote else [])]
+        proc = subprocess.run(command)
+        metrics = finished_metrics(out, run)
+        if proc.returncode != 0 or metrics is None:
+            print(f"  run {run.run_id} failed (exit {proc.returncode}); see its error above. "
+                  "Not recorded: a rerun of this grid retries it", flush=True)
+            return None
+        durations.append(time.time() - started)
+    append_record(results, make_record(run, metrics), unless_recorded=True)
+    print(f"  {run.run_id}: score {metrics['score']:.2f}", flush=True)
+    return True
+
+
 def _make_students_predictions(run: PlannedRun) -> bool:
     """A shared teacher's run ends with the predictions its students will read, made while
     its model is there (git keeps no models); False when they cannot be made."""
-    from selftune.bam import prepare_teacher_predictions
+    from selftune.recipes.bam import prepare_teacher_predictions
 
     for student in students_without_predictions(run):
         try:

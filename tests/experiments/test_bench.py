@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from selftune.bench import (
+from selftune.errors import SelftuneError
+from selftune.outputs import directory_lock
+from selftune_experiments.bench import (
     Grid,
     append_record,
     expected_duration,
@@ -26,9 +28,7 @@ from selftune.bench import (
     plan_runs,
     run_grid,
 )
-from selftune.errors import SelftuneError
-from selftune.outputs import directory_lock
-from selftune.report import load_results
+from selftune_experiments.report import load_results
 
 
 @pytest.fixture()
@@ -118,7 +118,8 @@ def test_a_killed_workers_training_keeps_its_claim_until_it_ends(grid, tmp_path)
         f"while not pathlib.Path({str(release)!r}).exists(): time.sleep(0.1)\n"
         "os.execv(sys.executable, [sys.executable, '-m', 'selftune', *sys.argv[1:]])\n")
     worker_script = (
-        "import json, sys\nfrom pathlib import Path\nfrom selftune.bench import Grid, run_grid\n"
+        "import json, sys\nfrom pathlib import Path\n"
+        "from selftune_experiments.bench import Grid, run_grid\n"
         f"grid = Grid(**json.loads({json.dumps(json.dumps(dataclasses.asdict(grid)))}))\n"
         f"run_grid(grid, Path({str(results)!r}), Path({str(runs)!r}), "
         f"train_command=[sys.executable, {str(slow_start)!r}, 'train'])\n")
@@ -478,7 +479,7 @@ def test_shared_teacher_runs_leave_the_predictions_their_students_read(tiny_mode
     """Git keeps a shared teacher's folder without its model, so its own run makes the
     predictions its students will read; a teacher recorded without them (its model gone) is
     trained again, the same teacher, rather than failing its students sessions later."""
-    from selftune.bam import teacher_predictions_file
+    from selftune.recipes.bam import teacher_predictions_file
 
     small = {"num_train_epochs": 1, "per_device_train_batch_size": 4, "teacher_epochs": 1,
              "teacher_batch_size": 4}
@@ -598,7 +599,7 @@ def test_a_variants_data_dir_is_relative_to_the_grid_file(tmp_path):
 def test_an_unfinished_bam_run_of_other_options_is_redone(tmp_path):
     """A BAM! run writes its bam.json only at the end: until then the options it was started
     with are in bench_run.json, and a grid that changed meanwhile must not resume it."""
-    from selftune.bench.planning import holds_other_config
+    from selftune_experiments.bench.planning import holds_other_config
 
     grid_file = tmp_path / "g.yaml"
     grid_file.write_text("name: g\ntasks: [rte]\nseeds: [0]\n"
@@ -729,3 +730,42 @@ def test_a_failed_run_points_to_its_log_only_when_it_wrote_one(grid, tmp_path, c
                            "sys.exit(1)"]
     run_grid(grid, tmp_path / "r.jsonl", tmp_path / "runs", train_command=write_log_then_fail)
     assert f"see {log}" in capsys.readouterr().out
+
+
+def test_an_ensemble_variant_records_the_self_ensemble_of_its_sources_snapshots(grid,
+                                                                              tmp_path):
+    from safetensors.torch import load_file
+
+    results, runs = tmp_path / "r.jsonl", tmp_path / "runs"
+    grid.seeds = [0]
+    grid.variants = {"se": {"pipeline": "ensemble", "from": "base", "k": 2, "vote": True},
+                     "base": {"save_snapshots": 3, "snapshot_interval": 1}}
+    planned = plan_runs(grid, runs)
+    assert [r.run_id for r in planned] == ["custom__base__seed0", "custom__se__seed0"]
+    assert planned[1].hash() != planned[0].hash()
+    counts = run_grid(grid, results, runs)
+    assert counts["done"] == 2 and counts["failed"] == 0
+    records = {r["variant"]: r for r in map(json.loads, results.read_text().splitlines())}
+    se = records["se"]
+    assert se["strategy"] == "se" and se["config"]["ensemble_of"] == "custom__base__seed0"
+    assert se["score"] == json.loads((runs / "custom__se__seed0" / "metrics.json").read_text())[
+        "score"]
+    # The model is the mean of the source's two newest snapshots.
+    saved = load_file(str(runs / "custom__base__seed0" / "snapshots.safetensors"))
+    model = load_file(str(runs / "custom__se__seed0" / "model.safetensors"))
+    mean = (saved["snapshot.1.classifier.weight"] + saved["snapshot.2.classifier.weight"]) / 2
+    assert (model["classifier.weight"] - mean).abs().max() < 1e-6
+    assert run_grid(grid, results, runs)["done"] == 0  # recorded: nothing to do again
+    report_records, problems = load_results(results)
+    assert {r.variant for r in report_records} == {"base", "se"} and not problems
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"pipeline": "ensemble", "from": "nope"}, "'from' names the trained variant"),
+    ({"pipeline": "ensemble", "from": "base", "k": 9}, "k must be a whole number from 1 to"),
+    ({"pipeline": "ensemble", "from": "base", "lr": 1}, "takes only from, k and vote"),
+])
+def test_bad_ensemble_variants_are_refused_when_planned(options, message, grid, tmp_path):
+    grid.variants = {"base": {"save_snapshots": 3, "snapshot_interval": 2}, "se": options}
+    with pytest.raises(SelftuneError, match=message):
+        plan_runs(grid, tmp_path / "runs")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from selftune.report.records import Problem, RunRecord
+from selftune_experiments.report.records import Problem, RunRecord
 
 
 class RunGrid:

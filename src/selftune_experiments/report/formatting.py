@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from selftune.stats import Comparison, holm_adjust
+from selftune_experiments.stats import Comparison, holm_adjust
 
 DASH = "–"
 

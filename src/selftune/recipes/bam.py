@@ -22,17 +22,24 @@ import dataclasses
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from selftune import outputs
-from selftune.config import OUTPUT, SD_OPTIONS, TrainConfig, opt
-from selftune.data.loading import DataOptions, load_task_data
+from selftune.config import SD_OPTIONS, BamConfig, TrainConfig
+from selftune.data.loading import DataOptions
 from selftune.data.readers import Record
 from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
 from selftune.multitask.data import UNORDERED_TASKS, with_swapped_pairs
+from selftune.multitask.task_list import (
+    apply_task_list,
+    check_given_teachers,
+    load_multitask_data,
+    task_data_options,
+    task_entries,
+    task_train_options,
+)
 from selftune.multitask.teacher_cache import (
     mismatches,
     read_header,
@@ -42,40 +49,6 @@ from selftune.multitask.teacher_cache import (
 from selftune.multitask.training import MultiTaskConfig, parse_task_paths, train_multitask
 
 logger = logging.getLogger("selftune")
-BAM = "BAM! recipe"
-
-
-@dataclass
-class BamConfig(MultiTaskConfig):
-    teachers: str = opt("auto", "auto: train (or reuse) a single-task teacher per task in "
-                        "<output-dir>/teachers; none: no teachers (plain multi-task, the "
-                        "paper's 'Multi'); or task=MODEL_DIR,... for teachers you trained "
-                        "('{seed}' in a path becomes the seed: rte=runs/rte-seed{seed}).", BAM)
-    teacher_learning_rate: float = opt(5e-5, "Learning rate of the single-task teachers.", BAM)
-    teacher_epochs: float = opt(3.0, "Epochs of the single-task teachers.", BAM)
-    teacher_batch_size: int = opt(32, "Batch size of the single-task teachers.", BAM)
-    teacher_layerwise_lr_decay: float | None = opt(0.9, "Layer-wise learning-rate decay of the "
-                                                   "teachers (BAM!: 0.9, as the student).", BAM)
-    teachers_root: str | None = opt(None, "Folder of the teachers trained with --teachers auto "
-                                    "(default: <output-dir>/teachers); '{seed}' is replaced by "
-                                    "the seed, so several recipes (e.g. ablations) can share "
-                                    "one set of teachers per seed.", BAM)
-    finetune_after: bool = opt(False, "Fine-tune each of the student's task models on its "
-                               "task alone afterwards (with the teachers' options).", BAM)
-    teachers_only: bool = opt(False, "Train (or reuse) the teachers and cache their "
-                              "predictions, then stop before the student. To train the "
-                              "teachers in parallel, start one such run per task (--tasks rte, "
-                              "--tasks mrpc, ...) with one --teachers-root; the full recipe "
-                              "with that root then reuses them.", BAM)
-    output_dir: str | None = opt(None, "Where the recipe writes teachers/, student/, "
-                                 "finetuned/ (with --finetune-after) and bam.json (default: "
-                                 "runs/bam/seed<seed>).", OUTPUT)
-    overwrite_output_dir: bool = opt(False, "Redo every stage: delete the recipe's folder "
-                                     "first (only a folder selftune wrote, or an empty one; any "
-                                     "other is refused). Without it, finished stages are "
-                                     "reused and an interrupted one resumes.", OUTPUT)
-
-
 def compute_teacher_predictions(
     model_dir: Path, task: TaskSpec, data_options: DataOptions, out_file: Path,
     both_orders: bool, max_seq_length: int = 128, batch_size: int = 128,
@@ -104,7 +77,7 @@ def compute_teacher_predictions(
 
 def teacher_records(task: TaskSpec, data_options: DataOptions, both_orders: bool) -> list[Record]:
     """The training examples a teacher predicts on (the student's, with the swapped copies)."""
-    records = load_task_data(dataclasses.replace(data_options, task=task.name)).train
+    records = load_multitask_data(dataclasses.replace(data_options, task=task.name)).train
     return with_swapped_pairs(records) if both_orders else records
 
 
@@ -136,7 +109,7 @@ def _cached_teacher_predictions(teacher_dir: Path, task: TaskSpec, cfg: BamConfi
     cache = teacher_predictions_file(teacher_dir, task.name, cfg)
     stale = None
     if cache.is_file():
-        records = teacher_records(task, cfg.data_options(), both)
+        records = teacher_records(task, task_data_options(cfg, task.name), both)
         stale = _stale_cache_reason(cache, task, records, cfg.max_seq_length)
         if stale is None:
             return cache
@@ -144,8 +117,8 @@ def _cached_teacher_predictions(teacher_dir: Path, task: TaskSpec, cfg: BamConfi
     if stale:
         logger.info("%s %s: made again", cache, stale)
     logger.info("Teacher predictions for %s → %s", task.name, cache)
-    compute_teacher_predictions(teacher_dir, task, cfg.data_options(), cache, both,
-                                cfg.max_seq_length, cfg.per_device_eval_batch_size,
+    compute_teacher_predictions(teacher_dir, task, task_data_options(cfg, task.name), cache,
+                                both, cfg.max_seq_length, cfg.per_device_eval_batch_size,
                                 cfg.trust_remote_code, packing=cfg.packing)
     return cache
 
@@ -242,15 +215,24 @@ def single_task_options(cfg: BamConfig) -> dict[str, Any]:
 
 def teacher_config(cfg: BamConfig, task: str, teacher_dir: Path) -> TrainConfig:
     """The ``selftune train`` options of the recipe's --teachers auto teacher for ``task``."""
-    return TrainConfig(**{**single_task_options(cfg), "task": task,
+    return TrainConfig(**{**single_task_options(cfg), **task_train_options(cfg, task),
                           "output_dir": str(teacher_dir)})
 
+
+def recipe_teachers(cfg: BamConfig) -> dict[str, TrainConfig]:
+    """The ``selftune train`` options of each teacher that --teachers auto trains, by task,
+    each with its folder as ``output_dir`` (for tools that plan or check the recipe's runs,
+    such as an experiment grid)."""
+    root = teachers_root(cfg, recipe_root(cfg))
+    tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
+    return {task: teacher_config(cfg, task, root / task) for task in tasks}
 
 def check_bam_options(cfg: BamConfig) -> list[TaskSpec]:
     """Every option of the recipe that can be checked without data or models, before hours of
     teacher training (also by `selftune bench` for each planned run); returns the tasks."""
     from selftune.multitask.training import check_multitask_options
 
+    apply_task_list(cfg)  # --tasks-file: the tasks as read, kept in the saved options
     # Grouping is for the teachers only; the copy keeps the default output folder unset.
     tasks = check_multitask_options(dataclasses.replace(cfg, group_by_length=False),
                                     with_teachers=cfg.teachers != "none")
@@ -274,7 +256,8 @@ def check_bam_options(cfg: BamConfig) -> list[TaskSpec]:
 
 def given_teacher_dirs(cfg: BamConfig) -> dict[str, Path]:
     """The teachers named by --teachers task=DIR,... ('{seed}' replaced)."""
-    return parse_task_paths(cfg.teachers.replace("{seed}", str(cfg.seed)), "--teachers")
+    return parse_task_paths(cfg.teachers.replace("{seed}", str(cfg.seed)), "--teachers",
+                            [entry.name for entry in task_entries(cfg)])
 
 
 def teachers_root(cfg: BamConfig, root: Path) -> Path:
@@ -283,6 +266,11 @@ def teachers_root(cfg: BamConfig, root: Path) -> Path:
     if cfg.teachers_root:
         return Path(cfg.teachers_root.replace("{seed}", str(cfg.seed)))
     return root / outputs.BAM_TEACHERS_DIR
+
+
+def recipe_root(cfg: BamConfig) -> Path:
+    """The recipe's folder: --output-dir, else runs/bam/seed<seed>."""
+    return Path(cfg.output_dir or Path("runs") / "bam" / f"seed{cfg.seed}")
 
 
 @outputs.releases_run_locks
@@ -296,7 +284,8 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
             if not (path / "config.json").is_file():
                 raise SelftuneError(f"--teachers: the {task} teacher {path} is not a model "
                                     "directory (no config.json)")
-    root = Path(cfg.output_dir or Path("runs") / "bam" / f"seed{cfg.seed}")
+        check_given_teachers(tasks, given_teacher_dirs(cfg))
+    root = recipe_root(cfg)
     state = process_state()
     if state.is_main_process:
         # The options `selftune bench` started this recipe with stay: they are how it tells,
@@ -355,7 +344,8 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
         summary["finetuned"] = {}
         for task in tasks:
             out = root / outputs.BAM_FINETUNED_DIR / task.name
-            finetune_cfg = TrainConfig(**{**single_task, "task": task.name, "output_dir": str(out),
+            finetune_cfg = TrainConfig(**{**single_task, **task_train_options(cfg, task.name),
+                                          "output_dir": str(out),
                                           "model": str(student_dir / "tasks" / task.name)})
             if outputs.is_finished(out):
                 _check_same_options(out, finetune_cfg, root)

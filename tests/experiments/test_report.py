@@ -1,4 +1,4 @@
-"""Tests for selftune.report on small hand-made results files.
+"""Tests for selftune_experiments.report on small hand-made results files.
 
 Numbers in the tables are checked against values computed here directly with numpy/scipy, so a
 wrong mean, std, pairing or p-value in the report fails a test.
@@ -17,8 +17,8 @@ import pytest
 from scipy import stats as sps
 
 from selftune.errors import SelftuneError
-from selftune.report import RunRecord, build_report, load_results, write_report
-from selftune.stats import holm_adjust
+from selftune_experiments.report import RunRecord, build_report, load_results, write_report
+from selftune_experiments.stats import holm_adjust
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SEEDS = [0, 1, 2, 3, 4]

@@ -2,7 +2,8 @@
 
 The report answers the question the whole package is about: does a fine-tuning strategy beat the
 baseline by more than the seed-to-seed noise, and at what cost? So every number is a mean ± std
-over seeds, every difference from the baseline comes with a p-value from ``selftune.stats``, and
+over seeds, every difference from the baseline comes with a p-value from
+``selftune_experiments.stats``, and
 the verdict says "within noise" when the evidence is not there.
 
 One module per job: ``records`` reads and validates results files, ``grid`` indexes the runs by
@@ -10,8 +11,8 @@ task and variant, ``sections`` writes the Markdown tables (with ``formatting``),
 the figures, and ``build`` puts a report together.
 """
 
-from selftune.report.build import build_report, write_report
-from selftune.report.records import SUPPORTED_SCHEMA, Problem, RunRecord, load_results
+from selftune_experiments.report.build import build_report, write_report
+from selftune_experiments.report.records import SUPPORTED_SCHEMA, Problem, RunRecord, load_results
 
 __all__ = [
     "SUPPORTED_SCHEMA",

@@ -45,7 +45,7 @@ One module per job: ``grid`` reads and checks grid files, ``planning`` turns a g
 run lengths for a deadline, and ``runner`` runs the grid.
 """
 
-from selftune.bench.grid import (
+from selftune_experiments.bench.grid import (
     BENCH_CONTROLLED,
     TEACHER_VARIANT,
     Grid,
@@ -56,8 +56,8 @@ from selftune.bench.grid import (
     parse_seeds,
     parse_tasks,
 )
-from selftune.bench.planning import PlannedRun, plan_runs
-from selftune.bench.results import (
+from selftune_experiments.bench.planning import PlannedRun, plan_runs
+from selftune_experiments.bench.results import (
     MULTITASK_COST_SCOPE,
     RESULTS_SCHEMA,
     append_record,
@@ -65,8 +65,8 @@ from selftune.bench.results import (
     make_record,
     read_recorded,
 )
-from selftune.bench.runner import run_grid
-from selftune.bench.schedule import DEADLINE_MARGIN, expected_duration, parse_deadline
+from selftune_experiments.bench.runner import run_grid
+from selftune_experiments.bench.schedule import DEADLINE_MARGIN, expected_duration, parse_deadline
 
 __all__ = [
     "BENCH_CONTROLLED",

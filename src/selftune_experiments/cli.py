@@ -1,14 +1,28 @@
-"""The ``bench`` and ``report`` commands (experiment grids and their statistics)."""
+"""The ``bench`` and ``report`` commands (experiment grids and their statistics), which the
+``selftune`` command line offers beside its own. Building their options imports neither the
+harness's runner nor anything heavy: that happens when a command runs."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 
-from selftune.bench import DEADLINE_MARGIN
+import yaml
+
+from selftune.cli.common import Commands, HelpFormatter, add_common
 from selftune.config import int_at_least
 from selftune.errors import SelftuneError
+from selftune_experiments.bench import (
+    DEADLINE_MARGIN,
+    Grid,
+    check_bench_options,
+    check_name,
+    load_grid,
+    parse_deadline,
+    parse_seeds,
+    parse_tasks,
+    run_grid,
+)
 
 BENCH_EPILOG = """\
 examples:
@@ -30,13 +44,13 @@ the next worker to reach it.
 """
 
 
-def add_bench_commands(commands, formatter, add_common: Callable) -> None:
+def register(commands: Commands) -> None:
     bench = commands.add_parser(
         "bench", help="Run a resumable multi-seed grid of tasks x strategies x seeds.",
         description="Run a grid of 'selftune train' runs, one per task, variant and seed (a "
                     "'pipeline: bam' variant: one 'selftune bam' per seed), and "
                     "record each finished run as a line of a JSON Lines results file.",
-        formatter_class=formatter, epilog=BENCH_EPILOG)
+        formatter_class=HelpFormatter, epilog=BENCH_EPILOG)
     bench.add_argument("grid", nargs="?", help="Grid file (.yaml, .toml or .json).")
     bench.add_argument("--name", help="Grid name when given on the command line.")
     bench.add_argument("--tasks", help="Comma-separated tasks (overrides the grid file).")
@@ -67,6 +81,7 @@ def add_bench_commands(commands, formatter, add_common: Callable) -> None:
                             "count too. A run that does not fit is left for later and shorter "
                             "ones are still started.")
     add_common(bench)
+    bench.set_defaults(_run=run_bench)
 
     report = commands.add_parser(
         "report", help="Tables (mean ± std, paired tests) and plots from a results file.",
@@ -75,7 +90,7 @@ def add_bench_commands(commands, formatter, add_common: Callable) -> None:
                     "Wilcoxon signed-rank test (Mann-Whitney U when unpaired) and the p "
                     "adjusted (Holm-Bonferroni) for all the comparisons the report makes, the "
                     "mean across tasks, costs, and PNG plots.",
-        formatter_class=formatter)
+        formatter_class=HelpFormatter)
     report.add_argument("results", nargs="+",
                         help="Results file(s) written by 'selftune bench'; several files are "
                              "read as one set of runs.")
@@ -91,11 +106,10 @@ def add_bench_commands(commands, formatter, add_common: Callable) -> None:
                         help="Comma-separated variants to report (default: all; the baseline "
                              "is always kept).")
     add_common(report)
+    report.set_defaults(_run=run_report)
 
 
 def _parse_value(text: str):
-    import yaml
-
     return yaml.safe_load(text)
 
 
@@ -112,18 +126,7 @@ def _key_values(items: list[str], what: str) -> dict:
     return values
 
 
-def _run_bench(args: argparse.Namespace) -> int:
-    from selftune.bench import (
-        Grid,
-        check_bench_options,
-        check_name,
-        load_grid,
-        parse_deadline,
-        parse_seeds,
-        parse_tasks,
-        run_grid,
-    )
-
+def run_bench(args: argparse.Namespace) -> int:
     if args.grid:
         grid = load_grid(Path(args.grid))
     else:
@@ -168,8 +171,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 1 if counts["failed"] else 0
 
 
-def _run_report(args: argparse.Namespace) -> int:
-    from selftune.report import load_results, write_report
+def run_report(args: argparse.Namespace) -> int:
+    from selftune_experiments.report import load_results, write_report
 
     baseline = args.baseline
     if baseline is None:
@@ -185,6 +188,3 @@ def _run_report(args: argparse.Namespace) -> int:
 
 def _names(text: str | None) -> list[str] | None:
     return [n.strip() for n in text.split(",") if n.strip()] if text else None
-
-
-BENCH_HANDLERS = {"bench": _run_bench, "report": _run_report}

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from selftune.report.formatting import (
+from selftune_experiments.report.formatting import (
     DASH,
     fmt,
     fmt_comparison_delta,
@@ -21,9 +21,9 @@ from selftune.report.formatting import (
     md_table,
     verdict_text,
 )
-from selftune.report.grid import RunGrid
-from selftune.report.records import Problem, RunRecord
-from selftune.stats import Comparison, compare, summarize
+from selftune_experiments.report.grid import RunGrid
+from selftune_experiments.report.records import Problem, RunRecord
+from selftune_experiments.stats import Comparison, compare, summarize
 
 
 def _finite(values: Iterable[float | None]) -> list[float]:

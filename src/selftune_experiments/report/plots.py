@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from selftune.report.grid import RunGrid
-from selftune.stats import summarize
+from selftune_experiments.report.grid import RunGrid
+from selftune_experiments.stats import summarize
 
 
 def _subplots(n: int, title: str):

@@ -1,0 +1,1 @@
+"""Models: loading (safetensors only), the [CLS] normalizers and heads, packed read-out."""
