@@ -1,0 +1,93 @@
+"""The README's quick start (examples/bam_own_tasks.py) end to end on a tiny model and small files
+shaped like the shared data: it writes the own tasks in three formats, runs Multi and BAM!, records
+both and prints the comparison."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_tiny_model, sentiment_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "bam_own_tasks.py"
+
+
+def write_shared_like_data(root: Path) -> Path:
+    """mr/, cr/, mpqa/ polarity files (MR in latin-1, blank lines as in CR/MPQA) and SST-2."""
+    rows = sentiment_rows(60, seed=3)
+    for folder, stem, encoding in (("mr", "rt-polarity", "latin-1"), ("cr", "custrev", "ascii"),
+                                   ("mpqa", "mpqa", "ascii")):
+        (root / folder).mkdir(parents=True)
+        for label, suffix in enumerate(("neg", "pos")):
+            lines = [text for text, y in rows if y == label]
+            if folder == "mr":
+                lines[0] += " caf\xe9"  # a latin-1 byte, as in the real MR files
+            (root / folder / f"{stem}.{suffix}").write_text("\n".join([*lines, "", ""]),
+                                                            encoding=encoding)
+    sst2 = root / "glue" / "SST-2"
+    sst2.mkdir(parents=True)
+    table = "sentence\tlabel\n" + "".join(f"{text}\t{y}\n" for text, y in rows)
+    (sst2 / "train.tsv").write_text(table)
+    (sst2 / "dev.tsv").write_text(table)
+    return root
+
+
+def test_the_quick_start_runs_multi_and_bam_on_own_files_and_compares_them(tmp_path):
+    data = write_shared_like_data(tmp_path / "data")
+    model = make_tiny_model(tmp_path / "model")
+    work, results = tmp_path / "work", tmp_path / "results.jsonl"
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--data-dir", str(data), "--work-dir", str(work),
+         "--model", str(model), "--max-train-samples", "24", "--epochs", "1",
+         "--record", str(results)],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # The own tasks, each in its own format, with a tenth of the rows as the dev set.
+    with open(work / "movies" / "train.csv", encoding="utf-8") as file:
+        movies = list(csv.DictReader(file))
+    assert set(movies[0]) == {"sentence", "label"}
+    assert {r["label"] for r in movies} == {"negative", "positive"}
+    assert any("caf\xe9" in r["sentence"] for r in movies) or \
+        "caf\xe9" in (work / "movies" / "dev.csv").read_text(encoding="utf-8")
+    products = [json.loads(line) for line in
+                (work / "products" / "dev.jsonl").read_text().splitlines()]
+    assert len(products) == 6 and set(products[0]) == {"review_id", "review", "sentiment"}
+    assert (work / "opinions" / "train.tsv").read_text().startswith("phrase\tpolarity\n")
+    assert len((work / "opinions" / "train.tsv").read_text().splitlines()) == 1 + 54
+
+    # Both recipes ran and were recorded, with every task's score.
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["variant"] for r in records] == ["multi", "bam"]
+    tasks = {"movies", "products", "opinions", "sst2"}
+    for record in records:
+        assert set(record["scores"]) == tasks
+        assert record["average"] == pytest.approx(sum(record["scores"].values()) / 4)
+    assert (work / "bam-seed0" / "teachers" / "products" / "metrics.json").is_file()
+    assert not (work / "multi-seed0" / "teachers").exists()
+
+    # The table: one line per task and the average, the gain computed from the two runs.
+    lines = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.strip()}
+    multi, bam = records
+    for task in [*tasks, "average"]:
+        got = [float(x) for x in lines[task][1:4]]
+        want_multi = multi["average"] if task == "average" else multi["scores"][task]
+        want_bam = bam["average"] if task == "average" else bam["scores"][task]
+        assert got == [round(want_multi, 2), round(want_bam, 2), round(want_bam - want_multi, 2)]
+
+
+def test_the_quick_start_names_missing_data_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, str(EXAMPLE), "--data-dir", str(tmp_path),
+                           "--work-dir", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert "mr/, cr/ and mpqa/" in done.stderr
