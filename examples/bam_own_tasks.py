@@ -19,6 +19,8 @@ read against them.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import random
@@ -65,22 +67,21 @@ def write_own_tasks(data_dir: Path, work_dir: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         for split, split_rows in splits.items():
             if name == "movies":  # csv, string labels
-                import csv
-
-                with open(folder / f"{split}.csv", "w", newline="", encoding="utf-8") as file:
-                    writer = csv.writer(file)
-                    writer.writerow(["sentence", "label"])
-                    writer.writerows((text, ("negative", "positive")[y]) for text, y in split_rows)
+                table = io.StringIO(newline="")
+                writer = csv.writer(table)
+                writer.writerow(["sentence", "label"])
+                writer.writerows((text, ("negative", "positive")[y]) for text, y in split_rows)
+                write_if_changed(folder / f"{split}.csv", table.getvalue())
             elif name == "products":  # jsonl with an id column and its own column names
-                with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as file:
-                    for i, (text, y) in enumerate(split_rows):
-                        file.write(json.dumps({"review_id": f"{split}-{i}", "review": text,
-                                               "sentiment": ("neg", "pos")[y]}) + "\n")
+                write_if_changed(folder / f"{split}.jsonl", "".join(
+                    json.dumps({"review_id": f"{split}-{i}", "review": text,
+                                "sentiment": ("neg", "pos")[y]}) + "\n"
+                    for i, (text, y) in enumerate(split_rows)))
             else:  # tsv: tab-separated, no quoting (the phrases hold no tabs)
                 lines = ["phrase\tpolarity", *(f"{text}\t{y}" for text, y in split_rows)]
-                (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+                write_if_changed(folder / f"{split}.tsv", "\n".join(lines) + "\n")
     task_list = work_dir / "tasks.yaml"
-    task_list.write_text(f"""\
+    write_if_changed(task_list, f"""\
 tasks:
   - name: movies                   # MR, a csv file
     train_file: movies/train.csv
@@ -101,6 +102,17 @@ tasks:
   - {REGISTRY_TASK}                 # a registry task, read from --data-dir
 """)
     return task_list
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename, and only when the content differs: runs of
+    other seeds started beside this one may be reading the same files."""
+    if path.is_file() and path.read_bytes() == text.encode("utf-8"):
+        return
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "w", encoding="utf-8", newline="") as file:
+        file.write(text)
+    os.replace(temporary, path)
 
 
 def run_pair(seed: int, task_list: Path, args: argparse.Namespace) -> dict[str, dict]:
