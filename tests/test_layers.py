@@ -86,3 +86,25 @@ def test_the_library_does_not_import_the_experiment_harness():
                 importers.add(_module_name(path))
     # Only the command line offers the harness's commands (bench, report).
     assert importers == {"selftune.cli.dispatch"}
+
+
+def test_models_and_data_take_no_run_options():
+    # The model and data layers are handed the values they need (a [CLS] normalizer its kind
+    # and source), never the run's option object: nothing of the config or CLI layer.
+    graph = _import_graph("selftune")
+    options_layer = ("selftune.config", "selftune.cli")
+    reaching = {module: sorted(i for i in imported
+                               if any(i == o or i.startswith(o + ".") for o in options_layer))
+                for module, imported in graph.items()
+                if module.startswith(("selftune.models", "selftune.data"))}
+    assert {m: i for m, i in reaching.items() if i} == {}
+    assert "selftune.models.heads" in reaching and "selftune.data.loading" in reaching
+
+
+def test_single_and_multi_task_runs_share_one_lifecycle():
+    # Each kind of run supplies its parts to selftune.lifecycle; neither borrows the other's.
+    graph = _import_graph("selftune")
+    assert "selftune.lifecycle" in graph["selftune.training"]
+    assert "selftune.lifecycle" in graph["selftune.multitask.training"]
+    assert "selftune.training" not in graph["selftune.multitask.training"]
+    assert "selftune.multitask.training" not in graph["selftune.training"]

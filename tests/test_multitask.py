@@ -317,23 +317,14 @@ def test_multitask_run_uses_layerwise_learning_rates(tiny_model, glue_dir, tmp_p
             seen["lrs"] = sorted({g["initial_lr"] if "initial_lr" in g else g["lr"]
                                   for g in optimizer.param_groups})
 
-    from selftune.multitask import training as mt_training
-
-    original = mt_training.LogToFile
-    mt_training.LogToFile = Capture  # inject the probe where the Trainer's callbacks are made
-    try:
-        train_multitask(mt_config(tiny_model, glue_dir, tmp_path / "mt", num_train_epochs=1,
-                                  layerwise_lr_decay=0.5))
-    finally:
-        mt_training.LogToFile = original
+    train_multitask(mt_config(tiny_model, glue_dir, tmp_path / "mt", num_train_epochs=1,
+                              layerwise_lr_decay=0.5), callbacks=[Capture()])
     # 2 layers: depths 0..4 → lr·0.5^4 ... lr·0.5^0
     assert seen["lrs"] == pytest.approx([1e-3 * 0.5 ** k for k in (4, 3, 2, 1, 0)])
 
 
 def test_multitask_student_counts_skipped_updates(tiny_model, glue_dir, tmp_path):
     from transformers import TrainerCallback
-
-    from selftune.multitask import training as mt_training
 
     class PoisonHeads(TrainerCallback):  # every head outputs NaN from step 2 on
         def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -342,13 +333,9 @@ def test_multitask_student_counts_skipped_updates(tiny_model, glue_dir, tmp_path
                     for head in model.heads.values():
                         head.classifier.weight.fill_(float("nan"))
 
-    original = mt_training.LogToFile
-    mt_training.LogToFile = PoisonHeads  # inject the probe where the Trainer's callbacks are made
-    try:
-        result = train_multitask(mt_config(tiny_model, glue_dir, tmp_path / "mt",
-                                           num_train_epochs=1, nan_policy="skip"))
-    finally:
-        mt_training.LogToFile = original
+    result = train_multitask(mt_config(tiny_model, glue_dir, tmp_path / "mt",
+                                       num_train_epochs=1, nan_policy="skip"),
+                             callbacks=[PoisonHeads()])
     assert result["global_steps"] > 2
     assert result["skipped_steps"] == result["global_steps"] - 2
 
@@ -357,15 +344,9 @@ def test_multitask_student_counts_skipped_updates(tiny_model, glue_dir, tmp_path
 def test_multitask_resume_is_exact(options, tiny_model, glue_dir, tmp_path):
     reference = train_multitask(mt_config(tiny_model, glue_dir, tmp_path / "ref", **options))
     out = tmp_path / "resumed"
-    from selftune.multitask import training as mt_training
-
-    original = mt_training.LogToFile
-    mt_training.LogToFile = StopAfterFirstSave
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train_multitask(mt_config(tiny_model, glue_dir, out, **options))
-    finally:
-        mt_training.LogToFile = original
+    with pytest.raises(KeyboardInterrupt):
+        train_multitask(mt_config(tiny_model, glue_dir, out, **options),
+                        callbacks=[StopAfterFirstSave()])
     resumed = train_multitask(mt_config(tiny_model, glue_dir, out, **options))
     assert resumed["resumed_from"]
     assert resumed["tasks"] == reference["tasks"]
@@ -374,12 +355,27 @@ def test_multitask_resume_is_exact(options, tiny_model, glue_dir, tmp_path):
     assert [h["tasks"] for h in resumed["history"]] == [h["tasks"] for h in reference["history"]]
 
 
-def test_bam_pipeline_stages_and_reuse(tiny_model, glue_dir, tmp_path):
+def test_bam_pipeline_stages_and_reuse(tiny_model, glue_dir, tmp_path, monkeypatch):
+    from selftune import config, training
+    from selftune.multitask import training as mt_training
+
     cfg = BamConfig(tasks="rte,stsb", model=str(tiny_model), data_dir=str(glue_dir),
                     output_dir=str(tmp_path / "bam"), num_train_epochs=1,
                     per_device_train_batch_size=4, learning_rate=1e-3, teacher_epochs=1,
                     teacher_batch_size=4, finetune_after=True)
+    checked = []
+
+    def record(options):
+        checked.append((type(options).__name__, options.task))
+        config.validate_options(options)
+
+    for module in (training, mt_training):
+        monkeypatch.setattr(module, "validate_options", record)
     summary = run_bam(cfg)
+    # The options are checked once, before the first stage: the recipe's (with the student's)
+    # and those of each single-task stage (teacher and --finetune-after), not again per stage.
+    assert sorted(checked) == [("BamConfig", None), ("TrainConfig", "rte"),
+                               ("TrainConfig", "stsb")]
     root = tmp_path / "bam"
     assert set(summary["teachers"]) == {"rte", "stsb"}
     both = root / "teachers" / "stsb" / "train_predictions.both-orders.jsonl"

@@ -128,21 +128,20 @@ def test_a_changed_own_file_is_never_served_its_old_predictions(tiny_model, glue
     assert cache.read_text() != before
 
 
-def test_multi_over_own_tasks_resumes_exactly(tiny_model, glue_dir, own_files, tmp_path):
+def test_multi_over_own_tasks_resumes_exactly(tiny_model, glue_dir, own_files, tmp_path,
+                                              monkeypatch):
     """--teachers none (plain Multi) over own files, interrupted and resumed."""
     tasks_file = write_task_list(own_files, [REVIEWS, PAIRS], ".json")
     reference = run_bam(bam_config(tiny_model, glue_dir, tasks_file, tmp_path / "ref",
                                    teachers="none", num_train_epochs=2))
-    from selftune.multitask import training as mt_training
+    from selftune import lifecycle
 
-    original = mt_training.LogToFile
-    mt_training.LogToFile = StopAfterFirstSave
-    try:
+    with monkeypatch.context() as patch:
+        # The probe where every run's Trainer callbacks are made (the only run: the student).
+        patch.setattr(lifecycle, "LogToFile", StopAfterFirstSave)
         with pytest.raises(KeyboardInterrupt):
             run_bam(bam_config(tiny_model, glue_dir, tasks_file, tmp_path / "run",
                                teachers="none", num_train_epochs=2))
-    finally:
-        mt_training.LogToFile = original
     resumed = run_bam(bam_config(tiny_model, glue_dir, tasks_file, tmp_path / "run",
                                  teachers="none", num_train_epochs=2))
     assert "teachers" not in resumed

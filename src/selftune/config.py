@@ -143,10 +143,8 @@ class TrainConfig:
                         "and IsoBN, Zhou et al. 2021): none; center / standardize (fixed "
                         "per-dimension statistics of the pre-trained model over the training "
                         "set; standardize divides by sqrt(std^2 + 1e-5)); batchnorm / "
-                        "layernorm (no affine); isobn. Default none: on the default model "
-                        "(5 seeds, BENCHMARKS.md) no normalizer changed the mean over RTE, "
-                        "MRPC, STS-B and CoLA; batchnorm gained 3.5 MCC on CoLA and tended to "
-                        "lose on RTE.", MODEL,
+                        "layernorm (no affine); isobn. Default none; what each one does on "
+                        "the GLUE tasks is measured in BENCHMARKS.md.", MODEL,
                         ("none", "center", "standardize", "batchnorm", "layernorm", "isobn"))
     cls_source: str = opt("auto", "Which [CLS] representation --cls-norm applies to: the pooler "
                           "output (what BERT's classifier reads), the last layer's [CLS] hidden "
@@ -177,12 +175,11 @@ class TrainConfig:
                           TRAIN, ("stop", "skip"))
     bf16: bool = opt(False, "Mixed precision with bfloat16 autocast (CPU or GPU).", TRAIN)
     group_by_length: bool = opt(False, "Batch training examples of similar length together: "
-                                "with dynamic padding a batch then holds ~1.05x the tokens of "
-                                "its examples instead of 1.5-3x on GLUE tasks (1.3-1.5x faster "
-                                "steps). Measured cost: STS-B -2.5 points over 5 seeds (within "
-                                "noise on RTE, MRPC, CoLA). The order is fixed by the seed and "
-                                "the epoch (a resumed run is exact). Single-task runs only.",
-                                TRAIN)
+                                "with dynamic padding a batch then holds few padding tokens, so "
+                                "steps are faster; batches are less random, which can cost "
+                                "accuracy (speed and cost measured in BENCHMARKS.md). The order "
+                                "is fixed by the seed and the epoch (a resumed run is exact). "
+                                "Single-task runs only.", TRAIN)
     load_best_model_at_end: bool = opt(False, "Keep the checkpoint with the best dev "
                                        "--metric-for-best-model (evaluated after every epoch) "
                                        "instead of the last one; with sda/sdv/ema the teacher "

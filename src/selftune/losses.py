@@ -139,10 +139,9 @@ def distillation_loss(
     MSE(pred, y) + λ·MSE(pred, teacher_pred). MSE is ``F.mse_loss``'s default, the mean over
     all logit entries (B·C for classification), so its scale does not grow with the number of
     classes. The teacher is detached. Returns the total and the unweighted parts
-    ``{"task_loss", "distill_loss"}`` (detached) for logging.
+    ``{"task_loss", "distill_loss"}`` (detached) for logging. ``lam`` is non-negative
+    (--sd-lambda, range-checked with the run's options).
     """
-    if lam < 0:
-        raise SelftuneError(f"distillation weight λ must not be negative, got {lam}")
     teacher_logits = teacher_logits.detach()
     if is_regression:
         pred = _as_predictions(student_logits)

@@ -261,7 +261,8 @@ def release_run_lock(output_dir: Path, lock: IO) -> None:
 
 
 # The run locks this process holds, by folder: released when the function that took them
-# (train, train_multitask, run_bam, decorated with ``releases_run_locks``) returns or raises.
+# (lifecycle.run, for every single- and multi-task run, and run_bam, decorated with
+# ``releases_run_locks``) returns or raises.
 _HELD_LOCKS: dict[Path, IO] = {}
 
 

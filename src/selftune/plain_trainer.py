@@ -25,29 +25,26 @@ gradient accumulation): with batches of equal size, the same losses and the same
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
-from transformers import TrainerCallback
+from safetensors.torch import load_file
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from selftune.errors import SelftuneError
+from selftune.trainer import OBJECTIVE_STATE_FILE, ObjectiveEvents, write_objective_state
 
-OBJECTIVE_STATE_FILE = "selftune_objective.safetensors"  # as SelftuneTrainer's checkpoints
 
-
-class TrainerHooks(TrainerCallback):
-    """Callback and loss function that run a selftune objective in a plain ``Trainer``."""
+class TrainerHooks(ObjectiveEvents):
+    """Callback and loss function that run a selftune objective in a plain ``Trainer`` (the
+    objective's events forwarded as in ``SelftuneTrainer``)."""
 
     def __init__(self, objective: Any) -> None:
-        self.objective = objective
+        super().__init__(objective)
         self._features: dict[str, Any] = {}
         self._training = False
         self._hooked: torch.nn.Module | None = None
-        self._ended_epoch: float | None = None
         self._autocast: Any = contextlib.nullcontext
 
     # ---- the loss
@@ -84,25 +81,15 @@ class TrainerHooks(TrainerCallback):
             self._autocast = lambda: torch.autocast(device, dtype=dtype)
         if state.global_step > 0:  # resumed: the objective's state is in the checkpoint
             self.load_state(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        self.objective.on_train_begin(model, state.global_step, state.max_steps)
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.objective.before_optimizer_step(model, state.global_step)
+        super().on_train_begin(args, state, control, model=model, **kwargs)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.objective.on_step_end(model, state.global_step)
-        if state.epoch and float(state.epoch).is_integer():
-            self._end_epoch(model, state.epoch)
+        super().on_step_end(args, state, control, model=model, **kwargs)
         self._save_if_due(args, state, control)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        self._end_epoch(model, state.epoch or 0.0)
+        super().on_epoch_end(args, state, control, model=model, **kwargs)
         self._save_if_due(args, state, control)
-
-    def _end_epoch(self, model: torch.nn.Module, epoch: float) -> None:
-        if epoch != self._ended_epoch:
-            self._ended_epoch = epoch
-            self.objective.on_epoch_end(model, epoch)
 
     # ---- checkpoints
 
@@ -110,12 +97,8 @@ class TrainerHooks(TrainerCallback):
         # Written when the Trainer has decided to save, before its own files: its
         # trainer_state.json, which marks a checkpoint as complete, still comes last.
         if control.should_save and state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{OBJECTIVE_STATE_FILE}.tmp"
-            save_file({k: v.contiguous() for k, v in self.objective.state_dict().items()},
-                      str(tmp))
-            os.replace(tmp, folder / OBJECTIVE_STATE_FILE)
+            write_objective_state(self.objective, Path(args.output_dir) / (
+                f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
 
     def load_state(self, checkpoint: Path) -> None:
         path = Path(checkpoint) / OBJECTIVE_STATE_FILE

@@ -90,36 +90,58 @@ class _SkipNonFiniteUpdates(TrainerCallback):
         self.trainer.finish_update()
 
 
-class _ObjectiveHooks(TrainerCallback):
-    """Forwards the Trainer's events to the objective, with the unwrapped student."""
+def write_objective_state(objective: Objective, checkpoint: Path) -> None:
+    """The objective's state into a checkpoint folder, atomically. Written before the
+    Trainer's own files: its trainer_state.json, which marks a checkpoint complete, comes last."""
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    tmp = checkpoint / f".{OBJECTIVE_STATE_FILE}.tmp"
+    save_file({k: v.contiguous() for k, v in objective.state_dict().items()}, str(tmp))
+    os.replace(tmp, checkpoint / OBJECTIVE_STATE_FILE)
 
-    def __init__(self, trainer: SelftuneTrainer) -> None:
-        self.trainer = trainer
+
+class ObjectiveEvents(TrainerCallback):
+    """Forwards the Trainer's events to an objective, each epoch's end once: the one
+    implementation behind ``SelftuneTrainer`` and a plain Trainer's ``TrainerHooks``."""
+
+    def __init__(self, objective: Objective) -> None:
+        self.objective = objective
         self._ended_epoch: float | None = None
 
-    def _student(self) -> torch.nn.Module:
-        return self.trainer.accelerator.unwrap_model(self.trainer.model)
+    def student(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model the objective sees, from the one the Trainer hands to its callbacks."""
+        return model
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer.objective.on_train_begin(self._student(), state.global_step, state.max_steps)
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.objective.on_train_begin(self.student(model), state.global_step, state.max_steps)
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer.objective.before_optimizer_step(self._student(), state.global_step)
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.objective.before_optimizer_step(self.student(model), state.global_step)
 
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.objective.on_step_end(self._student(), state.global_step)
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.objective.on_step_end(self.student(model), state.global_step)
         # A step checkpoint due at an epoch's last step is written before the Trainer's
         # on_epoch_end; ending the epoch here puts its effect (e.g. se's epoch pool) in it.
         if state.epoch and float(state.epoch).is_integer():
-            self._end_epoch(state.epoch)
+            self._end_epoch(model, state.epoch)
 
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self._end_epoch(state.epoch or 0.0)
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self._end_epoch(model, state.epoch or 0.0)
 
-    def _end_epoch(self, epoch: float) -> None:
+    def _end_epoch(self, model: torch.nn.Module, epoch: float) -> None:
         if epoch != self._ended_epoch:
             self._ended_epoch = epoch
-            self.trainer.objective.on_epoch_end(self._student(), epoch)
+            self.objective.on_epoch_end(self.student(model), epoch)
+
+
+class _ObjectiveHooks(ObjectiveEvents):
+    """The objective's events in a SelftuneTrainer, with the unwrapped student."""
+
+    def __init__(self, trainer: SelftuneTrainer) -> None:
+        super().__init__(trainer.objective)
+        self.trainer = trainer
+
+    def student(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.trainer.accelerator.unwrap_model(self.trainer.model)
 
 
 def _rng_untouched():
@@ -281,15 +303,8 @@ class SelftuneTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         if self.objective is not None and self.args.should_save:
-            # Written before the Trainer's own files: trainer_state.json, which marks a
-            # checkpoint as complete, comes last.
-            folder = Path(self._get_output_dir(trial=trial)) / (
-                f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            folder.mkdir(parents=True, exist_ok=True)
-            state = {k: v.contiguous() for k, v in self.objective.state_dict().items()}
-            tmp = folder / f".{OBJECTIVE_STATE_FILE}.tmp"
-            save_file(state, str(tmp))
-            os.replace(tmp, folder / OBJECTIVE_STATE_FILE)
+            write_objective_state(self.objective, Path(self._get_output_dir(trial=trial)) / (
+                f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             # Last: a checkpoint whose files all match its manifest is intact (resume checks).

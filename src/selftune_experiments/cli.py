@@ -45,6 +45,12 @@ the next worker to reach it.
 
 
 def register(commands: Commands) -> None:
+    """Add the harness's commands, bench and report, to selftune's command line."""
+    _add_bench(commands)
+    _add_report(commands)
+
+
+def _add_bench(commands: Commands) -> None:
     bench = commands.add_parser(
         "bench", help="Run a resumable multi-seed grid of tasks x strategies x seeds.",
         description="Run a grid of 'selftune train' runs, one per task, variant and seed (a "
@@ -83,6 +89,8 @@ def register(commands: Commands) -> None:
     add_common(bench)
     bench.set_defaults(_run=run_bench)
 
+
+def _add_report(commands: Commands) -> None:
     report = commands.add_parser(
         "report", help="Tables (mean ± std, paired tests) and plots from a results file.",
         description="Summarize a results file: per task and variant the mean ± std over seeds, "

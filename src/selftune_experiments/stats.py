@@ -154,38 +154,44 @@ def compare(
                           mannwhitney_p=u_p, alpha=alpha)
 
     if len(shared) >= 2:
-        b = np.array([base[s] for s in shared])
         o = np.array([oth[s] for s in shared])
+        b = np.array([base[s] for s in shared])
         d = o - b
-        if np.all(d == 0):
-            # Identical scores on every seed: no evidence of any difference. scipy returns nan
-            # (t-test) or raises/warns (Wilcoxon, version-dependent) here, so decide ourselves.
-            t_p: float | None = 1.0
-            w_p: float | None = 1.0
-        elif np.ptp(d) <= 1e-9 * max(1.0, float(np.abs(d).max())):
-            # The same difference on every seed gives t = ∞ and a t-test p of 0, at any number
-            # of seeds; but scores move in steps (RTE's dev set: 1/277), so equal steps happen
-            # by chance. The exact Wilcoxon (sign-flip) p of n same-sign pairs, 2/2^n, is the
-            # honest number, and the verdict rests on it.
-            t_p, w_p = None, min(1.0, 2.0 ** (1 - len(shared)))
-        else:
-            with warnings.catch_warnings():
-                # Nearly-constant differences trigger precision warnings; the p-value is still
-                # the right limit (tiny when the differences are consistent), so keep it.
-                warnings.simplefilter("ignore", RuntimeWarning)
-                t_p = _clean_p(_scipy_stats.ttest_rel(o, b).pvalue)
-                try:
-                    w_p = _clean_p(_scipy_stats.wilcoxon(d).pvalue)
-                except ValueError:
-                    # Too few non-zero differences for this scipy version's Wilcoxon.
-                    w_p = None
-        return comparison("paired", float(d.mean()), float(d.std(ddof=1)), t_p, w_p)
+        return comparison("paired", float(d.mean()), float(d.std(ddof=1)),
+                          *_paired_p_values(o, b))
     diff = (
         float(np.mean(list(oth.values())) - np.mean(list(base.values())))
         if base and oth
         else math.nan
     )
     return comparison("unpaired" if two_samples else "insufficient", diff)
+
+
+def _paired_p_values(o: np.ndarray, b: np.ndarray) -> tuple[float | None, float | None]:
+    """(paired t-test p, Wilcoxon signed-rank p) of the scores ``o`` against ``b``, seed by
+    seed."""
+    d = o - b
+    if np.all(d == 0):
+        # Identical scores on every seed: no evidence of any difference. scipy returns nan
+        # (t-test) or raises/warns (Wilcoxon, version-dependent) here, so decide ourselves.
+        return 1.0, 1.0
+    if np.ptp(d) <= 1e-9 * max(1.0, float(np.abs(d).max())):
+        # The same difference on every seed gives t = ∞ and a t-test p of 0, at any number
+        # of seeds; but scores move in steps (RTE's dev set: 1/277), so equal steps happen
+        # by chance. The exact Wilcoxon (sign-flip) p of n same-sign pairs, 2/2^n, is the
+        # honest number, and the verdict rests on it.
+        return None, min(1.0, 2.0 ** (1 - len(d)))
+    with warnings.catch_warnings():
+        # Nearly-constant differences trigger precision warnings; the p-value is still
+        # the right limit (tiny when the differences are consistent), so keep it.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        t_p = _clean_p(_scipy_stats.ttest_rel(o, b).pvalue)
+        try:
+            w_p = _clean_p(_scipy_stats.wilcoxon(d).pvalue)
+        except ValueError:
+            # Too few non-zero differences for this scipy version's Wilcoxon.
+            w_p = None
+    return t_p, w_p
 
 
 def holm_adjust(p_values: Sequence[float | None]) -> list[float | None]:

@@ -286,42 +286,51 @@ def compute_cls_stats(
     device = next(encoder.parameters()).device
     modes = {module: module.training for module in encoder.modules()}
     encoder.eval()
-    count = 0
-    mean: Tensor | None = None
-    m2: Tensor | None = None
+    moments = _Moments()
     try:
         with torch.no_grad():
             for batch in dataloader:
                 if "input_ids" not in batch:
                     raise SelftuneError("a batch for the [CLS] statistics has no 'input_ids'")
                 inputs = {k: batch[k].to(device) for k in _MODEL_INPUTS if k in batch}
-                outputs = encoder(**inputs)
-                if source == "cls":
-                    rep = outputs.last_hidden_state[:, 0]
-                else:
-                    rep = getattr(outputs, "pooler_output", None)
-                    if rep is None:
-                        raise SelftuneError(
-                            "the model has no pooler; use the [CLS] source 'cls' instead"
-                        )
-                rep = rep.detach().double()
-                n = rep.shape[0]
-                if n == 0:
-                    continue
-                batch_mean = rep.mean(dim=0)
-                batch_m2 = (rep - batch_mean).pow(2).sum(dim=0)
-                if mean is None or m2 is None:
-                    count, mean, m2 = n, batch_mean, batch_m2
-                    continue
-                total = count + n
-                delta = batch_mean - mean
-                mean = mean + delta * (n / total)
-                m2 = m2 + batch_m2 + delta.pow(2) * (count * n / total)
-                count = total
+                moments.add(_cls_representation(encoder(**inputs), source).detach().double())
     finally:
         for module, training in modes.items():
             module.training = training
-    if mean is None or m2 is None:
+    if moments.mean is None or moments.m2 is None:
         raise SelftuneError("no examples to compute the [CLS] statistics from")
-    std = (m2 / count).clamp_min(0).sqrt()
-    return ClsStats(mean=mean.float().cpu(), std=std.float().cpu())
+    std = (moments.m2 / moments.count).clamp_min(0).sqrt()
+    return ClsStats(mean=moments.mean.float().cpu(), std=std.float().cpu())
+
+
+def _cls_representation(outputs, source: str) -> Tensor:
+    if source == "cls":
+        return outputs.last_hidden_state[:, 0]
+    rep = getattr(outputs, "pooler_output", None)
+    if rep is None:
+        raise SelftuneError("the model has no pooler; use the [CLS] source 'cls' instead")
+    return rep
+
+
+class _Moments:
+    """Per-dimension count, mean and sum of squared deviations, merged batch by batch."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: Tensor | None = None
+        self.m2: Tensor | None = None
+
+    def add(self, rep: Tensor) -> None:
+        n = rep.shape[0]
+        if n == 0:
+            return
+        batch_mean = rep.mean(dim=0)
+        batch_m2 = (rep - batch_mean).pow(2).sum(dim=0)
+        if self.mean is None or self.m2 is None:
+            self.count, self.mean, self.m2 = n, batch_mean, batch_m2
+            return
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + batch_m2 + delta.pow(2) * (self.count * n / total)
+        self.count = total

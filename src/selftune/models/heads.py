@@ -36,8 +36,6 @@ if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
 
-    from selftune.config import TrainConfig
-
 logger = logging.getLogger("selftune")
 
 # Architectures whose sequence classifier reads the pooled [CLS] through BERT's pooler (dense
@@ -165,55 +163,62 @@ def restore_cls_norm(model: PreTrainedModel, model_dir: Path) -> None:
         {k.removeprefix(prefix): v for k, v in saved.items()})
 
 
-def add_cls_norm(cfg: TrainConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 train_set: datasets.Dataset, output_dir: Path, *, is_main_process: bool,
-                 start_dir: str | None = None) -> None:
-    """Insert the run's [CLS] normalizer (``cfg.cls_norm`` on ``cfg.cls_source``);
-    center/standardize get the pre-trained model's statistics over the training set, computed
-    once here and saved with the run (cls_stats.safetensors, by the main process).
+def add_cls_norm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 train_set: datasets.Dataset, output_dir: Path, *, kind: str, source: str,
+                 batch_size: int, is_main_process: bool, start_dir: str | None = None) -> None:
+    """Insert a run's [CLS] normalizer ``kind`` (--cls-norm) on the representation ``source``
+    (--cls-source: auto, cls or pooler); center/standardize get the pre-trained model's
+    statistics over the training set (in batches of ``batch_size``), computed once here and
+    saved with the run (cls_stats.safetensors, by the main process).
 
     A run that starts from a selftune model saved with the same normalizer (``start_dir``;
     e.g. BAM!'s --finetune-after from the student's task model) keeps that one: its
     classifier was trained on what it outputs, and its statistics are already the
     pre-trained model's (recomputed now, they would be the fine-tuned encoder's)."""
-    from safetensors.torch import save_file
+    resolved_source = default_source(model) if source == "auto" else source
+    saved = saved_cls_norm(start_dir) if start_dir else None
+    if saved is not None and (Path(start_dir) / UNFOLDED_FILE).is_file():
+        # The classifier as trained beside its normalizer, as before folding existed.
+        restore_unfolded(model, Path(start_dir), with_norm=False)
+    if saved == (kind, resolved_source):
+        setattr(model.config, NORM_KEY, kind)
+        setattr(model.config, SOURCE_KEY, resolved_source)
+        restore_cls_norm(model, Path(start_dir))
+        logger.info("[CLS] normalization %s on the %s representation, with its state as "
+                    "saved in %s", kind, resolved_source, start_dir)
+        return
+    if saved is not None:
+        logger.warning("%s was fine-tuned with [CLS] normalization %s on %s; this run replaces "
+                       "it with --cls-norm %s on %s", start_dir, *saved, kind, resolved_source)
+    if kind == "none" and source == "auto":
+        return  # the model as it comes
+    stats = None
+    if kind in ("center", "standardize"):
+        stats = training_set_stats(model, tokenizer, train_set, resolved_source, batch_size,
+                                   is_main_process)
+        if is_main_process:
+            save_file({"mean": stats.mean.contiguous(), "std": stats.std.contiguous()},
+                      str(output_dir / "cls_stats.safetensors"))
+    install_cls_norm(model, kind, resolved_source, stats)
+    logger.info("[CLS] normalization %s on the %s representation", kind, resolved_source)
+
+
+def training_set_stats(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                       train_set: datasets.Dataset, source: str, batch_size: int,
+                       show_progress: bool) -> ClsStats:
+    """The pre-trained model's [CLS] statistics over a tokenized training set."""
     from tqdm.auto import tqdm
     from transformers import DataCollatorWithPadding
 
     from selftune.models.cls_norm import compute_cls_stats
 
-    source = default_source(model) if cfg.cls_source == "auto" else cfg.cls_source
-    saved = saved_cls_norm(start_dir) if start_dir else None
-    if saved is not None and (Path(start_dir) / UNFOLDED_FILE).is_file():
-        # The classifier as trained beside its normalizer, as before folding existed.
-        restore_unfolded(model, Path(start_dir), with_norm=False)
-    if saved == (cfg.cls_norm, source):
-        setattr(model.config, NORM_KEY, cfg.cls_norm)
-        setattr(model.config, SOURCE_KEY, source)
-        restore_cls_norm(model, Path(start_dir))
-        logger.info("[CLS] normalization %s on the %s representation, with its state as "
-                    "saved in %s", cfg.cls_norm, source, start_dir)
-        return
-    if saved is not None:
-        logger.warning("%s was fine-tuned with [CLS] normalization %s on %s; this run replaces "
-                       "it with --cls-norm %s on %s", start_dir, *saved, cfg.cls_norm, source)
-    if cfg.cls_norm == "none" and cfg.cls_source == "auto":
-        return  # the model as it comes
-    stats = None
-    if cfg.cls_norm in ("center", "standardize"):
-        features = train_set.select_columns(
-            [c for c in train_set.column_names if c in tokenizer.model_input_names])
-        loader = torch.utils.data.DataLoader(features, batch_size=cfg.per_device_eval_batch_size,
-                                             collate_fn=DataCollatorWithPadding(tokenizer))
-        # One forward pass over the training set: minutes on a CPU, so it shows progress.
-        progress = tqdm(loader, desc="[CLS] statistics", unit="batch",
-                        disable=not is_main_process)
-        stats = compute_cls_stats(model, progress, source=source)
-        if is_main_process:
-            save_file({"mean": stats.mean.contiguous(), "std": stats.std.contiguous()},
-                      str(output_dir / "cls_stats.safetensors"))
-    install_cls_norm(model, cfg.cls_norm, source, stats)
-    logger.info("[CLS] normalization %s on the %s representation", cfg.cls_norm, source)
+    features = train_set.select_columns(
+        [c for c in train_set.column_names if c in tokenizer.model_input_names])
+    loader = torch.utils.data.DataLoader(features, batch_size=batch_size,
+                                         collate_fn=DataCollatorWithPadding(tokenizer))
+    # One forward pass over the training set: minutes on a CPU, so it shows progress.
+    progress = tqdm(loader, desc="[CLS] statistics", unit="batch", disable=not show_progress)
+    return compute_cls_stats(model, progress, source=source)
 
 
 def fold_cls_norm(model: PreTrainedModel) -> PreTrainedModel:

@@ -1,6 +1,6 @@
-"""Multi-task training (BAM!'s student, or plain "Multi"), on the same Trainer path as
-single-task runs: ``SelftuneTrainer`` with the teacher-annealing objective and a batch sampler
-that mixes tasks by |D|^0.75.
+"""Multi-task training (BAM!'s student, or plain "Multi") through the same run lifecycle as
+single-task runs (``lifecycle.py``): ``SelftuneTrainer`` with the teacher-annealing objective
+and a batch sampler that mixes tasks by |D|^0.75.
 
 Output directory: ``tasks/<task>/`` holds each task as a standard model directory (the shared
 encoder plus that task's head; STS-B's head scaled back to 0-5), ``metrics.json`` the dev
@@ -10,20 +10,21 @@ checkpoints while the run is going.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch.utils.data import DataLoader
-from transformers import DataCollatorWithPadding, TrainerCallback
+from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments
 
-from selftune import outputs
-from selftune.config import MultiTaskConfig
+from selftune.config import MultiTaskConfig, check_strategy_options, validate_options
 from selftune.data.loading import data_fingerprint
 from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
+from selftune.lifecycle import RunParts, process_state, run
 from selftune.metrics import compute_task_metrics, metrics_and_score
 from selftune.model_card import write_multitask_summary
 from selftune.models.heads import add_cls_norm
@@ -50,24 +51,18 @@ from selftune.optim import make_optimizer
 from selftune.strategies import build_objective
 from selftune.teachers import WindowAverageTeacher
 from selftune.trainer import SelftuneTrainer
-from selftune.training import (
-    LogToFile,
-    begin_run,
-    finish_run_dir,
-    open_run_directory,
-    process_state,
-    run_accounting,
-    training_arguments,
-)
+
+if TYPE_CHECKING:
+    from transformers.trainer_utils import TrainOutput
 
 logger = logging.getLogger("selftune")
+
+
 def check_multitask_options(cfg: MultiTaskConfig,
                             with_teachers: bool | None = None) -> list[TaskSpec]:
     """Every option of a multi-task run, checked before any work; returns the tasks.
     ``with_teachers``: whether the run distills from teachers (default: whether it has
     --teacher-predictions)."""
-    from selftune.config import check_strategy_options, validate_options
-
     validate_options(cfg)
     check_strategy_options(cfg, strategies="sda/sdv/ema")
     apply_task_list(cfg)
@@ -112,9 +107,12 @@ def check_multitask_options(cfg: MultiTaskConfig,
                             "fixed or drop the option")
     if not 0 < cfg.sampling_alpha <= 1:
         raise SelftuneError("--sampling-alpha must be in (0, 1]")
-    if cfg.output_dir is None:
-        cfg.output_dir = str(Path("runs") / "multitask" / f"seed{cfg.seed}")
     return tasks
+
+
+def default_output_dir(cfg: MultiTaskConfig) -> str:
+    """Where a multi-task run called from Python writes without --output-dir."""
+    return cfg.output_dir or str(Path("runs") / "multitask" / f"seed{cfg.seed}")
 
 
 def parse_task_paths(value: str | None, what: str,
@@ -152,7 +150,9 @@ class EvaluateTasks(TrainerCallback):
             f"{t} {r['score']:.2f}" for t, r in results.items()))
 
 
-def history_from_logs(log_history: list[dict], tasks: list[TaskSpec]) -> list[dict]:
+def task_history(log_history: list[dict], tasks: list[TaskSpec]) -> list[dict]:
+    """Every task's dev metrics per evaluation (:class:`EvaluateTasks`), from the Trainer's
+    log history."""
     history = []
     for entry in log_history:
         if "multitask_eval" not in entry:
@@ -207,125 +207,175 @@ def evaluate_multitask_teacher(cfg: MultiTaskConfig, self_distillation, tasks: l
             if cfg.strategy == "sdv" else self_distillation.teacher.name}
 
 
-@outputs.releases_run_locks
-def train_multitask(cfg: MultiTaskConfig) -> dict[str, Any]:
-    """Train one multi-task model; return the content of its ``metrics.json``."""
+def train_multitask(cfg: MultiTaskConfig,
+                    callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Train one multi-task model; return the content of its ``metrics.json``.
+    ``callbacks`` are extra ``transformers.TrainerCallback`` objects handed to the Trainer."""
     tasks = check_multitask_options(cfg)
-    output_dir = Path(cfg.output_dir)
-    started = begin_run(cfg, output_dir)
+    return run_multitask(dataclasses.replace(cfg, output_dir=default_output_dir(cfg)), tasks,
+                         callbacks)
 
-    teacher_files = parse_task_paths(cfg.teacher_predictions, "--teacher-predictions",
-                                     [t.name for t in tasks])
-    unknown = sorted(set(teacher_files) - {t.name for t in tasks})
-    if unknown or (teacher_files and len(teacher_files) != len(tasks)):
-        raise SelftuneError("--teacher-predictions must name one file for each of --tasks "
-                            f"({cfg.tasks}); got {sorted(teacher_files)}")
-    records, dev_records, other_dev_records, described = {}, {}, {}, {}
-    for task in tasks:
-        data = load_multitask_data(task_data_options(cfg, task.name))
-        rows = data.train
-        if cfg.double_unordered and task.name in UNORDERED_TASKS:
-            rows = with_swapped_pairs(rows)
-        records[task.name] = rows
-        first, *others = data.eval_splits  # MNLI: matched, then mismatched
-        dev_records[task.name] = data.eval_splits[first]
-        other_dev_records[task.name] = {name: data.eval_splits[name] for name in others}
-        described[task.name] = {"source": data.source, "eval_split": first,
-                                "num_eval_examples": len(dev_records[task.name])}
-    teachers = None
-    if teacher_files:
-        teachers = {}
+
+def run_multitask(cfg: MultiTaskConfig, tasks: list[TaskSpec],
+                  callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """:func:`train_multitask` with options already checked (:func:`check_multitask_options`
+    gave ``tasks``) and an output folder (BAM!'s student, checked with the recipe)."""
+    return run(MultiTaskRun(cfg, tasks), callbacks)
+
+
+class MultiTaskRun(RunParts):
+    """What a multi-task run supplies to the lifecycle."""
+
+    def __init__(self, cfg: MultiTaskConfig, tasks: list[TaskSpec]) -> None:
+        self.cfg, self.tasks = cfg, tasks
+        self.output_dir = Path(cfg.output_dir)
+
+    def load(self) -> None:
+        cfg, tasks = self.cfg, self.tasks
+        teacher_files = parse_task_paths(cfg.teacher_predictions, "--teacher-predictions",
+                                         [t.name for t in tasks])
+        unknown = sorted(set(teacher_files) - {t.name for t in tasks})
+        if unknown or (teacher_files and len(teacher_files) != len(tasks)):
+            raise SelftuneError("--teacher-predictions must name one file for each of --tasks "
+                                f"({cfg.tasks}); got {sorted(teacher_files)}")
+        self.records, self.dev_records, self.other_dev_records, self.described = {}, {}, {}, {}
         for task in tasks:
+            self._load_task(task)
+        self.teachers = self._teacher_logits(teacher_files) if teacher_files else None
+        self.model_path = resolve_model_path(cfg.model)
+        self.tokenizer = load_tokenizer(self.model_path, cfg.trust_remote_code)
+        self.model = build_multitask_model(self.model_path, tasks, cfg.trust_remote_code)
+        check_sequence_length(cfg.max_seq_length, self.model)
+
+    def _load_task(self, task: TaskSpec) -> None:
+        data = load_multitask_data(task_data_options(self.cfg, task.name))
+        rows = data.train
+        if self.cfg.double_unordered and task.name in UNORDERED_TASKS:
+            rows = with_swapped_pairs(rows)
+        self.records[task.name] = rows
+        first, *others = data.eval_splits  # MNLI: matched, then mismatched
+        self.dev_records[task.name] = data.eval_splits[first]
+        self.other_dev_records[task.name] = {name: data.eval_splits[name] for name in others}
+        self.described[task.name] = {"source": data.source, "eval_split": first,
+                                     "num_eval_examples": len(self.dev_records[task.name])}
+
+    def _teacher_logits(self, teacher_files: dict[str, Path]) -> dict[str, Any]:
+        teachers = {}
+        for task in self.tasks:
             predictions = read_predictions(teacher_files[task.name], task)
-            check_coverage(predictions, records[task.name], teacher_files[task.name], task)
+            check_coverage(predictions, self.records[task.name], teacher_files[task.name], task)
             teachers[task.name] = predictions.logits
+        return teachers
 
-    model_path = resolve_model_path(cfg.model)
-    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    model = build_multitask_model(model_path, tasks, cfg.trust_remote_code)
-    check_sequence_length(cfg.max_seq_length, model)
-    resume_from = open_run_directory(cfg, output_dir, data_fingerprint(
-        [row for task in tasks for row in records[task.name]]))
-    data = build_train_set(tasks, records, tokenizer, cfg.max_seq_length, teachers,
-                           model.max_labels)
-    if cfg.cls_norm != "none" or cfg.cls_source != "auto":
-        # One normalizer on the shared encoder's [CLS]; its statistics are over every task's
-        # training examples, as the encoder sees them.
-        is_main_process = process_state().is_main_process
-        model.add_cls_norm(lambda head: add_cls_norm(cfg, head, tokenizer, data.train, output_dir,
-                                                     is_main_process=is_main_process))
-    model.enable_packing(cfg.packing, cfg.max_seq_length)  # before the teacher copies it
-    shares = task_shares(data.sizes, cfg.task_sampling, cfg.sampling_alpha)
-    logger.info("Multi-task run on %s: %s examples, shares %s, %s", cfg.tasks, data.sizes,
-                {t: round(s, 3) for t, s in shares.items()},
-                "with teachers" if teachers else "without teachers")
-    evals = {t.name: eval_set(i, dev_records[t.name], tokenizer, cfg.max_seq_length)
-             for i, t in enumerate(tasks)}
+    def data_fingerprint(self) -> str:
+        return data_fingerprint([row for task in self.tasks for row in self.records[task.name]])
 
-    args = training_arguments(cfg, output_dir / outputs.CHECKPOINTS, evaluate=False)
-    # The sampler draws global batches; each process trains on its own chunk of every one.
-    sampler = MultiTaskBatchSampler(data.task_indices,
-                                    cfg.per_device_train_batch_size * args.world_size, shares,
-                                    num_batches=None, seed=cfg.seed, mix=cfg.mix_tasks)
-    args.remove_unused_columns = False  # the model takes task_ids and **inputs
-    objective = TeacherAnnealing(tasks, teachers is not None, cfg.teacher_annealing,
-                                 cfg.distill_weight, cfg.loss_reduction,
-                                 batch_parts=args.gradient_accumulation_steps * args.world_size)
-    if cfg.strategy != "baseline":  # the student also distills from its own averaged past
-        steps_per_epoch = max(1, math.ceil(len(sampler) / args.gradient_accumulation_steps))
-        objective = SelfDistilledAnnealing(
-            objective, build_objective(cfg.strategy_options(steps_per_epoch), model, False))
-    trainer = MultiTaskTrainer(
-        model=model, args=args, train_dataset=data.train, processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer), objective=objective,
-        batch_sampler=ProcessChunks(sampler, args.world_size), nan_policy=cfg.nan_policy,
-        callbacks=[LogToFile(), _SamplerEpoch(sampler)],
-        optimizers=(make_optimizer(model, cfg.learning_rate, cfg.weight_decay,
-                                   cfg.layerwise_lr_decay or 1.0), None),
-    )
+    def prepare(self, args: TrainingArguments) -> None:
+        cfg, tasks, tokenizer = self.cfg, self.tasks, self.tokenizer
+        self.data = build_train_set(tasks, self.records, tokenizer, cfg.max_seq_length,
+                                    self.teachers, self.model.max_labels)
+        if cfg.cls_norm != "none" or cfg.cls_source != "auto":
+            # One normalizer on the shared encoder's [CLS]; its statistics are over every
+            # task's training examples, as the encoder sees them.
+            is_main_process = process_state().is_main_process
+            self.model.add_cls_norm(lambda head: add_cls_norm(
+                head, tokenizer, self.data.train, self.output_dir, kind=cfg.cls_norm,
+                source=cfg.cls_source, batch_size=cfg.per_device_eval_batch_size,
+                is_main_process=is_main_process))
+        self.model.enable_packing(cfg.packing, cfg.max_seq_length)  # before the teacher copies it
+        self.shares = task_shares(self.data.sizes, cfg.task_sampling, cfg.sampling_alpha)
+        logger.info("Multi-task run on %s: %s examples, shares %s, %s", cfg.tasks,
+                    self.data.sizes, {t: round(s, 3) for t, s in self.shares.items()},
+                    "with teachers" if self.teachers else "without teachers")
+        self.evals = {t.name: eval_set(i, self.dev_records[t.name], tokenizer,
+                                       cfg.max_seq_length) for i, t in enumerate(tasks)}
+        # The sampler draws global batches; each process trains on its own chunk of every one.
+        self.sampler = MultiTaskBatchSampler(
+            self.data.task_indices, cfg.per_device_train_batch_size * args.world_size,
+            self.shares, num_batches=None, seed=cfg.seed, mix=cfg.mix_tasks)
+        args.remove_unused_columns = False  # the model takes task_ids and **inputs
+        self.objective = self._objective(args)
 
-    def evaluate_task(task: TaskSpec, dataset, dev: list) -> dict:
+    def _objective(self, args: TrainingArguments) -> TeacherAnnealing | SelfDistilledAnnealing:
+        cfg = self.cfg
+        objective = TeacherAnnealing(self.tasks, self.teachers is not None,
+                                     cfg.teacher_annealing, cfg.distill_weight,
+                                     cfg.loss_reduction,
+                                     batch_parts=args.gradient_accumulation_steps * args.world_size)
+        if cfg.strategy == "baseline":
+            return objective
+        # The student also distills from its own averaged past.
+        steps_per_epoch = max(1, math.ceil(len(self.sampler) / args.gradient_accumulation_steps))
+        return SelfDistilledAnnealing(objective, build_objective(
+            cfg.strategy_options(steps_per_epoch), self.model, False))
+
+    def callbacks(self) -> list[TrainerCallback]:
+        return [_SamplerEpoch(self.sampler)]
+
+    def build_trainer(self, args: TrainingArguments,
+                      callbacks: list[TrainerCallback]) -> SelftuneTrainer:
+        cfg = self.cfg
+        trainer = MultiTaskTrainer(
+            model=self.model, args=args, train_dataset=self.data.train,
+            processing_class=self.tokenizer,
+            data_collator=DataCollatorWithPadding(self.tokenizer), objective=self.objective,
+            batch_sampler=ProcessChunks(self.sampler, args.world_size),
+            nan_policy=cfg.nan_policy, callbacks=callbacks,
+            optimizers=(make_optimizer(self.model, cfg.learning_rate, cfg.weight_decay,
+                                       cfg.layerwise_lr_decay or 1.0), None),
+        )
+        if cfg.eval_each_epoch:  # after the objective's own callback: it ends the epoch first
+            trainer.add_callback(EvaluateTasks(lambda: self.evaluate(trainer), trainer.log))
+        return trainer
+
+    def evaluate_task(self, trainer: SelftuneTrainer, task: TaskSpec, dataset,
+                      dev: list) -> dict:
         logits = trainer.predict(dataset).predictions
         logits = np.asarray(logits)[:, : task.num_labels] * label_scale(task)
         return metrics_and_score(
             compute_task_metrics(task, logits, np.array([r["label"] for r in dev])))
 
-    def evaluate() -> dict[str, dict]:
-        return {t.name: evaluate_task(t, evals[t.name], dev_records[t.name]) for t in tasks}
+    def evaluate(self, trainer: SelftuneTrainer) -> dict[str, dict]:
+        """Every task's dev metrics."""
+        return {t.name: self.evaluate_task(trainer, t, self.evals[t.name],
+                                           self.dev_records[t.name]) for t in self.tasks}
 
-    if cfg.eval_each_epoch:
-        trainer.add_callback(EvaluateTasks(evaluate, trainer.log))
-    train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    history = history_from_logs(trainer.state.log_history, tasks)
-    final = history[-1]["tasks"] if history and history[-1]["step"] == \
-        trainer.state.global_step else evaluate()
-    # A task's other dev sets (MNLI's mismatched one), once at the end, as run_glue.py does.
-    final = {name: dict(r) for name, r in final.items()}  # history keeps its own entries
-    for index, task in enumerate(tasks):
-        others = {name: evaluate_task(task, eval_set(index, dev, tokenizer, cfg.max_seq_length),
-                                      dev)
-                  for name, dev in other_dev_records[task.name].items()}
-        if others:
-            final[task.name]["other_splits"] = others
-    result: dict[str, Any] = {
-        "tasks": final,
-        "score": float(np.mean([r["score"] for r in final.values()])),
-        "history": history,
-        "num_train_examples": data.sizes,
-        "task_shares": shares,
-        "with_teachers": teachers is not None,
-        **run_accounting(cfg, trainer, train_output, started, resume_from),
-    }
-    if trainer.is_world_process_zero():
-        for task in tasks:
-            model.export_task(task.name, output_dir / "tasks" / task.name, tokenizer)
+    def results(self, trainer: SelftuneTrainer) -> dict[str, Any]:
+        history = task_history(trainer.state.log_history, self.tasks)
+        final = history[-1]["tasks"] if history and history[-1]["step"] == \
+            trainer.state.global_step else self.evaluate(trainer)
+        # A task's other dev sets (MNLI's mismatched one), once at the end, as run_glue.py does.
+        final = {name: dict(r) for name, r in final.items()}  # history keeps its own entries
+        for index, task in enumerate(self.tasks):
+            others = {name: self.evaluate_task(
+                          trainer, task,
+                          eval_set(index, dev, self.tokenizer, self.cfg.max_seq_length), dev)
+                      for name, dev in self.other_dev_records[task.name].items()}
+            if others:
+                final[task.name]["other_splits"] = others
+        return {
+            "tasks": final,
+            "score": float(np.mean([r["score"] for r in final.values()])),
+            "history": history,
+            "num_train_examples": self.data.sizes,
+            "task_shares": self.shares,
+            "with_teachers": self.teachers is not None,
+        }
+
+    def save(self, trainer: SelftuneTrainer, train_output: TrainOutput,
+             result: dict[str, Any]) -> None:
+        cfg, output_dir = self.cfg, self.output_dir
+        for task in self.tasks:
+            self.model.export_task(task.name, output_dir / "tasks" / task.name, self.tokenizer)
         if cfg.strategy != "baseline":
-            result.update(evaluate_multitask_teacher(cfg, objective.self_distillation, tasks,
-                                                     tokenizer, output_dir / "teacher"))
-        write_multitask_summary(trainer, train_output, cfg, tasks, result, described, output_dir)
-        finish_run_dir(output_dir, result, cfg.keep_checkpoints)
-    logger.info("Done: %s; average %.2f; task models in %s", ", ".join(
-        f"{t} {r['score']:.2f}" + "".join(f" ({name} {other['score']:.2f})" for name, other
-                                          in r.get("other_splits", {}).items())
-        for t, r in final.items()), result["score"], output_dir / "tasks")
-    return result
+            result.update(evaluate_multitask_teacher(cfg, self.objective.self_distillation,
+                                                     self.tasks, self.tokenizer,
+                                                     output_dir / "teacher"))
+        write_multitask_summary(trainer, train_output, cfg, self.tasks, result, self.described,
+                                output_dir)
+
+    def announce(self, result: dict[str, Any]) -> None:
+        logger.info("Done: %s; average %.2f; task models in %s", ", ".join(
+            f"{t} {r['score']:.2f}" + "".join(f" ({name} {other['score']:.2f})" for name, other
+                                              in r.get("other_splits", {}).items())
+            for t, r in result["tasks"].items()), result["score"], self.output_dir / "tasks")

@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from selftune.data.loading import DataOptions
 from selftune.data.readers import Record
 from selftune.data.tasks import TaskSpec
 from selftune.errors import SelftuneError
+from selftune.lifecycle import process_state, setup_logging
 from selftune.multitask.data import UNORDERED_TASKS, with_swapped_pairs
 from selftune.multitask.task_list import (
     apply_task_list,
@@ -46,9 +47,17 @@ from selftune.multitask.teacher_cache import (
     read_predictions,
     write_predictions,
 )
-from selftune.multitask.training import MultiTaskConfig, parse_task_paths, train_multitask
+from selftune.multitask.training import (
+    MultiTaskConfig,
+    check_multitask_options,
+    parse_task_paths,
+    run_multitask,
+)
+from selftune.training import resolve_config, run_single_task
 
 logger = logging.getLogger("selftune")
+
+
 def compute_teacher_predictions(
     model_dir: Path, task: TaskSpec, data_options: DataOptions, out_file: Path,
     both_orders: bool, max_seq_length: int = 128, batch_size: int = 128,
@@ -171,18 +180,6 @@ def _shared_teacher_lock(teacher_dir: Path, take: bool) -> Iterator[None]:
         yield
 
 
-def _train_or_reuse_teacher(teacher_dir: Path, expected, root: Path) -> None:
-    from selftune.training import setup_logging, train
-
-    if outputs.is_finished(teacher_dir):
-        _check_same_options(teacher_dir, expected, root)
-        logger.info("Teacher for %s: reusing %s", expected.task, teacher_dir)
-    else:
-        logger.info("Teacher for %s: training in %s", expected.task, teacher_dir)
-        train(expected)
-        setup_logging(None)  # the teacher's run logged to its own train.log
-
-
 def holds_model(teacher_dir: Path) -> bool:
     """Whether a teacher folder still holds its model (git keeps teachers without them)."""
     return (teacher_dir / "config.json").is_file()
@@ -227,13 +224,12 @@ def recipe_teachers(cfg: BamConfig) -> dict[str, TrainConfig]:
     tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
     return {task: teacher_config(cfg, task, root / task) for task in tasks}
 
+
 def check_bam_options(cfg: BamConfig) -> list[TaskSpec]:
     """Every option of the recipe that can be checked without data or models, before hours of
     teacher training (also by `selftune bench` for each planned run); returns the tasks."""
-    from selftune.multitask.training import check_multitask_options
-
     apply_task_list(cfg)  # --tasks-file: the tasks as read, kept in the saved options
-    # Grouping is for the teachers only; the copy keeps the default output folder unset.
+    # Grouping is for the teachers only.
     tasks = check_multitask_options(dataclasses.replace(cfg, group_by_length=False),
                                     with_teachers=cfg.teachers != "none")
     if cfg.teachers_only and (cfg.teachers != "auto" or cfg.finetune_after):
@@ -273,18 +269,34 @@ def recipe_root(cfg: BamConfig) -> Path:
     return Path(cfg.output_dir or Path("runs") / "bam" / f"seed{cfg.seed}")
 
 
+def check_single_task_stages(cfg: BamConfig) -> None:
+    """The options of the recipe's single-task runs (--teachers auto, --finetune-after),
+    checked as ``selftune train`` checks them, before the first stage: the stages then run
+    without checking again."""
+    if cfg.teachers == "auto" or cfg.finetune_after:
+        for teacher in recipe_teachers(cfg).values():
+            resolve_config(teacher)
+
+
+def check_teacher_models(cfg: BamConfig, tasks: list[TaskSpec]) -> None:
+    """Teachers given with --teachers task=DIR must be model directories of their tasks."""
+    if cfg.teachers in ("auto", "none"):
+        return
+    for task, path in given_teacher_dirs(cfg).items():
+        if not (path / "config.json").is_file():
+            raise SelftuneError(f"--teachers: the {task} teacher {path} is not a model "
+                                "directory (no config.json)")
+    check_given_teachers(tasks, given_teacher_dirs(cfg))
+
+
 @outputs.releases_run_locks
 def run_bam(cfg: BamConfig) -> dict[str, Any]:
-    from selftune.training import process_state, setup_logging, train
-
+    """The recipe: teachers → their predictions → the student → (--finetune-after) each task
+    fine-tuned alone; every stage reused once finished. Returns the content of bam.json."""
     setup_logging(None)  # the stage messages below reach the console from the start
     tasks = check_bam_options(cfg)
-    if cfg.teachers not in ("auto", "none"):
-        for task, path in given_teacher_dirs(cfg).items():
-            if not (path / "config.json").is_file():
-                raise SelftuneError(f"--teachers: the {task} teacher {path} is not a model "
-                                    "directory (no config.json)")
-        check_given_teachers(tasks, given_teacher_dirs(cfg))
+    check_single_task_stages(cfg)
+    check_teacher_models(cfg, tasks)
     root = recipe_root(cfg)
     state = process_state()
     if state.is_main_process:
@@ -295,35 +307,63 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
                                    hold=not cfg.teachers_only, keep=(outputs.BENCH_RUN_FILE,))
     state.wait_for_everyone()
     summary: dict[str, Any] = {"tasks": [t.name for t in tasks], "config_hash": cfg.hash()}
-    single_task = single_task_options(cfg)
-
-    predictions: dict[str, Path] = {}
-    if cfg.teachers != "none":
-        given = {} if cfg.teachers == "auto" else given_teacher_dirs(cfg)
-        auto_root = teachers_root(cfg, root)
-        summary["teachers"] = {}
-        summary["teacher_dirs"] = {}
-        for task in tasks:
-            teacher_dir = given.get(task.name) or auto_root / task.name
-            summary["teacher_dirs"][task.name] = str(teacher_dir)
-            # A --teachers-root may be shared by BAM runs in other processes (e.g. two bench
-            # workers on one seed): one of them trains a teacher, the others wait and reuse it.
-            with _shared_teacher_lock(teacher_dir,
-                                      state.is_main_process and task.name not in given):
-                if task.name not in given:
-                    _train_or_reuse_teacher(teacher_dir,
-                                            teacher_config(cfg, task.name, teacher_dir),
-                                            root)
-                # Under torchrun the main process writes the cache; the others then read it.
-                with state.main_process_first():
-                    predictions[task.name] = _cached_teacher_predictions(teacher_dir, task, cfg)
-            metrics_file = teacher_dir / outputs.METRICS_FILE
-            if metrics_file.is_file():
-                summary["teachers"][task.name] = json.loads(metrics_file.read_text())["score"]
+    predictions = teacher_stage(cfg, tasks, root, summary) if cfg.teachers != "none" else {}
     if cfg.teachers_only:
         # No bam.json: it describes a finished recipe, and this one stops before the student.
         return summary
+    summary.update(student_stage(cfg, tasks, root, predictions))
+    if cfg.finetune_after:
+        summary.update(finetune_stage(cfg, tasks, root))
+    if state.is_main_process:
+        outputs.write_json_atomic(root / outputs.BAM_SUMMARY_FILE, summary)
+    return summary
 
+
+def _run_or_reuse(run_dir: Path, expected: TrainConfig, root: Path, what: str,
+                  start: Callable[[TrainConfig], dict[str, Any]]) -> dict[str, Any]:
+    """One stage's run: reused when finished (with these options), else trained or resumed
+    by ``start``; returns its metrics.json."""
+    if outputs.is_finished(run_dir):
+        _check_same_options(run_dir, expected, root)
+        logger.info("%s: reusing %s", what, run_dir)
+        return json.loads((run_dir / outputs.METRICS_FILE).read_text())
+    logger.info("%s: training in %s", what, run_dir)
+    result = start(expected)
+    setup_logging(None)  # the stage's run logged to its own train.log
+    return result
+
+
+def teacher_stage(cfg: BamConfig, tasks: list[TaskSpec], root: Path,
+                  summary: dict[str, Any]) -> dict[str, Path]:
+    """Each task's teacher, trained (or reused, or given), and its predictions over the
+    student's training data; returns the prediction files by task."""
+    state = process_state()
+    given = {} if cfg.teachers == "auto" else given_teacher_dirs(cfg)
+    auto_root = teachers_root(cfg, root)
+    summary["teachers"] = {}
+    summary["teacher_dirs"] = {}
+    predictions: dict[str, Path] = {}
+    for task in tasks:
+        teacher_dir = given.get(task.name) or auto_root / task.name
+        summary["teacher_dirs"][task.name] = str(teacher_dir)
+        # A --teachers-root may be shared by BAM runs in other processes (e.g. two bench
+        # workers on one seed): one of them trains a teacher, the others wait and reuse it.
+        with _shared_teacher_lock(teacher_dir, state.is_main_process and task.name not in given):
+            if task.name not in given:
+                _run_or_reuse(teacher_dir, teacher_config(cfg, task.name, teacher_dir), root,
+                              f"Teacher for {task.name}", run_single_task)
+            # Under torchrun the main process writes the cache; the others then read it.
+            with state.main_process_first():
+                predictions[task.name] = _cached_teacher_predictions(teacher_dir, task, cfg)
+        metrics_file = teacher_dir / outputs.METRICS_FILE
+        if metrics_file.is_file():
+            summary["teachers"][task.name] = json.loads(metrics_file.read_text())["score"]
+    return predictions
+
+
+def student_stage(cfg: BamConfig, tasks: list[TaskSpec], root: Path,
+                  predictions: dict[str, Path]) -> dict[str, Any]:
+    """The multi-task student, distilled from the teachers' predictions (if any)."""
     student_dir = root / outputs.BAM_STUDENT_DIR
     student_cfg = MultiTaskConfig(**{
         **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(MultiTaskConfig)},
@@ -331,30 +371,22 @@ def run_bam(cfg: BamConfig) -> dict[str, Any]:
         "group_by_length": False,  # the student's batches come from the task sampler
         "teacher_predictions": ",".join(f"{t}={p}" for t, p in predictions.items()) or None,
         "overwrite_output_dir": False})
-    if outputs.is_finished(student_dir):
-        _check_same_options(student_dir, student_cfg, root)
-        student = json.loads((student_dir / outputs.METRICS_FILE).read_text())
-        logger.info("Student: reusing %s", student_dir)
-    else:
-        student = train_multitask(student_cfg)
-    summary["student"] = {t: r["score"] for t, r in student["tasks"].items()}
-    summary["student_average"] = student["score"]
+    student = _run_or_reuse(student_dir, student_cfg, root, "Student",
+                            lambda checked: run_multitask(checked, tasks))
+    return {"student": {t: r["score"] for t, r in student["tasks"].items()},
+            "student_average": student["score"]}
 
-    if cfg.finetune_after:
-        summary["finetuned"] = {}
-        for task in tasks:
-            out = root / outputs.BAM_FINETUNED_DIR / task.name
-            finetune_cfg = TrainConfig(**{**single_task, **task_train_options(cfg, task.name),
-                                          "output_dir": str(out),
-                                          "model": str(student_dir / "tasks" / task.name)})
-            if outputs.is_finished(out):
-                _check_same_options(out, finetune_cfg, root)
-                result = json.loads((out / outputs.METRICS_FILE).read_text())
-            else:
-                result = train(finetune_cfg)
-            summary["finetuned"][task.name] = result["score"]
-        scores = list(summary["finetuned"].values())
-        summary["finetuned_average"] = sum(scores) / len(scores)
-    if state.is_main_process:
-        outputs.write_json_atomic(root / outputs.BAM_SUMMARY_FILE, summary)
-    return summary
+
+def finetune_stage(cfg: BamConfig, tasks: list[TaskSpec], root: Path) -> dict[str, Any]:
+    """--finetune-after: each of the student's task models fine-tuned on its task alone."""
+    single_task = single_task_options(cfg)
+    finetuned = {}
+    for task in tasks:
+        out = root / outputs.BAM_FINETUNED_DIR / task.name
+        finetune_cfg = TrainConfig(**{
+            **single_task, **task_train_options(cfg, task.name), "output_dir": str(out),
+            "model": str(root / outputs.BAM_STUDENT_DIR / "tasks" / task.name)})
+        finetuned[task.name] = _run_or_reuse(out, finetune_cfg, root,
+                                             f"Fine-tuning {task.name}", run_single_task)["score"]
+    scores = list(finetuned.values())
+    return {"finetuned": finetuned, "finetuned_average": sum(scores) / len(scores)}

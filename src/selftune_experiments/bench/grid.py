@@ -133,6 +133,36 @@ PATHS_RELATIVE_TO_GRID = ("data_dir", "teachers_root")
 
 
 def load_grid(path: Path) -> Grid:
+    raw = _read_grid_file(path)
+    variants = raw.get("variants") or {"baseline": {}}
+    if not isinstance(variants, dict):
+        raise SelftuneError(f"{path}: 'variants' maps a name to its options")
+    tasks = parse_tasks(raw["tasks"])
+    task_options = _task_options(path, raw.get("task_options") or {}, tasks)
+    return Grid(
+        name=str(raw.get("name", path.stem)),
+        tasks=tasks,
+        seeds=parse_seeds(raw["seeds"]),
+        variants={name: _with_paths_resolved(path, options)
+                  for name, options in variants.items()},
+        common=_with_paths_resolved(path, raw.get("common")),
+        task_options={task: _with_paths_resolved(path, options)
+                      for task, options in task_options.items()},
+        results=_grid_path(path, raw.get("results"), "results")
+        or path.with_name(f"{path.stem}.results.jsonl"),
+        runs_dir=_grid_path(path, raw.get("runs_dir"), "runs_dir"),
+        timings_from=[_grid_path(path, p, "timings_from")
+                      for p in _as_list(raw.get("timings_from"))],
+    )
+
+
+GRID_KEYS = {"name", "tasks", "seeds", "variants", "common", "task_options", "results",
+             "runs_dir", "timings_from"}
+
+
+def _read_grid_file(path: Path) -> dict:
+    """The grid file's mapping (YAML, TOML or JSON; a key given twice refused), its keys
+    checked."""
     if not path.is_file():
         raise SelftuneError(f"grid file not found: {path}")
     text = path.read_text()
@@ -152,55 +182,41 @@ def load_grid(path: Path) -> Grid:
         raise SelftuneError(f"{path}: cannot parse the grid ({err})") from None
     if not isinstance(raw, dict):
         raise SelftuneError(f"{path}: a grid is a mapping with tasks, seeds and variants")
-    known = {"name", "tasks", "seeds", "variants", "common", "task_options", "results",
-             "runs_dir", "timings_from"}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - GRID_KEYS)
     if unknown:
-        raise SelftuneError(f"{path}: unknown grid key(s) {unknown}; known: {sorted(known)}")
+        raise SelftuneError(f"{path}: unknown grid key(s) {unknown}; known: {sorted(GRID_KEYS)}")
     for key in ("tasks", "seeds"):
         if key not in raw:
             raise SelftuneError(f"{path}: the grid needs '{key}'")
-    base = path.parent
+    return raw
 
-    def rel(value: str | None, key: str = "a path") -> Path | None:
-        if value is not None and not isinstance(value, str):
-            raise SelftuneError(f"{path}: {key} is a path, not {value!r}")
-        return None if value is None else (base / value).resolve()
 
-    def with_paths_resolved(options: dict | None) -> dict:
-        if options is not None and not isinstance(options, dict):
-            raise SelftuneError(f"{path}: options are a mapping of option names to values, "
-                                f"not {options!r}")
-        options = dict(options or {})
-        for key in PATHS_RELATIVE_TO_GRID:
-            if isinstance(options.get(key), str):
-                options[key] = str(rel(options[key]))
-        return options
+def _grid_path(grid: Path, value: str | None, key: str = "a path") -> Path | None:
+    """A path given in the grid file, relative to the file's folder."""
+    if value is not None and not isinstance(value, str):
+        raise SelftuneError(f"{grid}: {key} is a path, not {value!r}")
+    return None if value is None else (grid.parent / value).resolve()
 
-    variants = raw.get("variants") or {"baseline": {}}
-    if not isinstance(variants, dict):
-        raise SelftuneError(f"{path}: 'variants' maps a name to its options")
-    task_options = raw.get("task_options") or {}
-    tasks = parse_tasks(raw["tasks"])
+
+def _with_paths_resolved(grid: Path, options: dict | None) -> dict:
+    if options is not None and not isinstance(options, dict):
+        raise SelftuneError(f"{grid}: options are a mapping of option names to values, "
+                            f"not {options!r}")
+    options = dict(options or {})
+    for key in PATHS_RELATIVE_TO_GRID:
+        if isinstance(options.get(key), str):
+            options[key] = str(_grid_path(grid, options[key]))
+    return options
+
+
+def _task_options(grid: Path, task_options: Any, tasks: list[str]) -> dict:
     if not isinstance(task_options, dict):
-        raise SelftuneError(f"{path}: 'task_options' maps a task to its options")
+        raise SelftuneError(f"{grid}: 'task_options' maps a task to its options")
     strays = sorted(set(task_options) - set(tasks))
     if strays:  # e.g. a misspelt task: its options would silently apply to nothing
-        raise SelftuneError(f"{path}: task_options for {strays}, which are not among the "
+        raise SelftuneError(f"{grid}: task_options for {strays}, which are not among the "
                             f"tasks {tasks}")
-    return Grid(
-        name=str(raw.get("name", path.stem)),
-        tasks=tasks,
-        seeds=parse_seeds(raw["seeds"]),
-        variants={name: with_paths_resolved(options) for name, options in variants.items()},
-        common=with_paths_resolved(raw.get("common")),
-        task_options={task: with_paths_resolved(options)
-                      for task, options in task_options.items()},
-        results=rel(raw.get("results"), "results")
-        or path.with_name(f"{path.stem}.results.jsonl"),
-        runs_dir=rel(raw.get("runs_dir"), "runs_dir"),
-        timings_from=[rel(p, "timings_from") for p in _as_list(raw.get("timings_from"))],
-    )
+    return task_options
 
 
 class _DuplicateKey(Exception):

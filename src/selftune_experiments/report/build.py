@@ -54,24 +54,9 @@ def build_report(
     """
     require_matplotlib("selftune report")
     runs, dup_problems = dedupe(_coerce(records))
-    if not runs:
-        raise SelftuneError("no runs to report; run the benchmark first or check the results file")
-    grid = RunGrid(runs, baseline)
-    if baseline is not None and baseline not in grid.variants:
-        raise SelftuneError(
-            f"baseline variant '{baseline}' is not in the results; variants found: "
-            f"{', '.join(grid.variants)}: pass one of them as the baseline"
-        )
+    grid = _run_grid(runs, baseline)
     all_problems = [*problems, *dup_problems, *grid.warnings]
-
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SelftuneError(
-            f"cannot create report folder {out_dir}: {exc.strerror}; choose another output folder"
-        ) from None
-
+    out_dir = _report_folder(Path(out_dir))
     has_history = any(r.history for r in runs)
     sections = [
         header_section(grid, all_problems, source, alpha),
@@ -96,6 +81,28 @@ def build_report(
         curves.unlink(missing_ok=True)
     (out_dir / "report.md").write_text(markdown, encoding="utf-8")
     return markdown
+
+
+def _run_grid(runs: list[RunRecord], baseline: str | None) -> RunGrid:
+    if not runs:
+        raise SelftuneError("no runs to report; run the benchmark first or check the results file")
+    grid = RunGrid(runs, baseline)
+    if baseline is not None and baseline not in grid.variants:
+        raise SelftuneError(
+            f"baseline variant '{baseline}' is not in the results; variants found: "
+            f"{', '.join(grid.variants)}: pass one of them as the baseline"
+        )
+    return grid
+
+
+def _report_folder(out_dir: Path) -> Path:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SelftuneError(
+            f"cannot create report folder {out_dir}: {exc.strerror}; choose another output folder"
+        ) from None
+    return out_dir
 
 
 def write_report(

@@ -207,14 +207,9 @@ def _seed_averages(grid: RunGrid, variant: str, tasks: Sequence[str]) -> dict[in
 
 
 def across_tasks_section(grid: RunGrid, alpha: float) -> str:
-    n_tasks = len(grid.tasks)
-    task_means: dict[str, dict[str, float]] = {}
-    for variant in grid.variants:
-        task_means[variant] = {
-            t: summarize(grid.scores(t, variant).values())[0]
-            for t in grid.tasks
-            if grid.cell(t, variant)
-        }
+    task_means = {variant: {t: summarize(grid.scores(t, variant).values())[0]
+                            for t in grid.tasks if grid.cell(t, variant)}
+                  for variant in grid.variants}
     base_means = task_means.get(grid.baseline, {}) if grid.baseline else {}
     header = ["variant", "tasks", "mean score"]
     if base_means:
@@ -231,46 +226,53 @@ def across_tasks_section(grid: RunGrid, alpha: float) -> str:
                                            _seed_averages(grid, variant, shared), alpha)
     holm = holm_by_key(comparisons)
     rows = []
-    incomplete = False
     for variant in grid.variants:
-        means = task_means[variant]
-        tasks_cell = f"{len(means)}/{n_tasks}"
-        if len(means) < n_tasks:
-            incomplete = True
-            missing = [t for t in grid.tasks if t not in means]
-            tasks_cell += f" † (missing: {', '.join(missing)})"
-        row: list[Any] = [variant, tasks_cell, fmt(float(np.mean(list(means.values()))))]
+        row = _across_tasks_cells(grid, variant, task_means[variant])
         if base_means:
-            if variant not in comparisons:
-                row += [DASH] * 6 + ["baseline" if variant == grid.baseline else "no shared task"]
-            else:
-                shared = shared_tasks[variant]
-                d = float(np.mean([means[t] - base_means[t] for t in shared]))
-                c = comparisons[variant]
-                row += [f"{fmt_delta(d)} ({len(shared)} task(s))",
-                        c.n_pairs if c.kind == "paired" else DASH, fmt_comparison_delta(c),
-                        fmt_p(c.t_p), fmt_p(c.mannwhitney_p), fmt_p(holm[variant]),
-                        verdict_text(c, holm_p=holm[variant])]
+            row += _across_tasks_delta(grid, variant, task_means[variant], base_means,
+                                       shared_tasks, comparisons, holm)
         rows.append(row)
-    parts = [
-        "## Mean across tasks",
-        "",
-        "Per variant, the mean over tasks of its per-task mean score, over the tasks where it "
-        "has runs.",
-    ]
+    incomplete = any(len(means) < len(grid.tasks) for means in task_means.values())
+    return "\n".join([_across_tasks_intro(incomplete, bool(base_means)), "",
+                      md_table(header, rows)])
+
+
+def _across_tasks_cells(grid: RunGrid, variant: str, means: dict[str, float]) -> list[Any]:
+    """A variant's name, the tasks its mean covers, and that mean."""
+    tasks_cell = f"{len(means)}/{len(grid.tasks)}"
+    if len(means) < len(grid.tasks):
+        missing = [t for t in grid.tasks if t not in means]
+        tasks_cell += f" † (missing: {', '.join(missing)})"
+    return [variant, tasks_cell, fmt(float(np.mean(list(means.values()))))]
+
+
+def _across_tasks_delta(grid: RunGrid, variant: str, means: dict[str, float],
+                        base_means: dict[str, float], shared_tasks: dict[str, list[str]],
+                        comparisons: dict[str, Comparison],
+                        holm: dict[str, float | None]) -> list[Any]:
+    """A variant's difference from the baseline, and the test of it."""
+    if variant not in comparisons:
+        return [DASH] * 6 + ["baseline" if variant == grid.baseline else "no shared task"]
+    shared = shared_tasks[variant]
+    d = float(np.mean([means[t] - base_means[t] for t in shared]))
+    c = comparisons[variant]
+    return [f"{fmt_delta(d)} ({len(shared)} task(s))",
+            c.n_pairs if c.kind == "paired" else DASH, fmt_comparison_delta(c),
+            fmt_p(c.t_p), fmt_p(c.mannwhitney_p), fmt_p(holm[variant]),
+            verdict_text(c, holm_p=holm[variant])]
+
+
+def _across_tasks_intro(incomplete: bool, with_baseline: bool) -> str:
+    text = ("## Mean across tasks\n\nPer variant, the mean over tasks of its per-task mean "
+            "score, over the tasks where it has runs.")
     if incomplete:
-        parts[-1] += (
-            " † marks a variant missing some tasks: its mean covers other tasks than the rest "
-            "and is not directly comparable."
-        )
-    if base_means:
-        parts[-1] += (
-            " The Δ columns compare with the baseline on the tasks both have: first the "
-            "difference of the means above, then a test of it: per seed, the average over "
-            "those tasks, paired on the seeds where both variants ran every one of them."
-        )
-    parts += ["", md_table(header, rows)]
-    return "\n".join(parts)
+        text += (" † marks a variant missing some tasks: its mean covers other tasks than the "
+                 "rest and is not directly comparable.")
+    if with_baseline:
+        text += (" The Δ columns compare with the baseline on the tasks both have: first the "
+                 "difference of the means above, then a test of it: per seed, the average over "
+                 "those tasks, paired on the seeds where both variants ran every one of them.")
+    return text
 
 
 def cost_section(grid: RunGrid) -> str:
@@ -303,6 +305,11 @@ def cost_section(grid: RunGrid) -> str:
 
     header = ["task", "variant", *(["setting"] if several else []), "runs", "wall time (s)",
               "train examples/s", "peak memory (MB)", "wall time ÷ baseline"]
+    return "\n\n".join([*parts, md_table(header, _cost_rows(grid, several))])
+
+
+def _cost_rows(grid: RunGrid, several: bool) -> list[list[Any]]:
+    """A row per task, variant and setting (``several``: a column naming the setting)."""
     rows = []
     for task in grid.tasks:
         base_runs = [r for r in grid.cell(task, grid.baseline).values() if not r.resumed] \
@@ -332,7 +339,7 @@ def cost_section(grid: RunGrid) -> str:
                     fmt(_mean_or_nan(_finite(r.peak_memory_mb for r in runs)), 0),
                     ratio,
                 ])
-    return "\n\n".join([*parts, md_table(header, rows)])
+    return rows
 
 
 def _runs(n: int) -> str:
