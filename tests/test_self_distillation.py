@@ -81,6 +81,12 @@ def test_k1_sda_teacher_is_the_previous_student():
         assert not states_equal(float_state(objective.teacher.model), float_state(model))
 
 
+@pytest.mark.parametrize("lam", [-0.5, float("nan")])
+def test_a_negative_or_nan_lambda_is_refused_when_the_objective_is_built(lam):
+    with pytest.raises(ValueError, match="non-negative"):
+        SelfDistillation.for_strategy(tiny_classifier(), kind="sda", k=1, lam=lam)
+
+
 def test_sda_teacher_averages_the_k_states_before_the_student():
     model = tiny_classifier()
     objective = SelfDistillation.for_strategy(model, kind="sda", k=3)

@@ -42,6 +42,9 @@ class SelfDistillation:
 
     def __init__(self, teacher: PastTeacher, lam: float = 1.0,
                  is_regression: bool = False) -> None:
+        # Checked once here for Python callers; the command line refuses it earlier, in words.
+        if not lam >= 0:
+            raise ValueError(f"lam must be a non-negative number, not {lam!r}")
         self.teacher = teacher
         self.lam = lam  # weight λ of the distillation term
         self.is_regression = is_regression
