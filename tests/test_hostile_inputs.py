@@ -848,3 +848,73 @@ def test_bam_options_out_of_range_are_refused_before_any_folder(capsys, tmp_path
                            "--teacher-epochs", "inf", "--output-dir", str(out))
     assert_one_line_error(code, err, "--teacher-epochs must be a finite number")
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Under torchrun: one line from the first process, exit status 2 on every process
+
+_ports = iter(range(31000 + os.getpid() % 500, 65000))
+
+
+def torchrun(argv: list[str], log_dir: Path, timeout: int = 300) -> tuple[str, list[str]]:
+    """Run ``selftune`` under ``torchrun --nproc-per-node 2``: the launcher's own output, and
+    each process's stderr (0, 1), kept apart by torchrun's --redirects."""
+    import re
+    import signal
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", str(next(_ports)), "--log-dir", str(log_dir), "--redirects", "3",
+         "-m", "selftune", *argv],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        start_new_session=True)
+    try:
+        launcher, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hang: kill the launcher and every process it started
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"hung for {timeout} s: {proc.communicate()[0][-3000:]}") from None
+    exit_codes = [int(code) for code in re.findall(r"exitcode\s*:\s*(-?\d+) \(pid", launcher)]
+    assert sorted(exit_codes) == [2, 2], launcher[-3000:]  # each process exited with 2
+    stderr = [(next(log_dir.rglob(f"attempt_0/{rank}/stderr.log"))).read_text()
+              for rank in (0, 1)]
+    return launcher, stderr
+
+
+def _users_folder(tmp_path: Path) -> Path:
+    own = tmp_path / "mine"
+    (own / "checkpoints").mkdir(parents=True)
+    (own / "checkpoints" / "best.pt").write_bytes(b"my weights")
+    return own
+
+
+TORCHRUN_ERRORS = {
+    "bad-option-value": (["--num-train-epochs", "inf"], "--num-train-epochs must be a finite"),
+    "missing-file": (["--train-file", "no-such.csv"], "no-such.csv"),
+    "refused-folder": (["--output-dir", "{mine}"], "is not a selftune run folder"),
+    # argparse's: its usage line (pointing at --help), then the error.
+    "not-a-number": (["--learning-rate", "fast"], "invalid float value: 'fast'"),
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("extra,message", TORCHRUN_ERRORS.values(), ids=TORCHRUN_ERRORS.keys())
+def test_a_user_error_under_torchrun_is_one_line_and_exit_2_on_every_process(
+        tmp_path, tiny_model, sentiment_files, extra, message):
+    own = _users_folder(tmp_path)
+    before = snapshot(tmp_path)
+    out = tmp_path / "run"
+    argv = train_argv(tiny_model, sentiment_files, out,
+                      *[value.format(mine=own) for value in extra])
+    launcher, (first, second) = torchrun(argv, tmp_path / "logs")
+    assert second == "", second  # the other process is silent
+    assert "Traceback" not in first
+    if "invalid" not in message:
+        assert first.startswith("selftune: error: ") and message in first, first
+        assert first.strip().count("\n") == 0, first
+    else:
+        assert first.startswith("usage: selftune train [options]; see") and message in first
+        assert first.strip().count("\n") == 1, first
+    assert not out.exists()
+    assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("logs/")} == before
