@@ -176,7 +176,8 @@ def main() -> None:
         if resumed.returncode == 0:
             problem = same_as_reference(out, reference)
             metrics = json.loads((out / "metrics.json").read_text())
-            how = f"resumed from {Path(metrics['resumed_from'] or 'nothing').name}"
+            how = (f"resumed from {Path(metrics['resumed_from']).name}" if metrics["resumed_from"]
+                   else "started over (no complete checkpoint)")
         else:
             problem = one_line_error(resumed, target.relative_to(out).as_posix()) if target \
                 else f"exit {resumed.returncode}"
