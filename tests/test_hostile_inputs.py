@@ -280,11 +280,14 @@ def test_overwrite_refuses_a_recipe_folder_with_a_users_file_in_a_stage(capsys, 
     (root / outputs.MARKER_FILE).write_text("{}")
     (stage / outputs.RUN_CONFIG_FILE).write_text("{}")
     (stage / "notes.txt").write_text("mine")
+    (stage / "train_predictions.jsonl").write_text("{}\n")  # the teacher's cache: its own
     before = snapshot(root)
     code, _, err = run_cli(capsys, "bam", "--tasks", "rte,mrpc", "--teachers", "none",
                            "--data-dir", str(glue_dir), "--model", str(tiny_model),
                            "--output-dir", str(root), "--overwrite-output-dir")
-    assert_one_line_error(code, err, "teachers/rte/notes.txt", "which its run did not write")
+    line = assert_one_line_error(code, err, "teachers/rte/notes.txt",
+                                 "which its run did not write")
+    assert "train_predictions" not in line
     assert {k: v for k, v in snapshot(root).items() if k != outputs.LOCK_FILE} == before
 
 

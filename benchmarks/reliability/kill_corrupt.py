@@ -1,19 +1,21 @@
 """Kill `selftune train` at a random moment, corrupt its newest checkpoint at random, resume.
 
-Each trial starts the same short run (a tiny random BERT, sda, checkpoints every few steps),
-SIGKILLs it at a random moment once its first checkpoint exists, then damages one file of the
-newest checkpoint (truncated to a random length, a few bytes flipped, or deleted; the file and
-the damage drawn at random) and runs the same command again. A trial passes when the run
-either
+Each trial starts the same short run (a tiny random BERT, sda, 160 steps, a checkpoint every
+10), SIGKILLs it at a random moment while it trains (a random part of the time between two
+checkpoints after one drawn at random has begun: mid-save kills included), then damages one
+file of the newest checkpoint (truncated to a random length, a few bytes flipped, or deleted;
+the file and the damage drawn at random) and runs the same command again. A trial passes when
+the run either
 
 - ends identical to an uninterrupted run of the same options (dev metrics equal, every tensor
   of the student and of the sda teacher bit-identical), or
-- stops with exit status 2 and one line ``selftune: error: ...`` naming the damaged checkpoint,
-  no traceback, and the fix that line gives (``--no-resume``) then ends identical too.
+- stops with exit status 2 and one line ``selftune: error: ...`` naming the damaged file, no
+  traceback, and the fix that line gives (``--no-resume``) then ends identical too.
 
 Prints one line per trial and the count of passing trials. Everything is drawn from one
-master seed (``--seed``), so a rerun draws the same kills and damages (the kill lands at the
-same delay, not necessarily at the same training step: the machine decides how far it got).
+master seed (``--seed``), so a rerun draws the same kills and damages (a kill lands at the
+same delay after the same checkpoint, not necessarily at the same step: the machine decides
+how far the run got; a run that finished before its kill is drawn again).
 
     OMP_NUM_THREADS=1 python benchmarks/reliability/kill_corrupt.py --trials 20 --seed 0
 """
@@ -51,13 +53,15 @@ def train_command(inputs: tuple[Path, Path, Path], out: Path, *extra: str) -> li
             "--validation-file", str(dev), "--model", str(model), "--output-dir", str(out),
             "--strategy", "sda", "--seed", "1", "--num-train-epochs", "2",
             "--per-device-train-batch-size", "8", "--learning-rate", "1e-3",
-            "--save-steps", "10", *extra]
+            "--save-steps", str(SAVE_STEPS), *extra]
 
 
 def run(command: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, env=ENV)
 
 
+STEPS, SAVE_STEPS = 160, 10  # 640 examples, batches of 8, two epochs
+CHECKPOINTS = STEPS // SAVE_STEPS
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
        "TOKENIZERS_PARALLELISM": "false"}
 
@@ -83,6 +87,10 @@ def same_as_reference(out: Path, reference: Path) -> str | None:
         if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
             return f"{part or 'student'} weights differ"
     return None
+
+
+def step_of(checkpoint: Path | None) -> int:
+    return int(checkpoint.name[11:]) if checkpoint else 0
 
 
 def newest_checkpoint(out: Path) -> Path | None:
@@ -146,30 +154,38 @@ def main() -> None:
     first_checkpoint = time.time()
     while child.poll() is None and not (reference / "metrics.json").is_file():
         time.sleep(0.05)
-    # Kills drawn up to 90% of the time from the first checkpoint to metrics.json (the run
-    # finished): while training.
-    max_delay = 0.9 * (time.time() - first_checkpoint)
     _, stderr = child.communicate()
     assert child.returncode == 0, stderr[-2000:]
+    # The time between two checkpoints, roughly (the first checkpoint to the end is
+    # CHECKPOINTS of them: the others, then the last steps and the final evaluation).
+    interval = (time.time() - first_checkpoint) / CHECKPOINTS
     print(f"uninterrupted run: {time.time() - started:.1f}s, "
           f"{json.loads((reference / 'metrics.json').read_text())['global_steps']} steps, "
-          f"the first checkpoint after {first_checkpoint - started:.1f}s; kills drawn from "
-          f"[0s, {max_delay:.1f}s] after it", flush=True)
+          f"a checkpoint every {SAVE_STEPS} steps (~{interval:.2f}s apart)", flush=True)
 
     passed = 0
     for trial in range(1, args.trials + 1):
         out = work / f"trial-{trial}"
-        delay = rng.uniform(0.0, max_delay)
-        child = subprocess.Popen(train_command(inputs, out), stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL, env=ENV)
-        # Kill only once a checkpoint exists: there is something to corrupt.
-        while child.poll() is None and newest_checkpoint(out) is None:
-            time.sleep(0.05)
-        time.sleep(delay)
-        killed = child.poll() is None
-        if killed:
-            child.send_signal(signal.SIGKILL)
-        child.wait()
+        for _attempt in range(3):  # a run that finished before its kill is drawn again
+            shutil.rmtree(out, ignore_errors=True)
+            # A random moment while training: after a checkpoint drawn at random has begun,
+            # a random part of the time to the next one (a kill mid-save included).
+            after = SAVE_STEPS * rng.randint(1, CHECKPOINTS - 1)
+            delay = rng.uniform(0.0, interval)
+            child = subprocess.Popen(train_command(inputs, out), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, env=ENV)
+            while child.poll() is None and step_of(newest_checkpoint(out)) < after:
+                time.sleep(0.02)
+            time.sleep(delay)
+            killed = child.poll() is None and not (out / "metrics.json").is_file()
+            if child.poll() is None:
+                child.send_signal(signal.SIGKILL)
+            child.wait()
+            if killed:
+                break
+        if not killed:
+            print(f"trial {trial}: the run finished before every kill drawn: FAIL", flush=True)
+            continue
         checkpoint = newest_checkpoint(out)
         target, damaged = damage(checkpoint, rng) if checkpoint else (None, "nothing to damage")
         resumed = run(train_command(inputs, out))
@@ -189,8 +205,7 @@ def main() -> None:
                            else f"--no-resume failed: {fixed.stderr[-500:]}")
                 how += "; with --no-resume"
         passed += problem is None
-        state = "killed" if killed else "had finished"
-        print(f"trial {trial}: {state} {delay:.2f}s after the first checkpoint; {damaged}; "
+        print(f"trial {trial}: killed {delay:.2f}s after checkpoint-{after} began; {damaged}; "
               f"{how}: {'PASS' if problem is None else 'FAIL (' + problem + ')'}", flush=True)
     print(f"{passed}/{args.trials} trials ended identical to the uninterrupted run or stopped "
           "with one line naming the damaged file (and then ended identical with its fix)")

@@ -381,6 +381,11 @@ MODEL_FOLDER_FILES = ("config.json", "generation_config.json", "model*.safetenso
                       "training_args.bin", "teacher", "tasks", "diagnostics.json")
 
 
+# Written into a finished run's folder after its manifest: a teacher's cached predictions for
+# its BAM! students (by `selftune bam` and `selftune bench`).
+WRITTEN_AFTER_THE_RUN = ("train_predictions*.jsonl",)
+
+
 def foreign_entries(folder: Path) -> list[str]:
     """The entries at the top of run folder ``folder`` its run did not write (a file the user
     put there): by its manifest when the run finished; by the names runs write otherwise.
@@ -404,8 +409,9 @@ def foreign_entries(folder: Path) -> list[str]:
             elif entry.is_dir() and name == BAM_STUDENT_DIR and is_run_folder(entry):
                 foreign += [f"{name}/{inner}" for inner in foreign_entries(entry)]
             continue
-        if listed is None and any(fnmatch.fnmatch(name, pattern)
-                                  for pattern in MODEL_FOLDER_FILES):
+        if any(fnmatch.fnmatch(name, pattern) for pattern in WRITTEN_AFTER_THE_RUN) or (
+                listed is None and any(fnmatch.fnmatch(name, pattern)
+                                       for pattern in MODEL_FOLDER_FILES)):
             continue
         foreign.append(name)
     return foreign
