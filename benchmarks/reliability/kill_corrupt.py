@@ -93,8 +93,9 @@ def step_of(checkpoint: Path | None) -> int:
     return int(checkpoint.name[11:]) if checkpoint else 0
 
 
-def newest_checkpoint(out: Path) -> Path | None:
-    found = [p for p in (out / "checkpoints").glob("checkpoint-*") if p.name[11:].isdigit()]
+def newest_checkpoint(out: Path, holding_files: bool = False) -> Path | None:
+    found = [p for p in (out / "checkpoints").glob("checkpoint-*") if p.name[11:].isdigit()
+             and (not holding_files or any(f.is_file() for f in p.rglob("*")))]
     return max(found, key=lambda p: int(p.name[11:]), default=None)
 
 
@@ -186,7 +187,9 @@ def main() -> None:
         if not killed:
             print(f"trial {trial}: the run finished before every kill drawn: FAIL", flush=True)
             continue
-        checkpoint = newest_checkpoint(out)
+        # (A kill right after a checkpoint's folder was made leaves it empty: the newest one
+        # holding a file is damaged then.)
+        checkpoint = newest_checkpoint(out, holding_files=True)
         target, damaged = damage(checkpoint, rng) if checkpoint else (None, "nothing to damage")
         resumed = run(train_command(inputs, out))
         if resumed.returncode == 0:
