@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import functools
 import json
 import os
@@ -37,6 +38,7 @@ from typing import IO, Any
 from selftune.config import NOT_HASHED
 from selftune.errors import SelftuneError
 from selftune.files import LOCK_FILE, write_json_atomic  # noqa: F401 (re-exported)
+from selftune.integrity import MANIFEST_FILE, read_manifest
 
 METRICS_FILE = "metrics.json"
 RUN_CONFIG_FILE = "run_config.json"
@@ -227,10 +229,17 @@ def check_same_data(folder: Path, fingerprint: str | None) -> None:
 
 
 def check_not_locked(output_dir: Path) -> None:
-    """Stop at once when another process is writing ``output_dir``."""
-    if (output_dir / LOCK_FILE).is_file() and output_dir.resolve() not in _HELD_LOCKS:
-        lock = acquire_run_lock(output_dir)
-        release_run_lock(output_dir, lock)
+    """Stop at once when another process is writing ``output_dir``. (A shared lock, taken and
+    dropped: the processes of one torchrun job, all checking at once, never stop each other.)"""
+    if not (output_dir / LOCK_FILE).is_file() or output_dir.resolve() in _HELD_LOCKS:
+        return
+    with open(output_dir / LOCK_FILE) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock.read().strip() or "another process"
+            raise SelftuneError(f"{output_dir} is being written by another run ({holder}); "
+                                "wait for it to end or choose another --output-dir") from None
 
 
 def acquire_run_lock(output_dir: Path) -> IO:
@@ -335,11 +344,14 @@ def _resumable(output_dir: Path, config: dict[str, Any], defaults: dict[str, Any
 def remove_run_dir(output_dir: Path, keep: tuple[str, ...] = ()) -> None:
     """Delete a run folder's content for --overwrite-output-dir, but only of a folder selftune
     made for a run (or an empty one): pointed by mistake at a folder of the user's own (".",
-    a home folder, a dataset), the option must not wipe it. Entries named in ``keep`` stay, and
-    so does the lock file and (when held, or kept) the folder itself."""
+    a home folder, a dataset), the option must not wipe it. Only what the run wrote goes: a
+    file the user put into the run folder makes the overwrite stop, naming it, before anything
+    is deleted. Entries named in ``keep`` stay, and so does the lock file and (when held, or
+    kept) the folder itself."""
     if not output_dir.exists():
         return
     check_selftune_folder(output_dir, "delete it")
+    check_only_run_files(output_dir, keep)
     keep = (*keep, LOCK_FILE)
     if not any((output_dir / name).exists() for name in keep):
         shutil.rmtree(output_dir)
@@ -351,6 +363,70 @@ def remove_run_dir(output_dir: Path, keep: tuple[str, ...] = ()) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
+
+
+# What a run writes at the top of its folder besides the files its final manifest lists: the
+# folder's bookkeeping, its work in progress (checkpoints), and the parts of a recipe.
+RUN_ENTRIES = frozenset({
+    MARKER_FILE, LOCK_FILE, MANIFEST_FILE, RUN_CONFIG_FILE, LOG_FILE, METRICS_FILE,
+    CHECKPOINTS, BENCH_RUN_FILE, BAM_SUMMARY_FILE, BAM_STUDENT_DIR, BAM_TEACHERS_DIR,
+    BAM_FINETUNED_DIR})
+# What an unfinished run (no manifest yet) may also have written: the files of a saved model
+# folder (transformers' save_pretrained, the tokenizer, the model card, the Trainer's results),
+# the sda teacher and a multi-task student's per-task models.
+MODEL_FOLDER_FILES = ("config.json", "generation_config.json", "model*.safetensors",
+                      "model.safetensors.index.json", "cls_stats.safetensors",
+                      "snapshots.safetensors", "cls_norm", "tokenizer*", "special_tokens_map.json",
+                      "vocab.*", "merges.txt", "added_tokens.json", "*.model",
+                      "chat_template.jinja", "README.md", "*_results.json", "trainer_state.json",
+                      "training_args.bin", "teacher", "tasks", "diagnostics.json")
+
+
+# Written into a finished run's folder after its manifest: a teacher's cached predictions for
+# its BAM! students (by `selftune bam` and `selftune bench`).
+WRITTEN_AFTER_THE_RUN = ("train_predictions*.jsonl",)
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """The entries at the top of run folder ``folder`` its run did not write (a file the user
+    put there): by its manifest when the run finished; by the names runs write otherwise.
+    Folders of runs inside it (a recipe's stages) are looked into the same way."""
+    try:
+        listed = read_manifest(folder)
+    except (OSError, ValueError):
+        listed = None
+    ours = {name.split("/", 1)[0] for name in listed} if listed is not None else set()
+    foreign = []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        name = entry.name
+        temporary = name.startswith(".") and name.endswith(".tmp")
+        if name in RUN_ENTRIES or name in ours or temporary:
+            if entry.is_dir() and name in (BAM_TEACHERS_DIR, BAM_FINETUNED_DIR):
+                foreign += [f"{name}/{stage.name}/{inner}" for stage in sorted(entry.iterdir())
+                            if stage.is_dir() and is_run_folder(stage)
+                            for inner in foreign_entries(stage)]
+                foreign += [f"{name}/{stage.name}" for stage in sorted(entry.iterdir())
+                            if not (stage.is_dir() or stage.name.startswith("."))]
+            elif entry.is_dir() and name == BAM_STUDENT_DIR and is_run_folder(entry):
+                foreign += [f"{name}/{inner}" for inner in foreign_entries(entry)]
+            continue
+        if any(fnmatch.fnmatch(name, pattern) for pattern in WRITTEN_AFTER_THE_RUN) or (
+                listed is None and any(fnmatch.fnmatch(name, pattern)
+                                       for pattern in MODEL_FOLDER_FILES)):
+            continue
+        foreign.append(name)
+    return foreign
+
+
+def check_only_run_files(output_dir: Path, keep: tuple[str, ...] = ()) -> None:
+    """Refuse to delete a run folder holding something its run did not write."""
+    foreign = [name for name in foreign_entries(output_dir) if name not in keep]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
+                                          else "")
+        raise SelftuneError(
+            f"--output-dir {output_dir} holds {shown}, which its run did not write; "
+            "--overwrite-output-dir deletes only a run's own files: move them elsewhere first")
 
 
 def check_selftune_folder(output_dir: Path, action: str) -> None:

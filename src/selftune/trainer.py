@@ -265,11 +265,14 @@ class SelftuneTrainer(Trainer):
                 model.zero_grad(set_to_none=True)
                 return torch.zeros_like(loss)
             from selftune.errors import SelftuneError
+            from selftune.outputs import newest_complete_checkpoint
 
+            kept = newest_complete_checkpoint(Path(self.args.output_dir))
             raise SelftuneError(
                 f"the training loss became {loss.item()} at step {self.state.global_step + 1}; "
                 "lower --learning-rate, check the labels, or pass --nan-policy skip to skip such "
-                "steps (the last checkpoint is kept: rerun to resume)")
+                "steps " + (f"(the last checkpoint, {kept.name}, is kept: rerun to resume)"
+                            if kept else "(no checkpoint was written yet)"))
         return loss
 
     def finish_update(self) -> None:

@@ -92,6 +92,26 @@ def _hub_error(name: str, err: Exception,
     return SelftuneError(f"could not load model {name!r} ({reason}); {remedy}")
 
 
+def check_custom_code(path: Path, trust_remote_code: bool) -> None:
+    """A model folder whose config.json points at code of its own (``auto_map``) loads only
+    with --trust-remote-code: say so, rather than blame the Hub."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(config, dict) and config.get("auto_map") and not trust_remote_code:
+        raise SelftuneError(
+            f"the model in {path} needs its own code (auto_map in its config.json); pass "
+            "--trust-remote-code to run that code, if you trust where the model came from")
+
+
+def label_count(path: Path) -> int | str:
+    try:
+        return len(json.loads((path / "config.json").read_text()).get("id2label") or {})
+    except (OSError, ValueError, AttributeError):
+        return "?"
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -132,6 +152,9 @@ def load_for_training(
             name, config=config, use_safetensors=True, ignore_mismatched_sizes=True,
             trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
+        if Path(name).expanduser().is_dir():
+            check_custom_code(Path(name).expanduser(), trust_remote_code)
+            raise SelftuneError(f"could not load the model in {name}: {err}") from None
         raise _hub_error(name, err) from None
     finally:
         transformers.logging.set_verbosity(verbosity)
@@ -159,7 +182,17 @@ def load_finetuned(path: str, trust_remote_code: bool = False) -> PreTrainedMode
         if not local:
             raise _hub_error(path, err, "no local folder has that name; give a model "
                                         "directory") from None
+        check_custom_code(Path(path).expanduser(), trust_remote_code)
         raise SelftuneError(f"could not load the model in {path}: {err}") from None
+    except RuntimeError as err:
+        # transformers' "size mismatch" report (its details went to the log): most often a
+        # config.json whose label list was edited to another length than the classifier's.
+        if "mismatched_sizes" not in str(err) and "size mismatch" not in str(err):
+            raise
+        raise SelftuneError(
+            f"the weights in {path} do not fit its config.json (a classifier of another size "
+            f"than its {label_count(Path(path).expanduser())} labels in id2label?); restore "
+            "the config.json the model was saved with") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
     # A missing head is drawn at random: its predictions would change from load to load. (The
