@@ -127,6 +127,24 @@ def test_evaluate_metrics_unchanged_by_streaming(request, tmp_path, model_name):
     assert chunked["metrics"] == expected
 
 
+def test_evaluate_a_file_on_a_fixed_subset(tmp_path, tiny_classifier, labelled_file):
+    """--max-eval-samples on a labelled file: the rows a registry task's split would keep."""
+    import random
+
+    rows = varied_rows(40)
+    chosen = sorted(random.Random(0).sample(range(40), 10))
+    subset = write_csv(tmp_path / "subset.csv", ["text", "label"], [rows[i] for i in chosen])
+    sampled = evaluate_model(str(tiny_classifier), DataOptions(
+        validation_file=str(labelled_file), max_eval_samples=10), None, 64, 3, chunk_rows=4)
+    direct = evaluate_model(str(tiny_classifier), DataOptions(validation_file=str(subset)),
+                            None, 64, 3)
+    assert sampled["num_examples"] == 10
+    assert sampled["metrics"] == direct["metrics"] and sampled["score"] == direct["score"]
+    everything = evaluate_model(str(tiny_classifier), DataOptions(
+        validation_file=str(labelled_file), max_eval_samples=40), None, 64, 3)
+    assert everything["num_examples"] == 40
+
+
 # ---- rows are written as they are done; nothing half-written under the final name
 
 
@@ -210,6 +228,30 @@ def test_an_interrupted_predict_leaves_no_file(monkeypatch, tmp_path, tiny_class
                      4, chunk_rows=8)
     assert not out.exists()
     assert leftovers(tmp_path) == []
+
+
+def test_sigterm_mid_stream_leaves_no_file(monkeypatch, capsys, tmp_path, tiny_classifier,
+                                           labelled_file):
+    import os
+    import signal
+
+    out = tmp_path / "p.jsonl"
+    real = evaluation.predict_logits
+    calls = []
+
+    def terminated_on_second_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "predict_logits", terminated_on_second_chunk)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        predict_file(str(tiny_classifier), str(labelled_file), str(out), ("text",), None, 64,
+                     4, chunk_rows=8)
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert not out.exists() and leftovers(tmp_path) == []
 
 
 def test_an_interrupted_predict_keeps_the_previous_output(monkeypatch, capsys, tmp_path,

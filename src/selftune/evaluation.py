@@ -151,6 +151,10 @@ def evaluate_model(
         check_text_count(model_dir, len(opts.text_columns),
                          f"--text-columns {','.join(opts.text_columns)}")
         records = _labelled_records(Path(opts.validation_file), opts, labels)
+        if opts.max_eval_samples is not None:
+            records = _fixed_subset(
+                lambda: _labelled_records(Path(opts.validation_file), opts, labels),
+                opts.max_eval_samples, opts.split_seed)
         split = "validation"
     else:
         data = load_task_data(opts, include_train=False)
@@ -192,6 +196,21 @@ def _labelled_records(path: Path, opts: DataOptions,
                 raise SelftuneError(f"{where}: label {raw!r} is not one of the model's labels "
                                     f"{list(labels)}")
         yield r
+
+
+def _fixed_subset(read: Callable[[], Iterable[Record]], size: int,
+                  seed: int) -> Iterator[Record]:
+    """The rows of a registry task's ``--max-eval-samples`` subset (``loading._subsample``:
+    the same seeded draw of row numbers, in file order), from a file read twice: once to
+    count its rows, once to take them."""
+    import random
+
+    total = sum(1 for _ in read())
+    if size >= total:
+        yield from read()
+        return
+    chosen = set(random.Random(seed).sample(range(total), size))
+    yield from (record for i, record in enumerate(read()) if i in chosen)
 
 
 # Rows tokenized and run at a time by predict and evaluate, rounded to whole batches: the
@@ -359,14 +378,15 @@ def _rows_file(path: Path) -> Iterator[tuple[Callable[[dict[str, Any]], None],
                                              Callable[[], None]]]:
     """A row writer (.jsonl, .csv or .tsv by the extension) and its flush, into a temporary
     file beside ``path`` (whose rows can be watched growing), renamed to ``path`` at the
-    end: never a half-written file under the final name. On any error, KeyboardInterrupt
-    included, the temporary file is removed (only a SIGKILL can leave one, never ``path``)."""
+    end: never a half-written file under the final name. On any error, KeyboardInterrupt and
+    SIGTERM included, the temporary file is removed (only a SIGKILL can leave one, hidden;
+    never ``path``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # The process id makes the name this run's own: two predicts to one file never share it.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     f = open(tmp, "x", newline="")
     try:
-        with f:
+        with f, _sigterm_interrupts():
             yield _row_writer(f, path.suffix.lower()), f.flush
             f.flush()
             os.fsync(f.fileno())
@@ -374,6 +394,28 @@ def _rows_file(path: Path) -> Iterator[tuple[Callable[[dict[str, Any]], None],
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a scheduler's or ``kill``'s stop) raises KeyboardInterrupt for the block, so
+    that it is cleaned up as a Ctrl-C is; as before after it. Only the main thread may set a
+    handler: elsewhere SIGTERM keeps its default."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _row_writer(f: IO[str], suffix: str) -> Callable[[dict[str, Any]], None]:
