@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import itertools
 import json
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,12 +19,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from selftune.data.features import tokenize_records
-from selftune.data.loading import DataOptions, load_task_data
-from selftune.data.readers import Record, label_text, read_user_file, regression_label
+from selftune.data.loading import DataOptions, load_task_data, parse_text_columns
+from selftune.data.readers import Record, iter_user_records, label_text, regression_label
 from selftune.data.tasks import TASKS, TaskSpec, custom_task
 from selftune.errors import SelftuneError
 from selftune.integrity import finite_or_none
-from selftune.metrics import compute_task_metrics
+from selftune.metrics import metrics_from_predictions, predictions_from_logits
 from selftune.models.loading import (
     check_sequence_length,
     load_finetuned,
@@ -37,21 +40,23 @@ logger = logging.getLogger("selftune")
 
 
 def predict_logits(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[Record],
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Sequence[Record],
     max_seq_length: int,
-    batch_size: int, with_labels: bool = False, packing: bool = True,
+    batch_size: int, with_labels: bool = False, packing: bool = True, progress: bool = True,
 ) -> np.ndarray:
     """Logits for ``records`` in eval mode, in batches with dynamic padding (or packed, see
-    ``selftune.models.packed``)."""
+    ``selftune.models.packed``). ``progress=False``: no progress bars (the caller streams
+    chunks and shows its own)."""
     check_sequence_length(max_seq_length, model)
     enable_packing(model, packing)
-    dataset = tokenize_records(records, tokenizer, max_seq_length, with_labels=with_labels)
-    return dataset_logits(model, tokenizer, dataset, batch_size, packing)
+    dataset = tokenize_records(records, tokenizer, max_seq_length, with_labels=with_labels,
+                               progress=progress)
+    return dataset_logits(model, tokenizer, dataset, batch_size, packing, progress=progress)
 
 
 def dataset_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                    dataset: datasets.Dataset, batch_size: int, packing: bool = True,
-                   ) -> np.ndarray:
+                   progress: bool = True) -> np.ndarray:
     """Logits for an already tokenized dataset (eval mode, no_grad, dynamic padding; packed
     rows if ``packing`` and the model's packing is enabled).
 
@@ -68,7 +73,8 @@ def dataset_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     model.eval()
     outputs = []
     with torch.no_grad():
-        for batch in tqdm(loader, desc="Predicting", disable=len(dataset) < 2000):
+        for batch in tqdm(loader, desc="Predicting",
+                          disable=not progress or len(dataset) < 2000):
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
             outputs.append(logits.float().cpu().numpy())
     model.train(was_training)
@@ -126,18 +132,29 @@ def _class_names(names: tuple[str, ...]) -> list[str]:
 def evaluate_model(
     model_dir: str, opts: DataOptions, eval_split: str | None, max_seq_length: int,
     batch_size: int, trust_remote_code: bool = False, packing: bool = True,
-    logits_fn: Callable | None = None,
+    logits_fn: Callable | None = None, *, chunk_rows: int | None = None, progress: bool = True,
 ) -> dict[str, Any]:
     """Metrics (percent) of a saved model on a registry task's dev split or a labelled file.
 
     ``logits_fn(model, tokenizer, records, max_seq_length, batch_size)`` replaces
-    :func:`predict_logits` (e.g. to score an output vote of several states of the model)."""
+    :func:`predict_logits` (e.g. to score an output vote of several states of the model).
+
+    A labelled file is streamed in chunks (see :func:`prediction_chunks`): what is kept of each
+    row is its prediction (a class id or a score) and its label, two numbers, as the metrics
+    (MCC, F1, correlations) need them all at once."""
     model = load_finetuned(model_dir, trust_remote_code)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     labels = model_label_names(model)
+    records: Iterable[Record]
     if opts.validation_file and not opts.train_file:
         task = custom_task(opts.task or "custom", len(opts.text_columns), labels)
-        records = _labelled_file(Path(opts.validation_file), opts, labels)
+        check_text_count(model_dir, len(opts.text_columns),
+                         f"--text-columns {','.join(opts.text_columns)}")
+        records = _labelled_records(Path(opts.validation_file), opts, labels)
+        if opts.max_eval_samples is not None:
+            records = _fixed_subset(
+                lambda: _labelled_records(Path(opts.validation_file), opts, labels),
+                opts.max_eval_samples, opts.split_seed)
         split = "validation"
     else:
         data = load_task_data(opts, include_train=False)
@@ -147,45 +164,170 @@ def evaluate_model(
         if split not in data.eval_splits:
             raise SelftuneError(f"task {task.name} has no split {split!r}; choose one of "
                                 f"{list(data.eval_splits)}")
+        check_text_count(model_dir, task.num_texts, f"task {task.name}")
         records = data.eval_splits[split]
-    if logits_fn is not None:
-        logits = logits_fn(model, tokenizer, records, max_seq_length, batch_size)
-    else:
-        logits = predict_logits(model, tokenizer, records, max_seq_length, batch_size,
-                                packing=packing)
-    gold = np.array([r["label"] for r in records])
-    metrics = compute_task_metrics(task, logits, gold)
+    check_sequence_length(max_seq_length, model)
+    packing = enable_packing(model, packing)  # once: it says why not, if not
+    predictions, gold = [], []
+    for chunk, logits in prediction_chunks(model, tokenizer, records, max_seq_length,
+                                           batch_size, packing, logits_fn, chunk_rows,
+                                           progress, "Evaluating"):
+        predictions.append(predictions_from_logits(task, logits))
+        gold.append(np.array([r["label"] for r in chunk]))
+    metrics = metrics_from_predictions(task, np.concatenate(predictions), np.concatenate(gold))
     score = metrics.pop("score")
     return {"task": task.name, "eval_split": split, "model_dir": model_dir,
-            "num_examples": len(records), "metrics": metrics, "score": score}
+            "num_examples": sum(len(g) for g in gold), "metrics": metrics, "score": score}
 
 
-def _labelled_file(path: Path, opts: DataOptions, labels: tuple[str, ...] | None) -> list[Record]:
-    records = read_user_file(path, opts.text_columns, opts.label_column, opts.id_column)
-    for r in records:
+def _labelled_records(path: Path, opts: DataOptions,
+                      labels: tuple[str, ...] | None) -> Iterator[Record]:
+    for r in iter_user_records(path, opts.text_columns, opts.label_column, opts.id_column):
         where = f"{path} example {r['example_id']}"
         if labels is None:
             r["label"] = regression_label(r["label"], where)
-            continue
-        raw = label_text(r["label"])
-        if raw in labels:
-            r["label"] = labels.index(raw)
-        elif raw.isdigit() and int(raw) < len(labels):
-            r["label"] = int(raw)
         else:
-            raise SelftuneError(f"{where}: label {raw!r} is not one of the model's labels "
-                                f"{list(labels)}")
-    return records
+            raw = label_text(r["label"])
+            if raw in labels:
+                r["label"] = labels.index(raw)
+            elif raw.isdigit() and int(raw) < len(labels):
+                r["label"] = int(raw)
+            else:
+                raise SelftuneError(f"{where}: label {raw!r} is not one of the model's labels "
+                                    f"{list(labels)}")
+        yield r
+
+
+def _fixed_subset(read: Callable[[], Iterable[Record]], size: int,
+                  seed: int) -> Iterator[Record]:
+    """The rows of a registry task's ``--max-eval-samples`` subset (``loading._subsample``:
+    the same seeded draw of row numbers, in file order), from a file read twice: once to
+    count its rows, once to take them."""
+    import random
+
+    total = sum(1 for _ in read())
+    if size >= total:
+        yield from read()
+        return
+    chosen = set(random.Random(seed).sample(range(total), size))
+    yield from (record for i, record in enumerate(read()) if i in chosen)
+
+
+# Rows tokenized and run at a time by predict and evaluate, rounded to whole batches: the
+# memory of a stream is this many rows' tokens and logits, whatever the file's length.
+CHUNK_ROWS = 4096
+
+
+def prediction_chunks(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Iterable[Record],
+    max_seq_length: int, batch_size: int, packing: bool, logits_fn: Callable | None = None,
+    chunk_rows: int | None = None, progress: bool = True, desc: str = "Predicting",
+) -> Iterator[tuple[list[Record], np.ndarray]]:
+    """``(rows, their logits)`` chunk by chunk, reading ``records`` (a list or a stream) only as
+    far as the chunk. A chunk is a whole number of batches, so every batch (and so every
+    logit, padded or packed) is the one a single pass over all rows would have made. One
+    progress bar (stderr) for the stream; it appears only if the stream takes a while."""
+    size = chunk_rows_for(batch_size, chunk_rows)
+    iterator = iter(records)
+    with tqdm(desc=desc, unit=" rows", delay=2, disable=not progress) as bar:
+        while chunk := list(itertools.islice(iterator, size)):
+            if logits_fn is not None:
+                logits = logits_fn(model, tokenizer, chunk, max_seq_length, batch_size)
+            else:
+                logits = predict_logits(model, tokenizer, chunk, max_seq_length, batch_size,
+                                        packing=packing, progress=False)
+            yield chunk, logits
+            bar.update(len(chunk))
+
+
+def chunk_rows_for(batch_size: int, chunk_rows: int | None = None) -> int:
+    """Rows per chunk: ``chunk_rows`` (default :data:`CHUNK_ROWS`) rounded up to whole
+    batches."""
+    wanted = CHUNK_ROWS if chunk_rows is None else chunk_rows
+    return max(1, -(-wanted // batch_size)) * batch_size
+
+
+# ---- does the input have the texts the model was trained on?
+
+# config.json key of an exported model (which carries no run_config.json): 1 text, or 2.
+NUM_TEXTS_KEY = "selftune_num_texts"
+
+
+def trained_num_texts(model_dir: str | Path) -> int | None:
+    """How many texts a row held in the model's training (1, or 2 for sentence pairs), as
+    its folder records it: ``config.json``'s ``selftune_num_texts`` (an exported model), the
+    run's ``run_config.json`` (its task, or its --text-columns), a multi-task run's
+    ``tasks/<task>`` folder, an ensemble's source run. None when the folder does not say (a
+    Hub model, a folder from elsewhere, a Hub dataset run)."""
+    from selftune.outputs import METRICS_FILE, RUN_CONFIG_FILE
+
+    path = Path(model_dir).expanduser()
+    if not path.is_dir():
+        return None
+    recorded = _json_object(path / "config.json").get(NUM_TEXTS_KEY)
+    if recorded in (1, 2):
+        return recorded
+    if (path / RUN_CONFIG_FILE).is_file():
+        return _num_texts_of_run(_json_object(path / RUN_CONFIG_FILE))
+    if path.parent.name == "tasks" and path.name in TASKS:  # a multi-task run's task model
+        return TASKS[path.name].num_texts
+    source = _json_object(path / METRICS_FILE).get("source_run")  # an ensemble
+    if isinstance(source, str) and (Path(source) / RUN_CONFIG_FILE).is_file():
+        return _num_texts_of_run(_json_object(Path(source) / RUN_CONFIG_FILE))
+    return None
+
+
+def _num_texts_of_run(run: dict[str, Any]) -> int | None:
+    if run.get("train_file"):
+        try:
+            return len(parse_text_columns(str(run.get("text_columns") or "text")))
+        except SelftuneError:
+            return None
+    if run.get("dataset_name") or run.get("task") not in TASKS:
+        return None
+    return TASKS[run["task"]].num_texts
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def check_text_count(model_dir: str, given: int, source: str) -> None:
+    """Name a pair/single mismatch between a model and its input. A pair model given one text
+    a row is refused: it was only ever trained to compare two, so its outputs would mean
+    nothing (an entailment with no hypothesis). A single-text model given pairs is warned
+    about: it reads the second text as a second segment it never trained on, which may be
+    meant (a title and a body) but is off the model's training."""
+    trained = trained_num_texts(model_dir)
+    if trained is None or trained == given:
+        return
+    if trained == 2:
+        raise SelftuneError(
+            f"{model_dir} was trained on sentence pairs, but {source} gives one text a row: "
+            "its predictions would mean nothing; give the pair's two columns as "
+            "--text-columns A,B")
+    logger.warning("%s was trained on single texts, but %s gives a sentence pair a row: the "
+                   "second text is read as a segment the model never saw in training, so its "
+                   "predictions may be off (give one text column to use the first alone)",
+                   model_dir, source)
 
 
 def predict_file(
     model_dir: str, input_file: str, output_file: str, text_columns: tuple[str, ...],
     id_column: str | None, max_seq_length: int, batch_size: int,
-    trust_remote_code: bool = False, packing: bool = True,
+    trust_remote_code: bool = False, packing: bool = True, *, chunk_rows: int | None = None,
+    progress: bool = True,
 ) -> int:
     """Write predicted labels (and class probabilities) for every row of ``input_file``.
 
-    The output format follows the output file's extension: .jsonl, .csv or .tsv.
+    The output format follows the output file's extension: .jsonl, .csv or .tsv. The file is
+    streamed: read, tokenized, run and written ``chunk_rows`` rows at a time (memory does not
+    grow with its length), into a temporary file beside the output that is renamed to it once
+    every row is written; an error or an interruption removes it.
     """
     out_path = Path(output_file)
     if out_path.suffix.lower() not in (".jsonl", ".csv", ".tsv"):
@@ -197,21 +339,32 @@ def predict_file(
     model = load_finetuned(model_dir, trust_remote_code)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     labels = model_label_names(model)
-    records = read_user_file(Path(input_file), text_columns, None, id_column)
-    logits = predict_logits(model, tokenizer, records, max_seq_length, batch_size,
-                            packing=packing)
-    rows = []
-    for record, row_logits in zip(records, logits, strict=True):
-        row: dict[str, Any] = {"example_id": record["example_id"]}
-        if labels is None:
-            row["prediction"] = float(row_logits[0])
-        else:
-            probs = torch.softmax(torch.from_numpy(row_logits), dim=-1).numpy()
-            row["label"] = labels[int(probs.argmax())]
-            row.update({f"prob_{name}": float(p) for name, p in zip(labels, probs, strict=True)})
-        rows.append(row)
-    _write_rows(out_path, rows)
-    return len(rows)
+    check_text_count(model_dir, len(text_columns), f"--text-columns {','.join(text_columns)}")
+    check_sequence_length(max_seq_length, model)
+    packing = enable_packing(model, packing)  # once: it says why not, if not
+    records = iter_user_records(Path(input_file), text_columns, None, id_column)
+    count = 0
+    with _rows_file(out_path) as (write_row, flush):
+        for chunk, logits in prediction_chunks(model, tokenizer, records, max_seq_length,
+                                               batch_size, packing, chunk_rows=chunk_rows,
+                                               progress=progress):
+            for record, row_logits in zip(chunk, logits, strict=True):
+                write_row(_prediction_row(record, row_logits, labels))
+            flush()  # the chunk's rows are in the (temporary) file now
+            count += len(chunk)
+    return count
+
+
+def _prediction_row(record: Record, row_logits: np.ndarray,
+                    labels: tuple[str, ...] | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"example_id": record["example_id"]}
+    if labels is None:
+        row["prediction"] = float(row_logits[0])
+    else:
+        probs = torch.softmax(torch.from_numpy(row_logits), dim=-1).numpy()
+        row["label"] = labels[int(probs.argmax())]
+        row.update({f"prob_{name}": float(p) for name, p in zip(labels, probs, strict=True)})
+    return row
 
 
 def check_output_file(path: Path) -> None:
@@ -220,18 +373,65 @@ def check_output_file(path: Path) -> None:
         raise SelftuneError(f"--output-file {path} is a folder; give a file name")
 
 
-def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+@contextlib.contextmanager
+def _rows_file(path: Path) -> Iterator[tuple[Callable[[dict[str, Any]], None],
+                                             Callable[[], None]]]:
+    """A row writer (.jsonl, .csv or .tsv by the extension) and its flush, into a temporary
+    file beside ``path`` (whose rows can be watched growing), renamed to ``path`` at the
+    end: never a half-written file under the final name. On any error, KeyboardInterrupt and
+    SIGTERM included, the temporary file is removed (only a SIGKILL can leave one, hidden;
+    never ``path``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        if path.suffix.lower() == ".jsonl":
-            for row in rows:
-                # NaN/infinity are not JSON: such a value (an overflow) is written as null.
-                f.write(json.dumps({k: finite_or_none(v) if isinstance(v, float) else v
-                                    for k, v in row.items()}) + "\n")
-        else:
-            delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter=delimiter)
+    # The process id makes the name this run's own: two predicts to one file never share it.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    f = open(tmp, "x", newline="")
+    try:
+        with f, _sigterm_interrupts():
+            yield _row_writer(f, path.suffix.lower()), f.flush
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a scheduler's or ``kill``'s stop) raises KeyboardInterrupt for the block, so
+    that it is cleaned up as a Ctrl-C is; as before after it. Only the main thread may set a
+    handler: elsewhere SIGTERM keeps its default."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _row_writer(f: IO[str], suffix: str) -> Callable[[dict[str, Any]], None]:
+    if suffix == ".jsonl":
+        def write_json(row: dict[str, Any]) -> None:
+            # NaN/infinity are not JSON: such a value (an overflow) is written as null.
+            f.write(json.dumps({k: finite_or_none(v) if isinstance(v, float) else v
+                                for k, v in row.items()}) + "\n")
+        return write_json
+    delimiter = "\t" if suffix == ".tsv" else ","
+    writer: csv.DictWriter | None = None
+
+    def write_csv(row: dict[str, Any]) -> None:
+        nonlocal writer
+        if writer is None:  # the columns are the first row's, as every row's
+            writer = csv.DictWriter(f, fieldnames=list(row), delimiter=delimiter)
             writer.writeheader()
-            writer.writerows(rows)
-    tmp.replace(path)
+        writer.writerow(row)
+    return write_csv

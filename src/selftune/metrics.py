@@ -36,7 +36,12 @@ def predictions_from_logits(task: TaskSpec, logits: np.ndarray) -> np.ndarray:
 
 def compute_task_metrics(task: TaskSpec, logits: np.ndarray, labels: np.ndarray) -> dict:
     """All of the task's metrics in percent, plus ``score``, their mean."""
-    preds = predictions_from_logits(task, logits)
+    return metrics_from_predictions(task, predictions_from_logits(task, logits), labels)
+
+
+def metrics_from_predictions(task: TaskSpec, preds: np.ndarray, labels: np.ndarray) -> dict:
+    """:func:`compute_task_metrics` from the predictions (class ids or scores) rather than
+    the logits: what a streaming evaluation keeps of each row."""
     labels = np.asarray(labels).reshape(-1)
     values = {name: 100.0 * METRICS[name](preds, labels) for name in task.metrics}
     values["score"] = float(np.mean(list(values.values())))

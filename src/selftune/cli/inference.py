@@ -79,7 +79,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
                        label_column=args.label_column,
                        id_column=args.id_column, max_eval_samples=args.max_eval_samples)
     result = evaluate_model(args.model_dir, opts, args.eval_split, args.max_seq_length,
-                            args.batch_size, args.trust_remote_code, packing=args.packing)
+                            args.batch_size, args.trust_remote_code, packing=args.packing,
+                            progress=not args.quiet)
     if args.output_file:
         write_json_atomic(Path(args.output_file), result)
     print_result(args, result, indent=2)
@@ -92,13 +93,15 @@ def run_predict(args: argparse.Namespace) -> int:
     count = predict_file(args.model_dir, args.input_file, args.output_file,
                          parse_text_columns(args.text_columns), args.id_column,
                          args.max_seq_length,
-                         args.batch_size, args.trust_remote_code, packing=args.packing)
+                         args.batch_size, args.trust_remote_code, packing=args.packing,
+                         progress=not args.quiet)
     if not args.quiet:
         print(f"wrote {count} predictions to {args.output_file}")
     return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from selftune.evaluation import NUM_TEXTS_KEY, trained_num_texts
     from selftune.models.heads import fold_cls_norm
     from selftune.models.loading import load_finetuned, load_tokenizer
 
@@ -107,6 +110,11 @@ def run_export(args: argparse.Namespace) -> int:
         raise SelftuneError(f"{out} exists and is not an empty folder; choose a new folder")
     model = fold_cls_norm(load_finetuned(args.model_dir))
     tokenizer = load_tokenizer(args.model_dir)
+    # The copy leaves run_config.json behind: it keeps whether the model reads sentence pairs
+    # (a key a plain loader ignores), for predict's check of its input.
+    num_texts = trained_num_texts(args.model_dir)
+    if num_texts is not None:
+        setattr(model.config, NUM_TEXTS_KEY, num_texts)
     # Written beside, then renamed: never a half-written model under the final name, and a
     # second export to the same folder fails at the rename instead of mixing two models.
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,9 @@ would be thrown away anyway), so one 10 MB text costs the tokens it keeps, not 1
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import datasets
 from transformers import PreTrainedTokenizerBase
@@ -21,8 +22,12 @@ def tokenize_records(
     tokenizer: PreTrainedTokenizerBase,
     max_seq_length: int,
     with_labels: bool = True,
+    progress: bool = True,
 ) -> datasets.Dataset:
-    """Tokenize records; keeps ``example_id`` so later stages can key predictions by it."""
+    """Tokenize records; keeps ``example_id`` so later stages can key predictions by it.
+
+    ``progress=False``: no "Tokenizing" bar (for a stream tokenized chunk by chunk, whose
+    caller shows one bar for the whole stream)."""
     pair = "text_b" in records[0]
     columns: dict[str, list] = {
         "example_id": [str(r["example_id"]) for r in records],
@@ -44,8 +49,23 @@ def tokenize_records(
         return tokenizer(*texts, truncation=True, max_length=max_seq_length)
 
     text_columns = ["text_a", "text_b"] if pair else ["text_a"]
-    return dataset.map(encode, batched=True, remove_columns=text_columns,
-                       desc="Tokenizing", load_from_cache_file=False)
+    with _progress_bars(progress):
+        return dataset.map(encode, batched=True, remove_columns=text_columns,
+                           desc="Tokenizing", load_from_cache_file=False)
+
+
+@contextlib.contextmanager
+def _progress_bars(wanted: bool) -> Iterator[None]:
+    """``datasets``' progress bars off for the block unless ``wanted`` (map has no switch of
+    its own); as they were after it."""
+    if wanted or datasets.are_progress_bars_disabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
 
 
 # A token spans at most this many characters in the texts one meets (a longer word is one

@@ -67,6 +67,36 @@ def _read_text(path: Path, encoding: str = "utf-8") -> str:
         ) from None
 
 
+def _stream_lines(path: Path, encoding: str, newline: str) -> Iterator[str]:
+    """The lines of a text file, decoded as they are read (a file of any size costs one
+    buffer), failing as :func:`_read_text` does on bytes that are not ``encoding``."""
+    try:
+        with open(path, encoding=encoding, newline=newline) as f:
+            yield from f
+    except UnicodeDecodeError:
+        raise _decode_error(path, encoding) from None
+    except OSError as err:
+        raise SelftuneError(f"could not read {path}: {err.strerror or err}") from None
+
+
+def _decode_error(path: Path, encoding: str) -> SelftuneError:
+    """The message of :func:`_read_text` for the first undecodable byte, found line by line
+    (a \n byte is never part of a multi-byte character)."""
+    offset = 0
+    plain = encoding.removesuffix("-sig")  # a BOM is valid UTF-8: offsets stay the file's
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                line.decode(plain)
+            except UnicodeDecodeError as err:
+                name = "utf-8" if encoding.startswith("utf-8") else encoding
+                return SelftuneError(
+                    f"{path}: bytes that are not valid {name} at line {lineno} (byte "
+                    f"{offset + err.start}); re-save the file as UTF-8")
+            offset += len(line)
+    return SelftuneError(f"{path}: bytes that are not valid {encoding}; re-save the file as UTF-8")
+
+
 def _tsv_rows(path: Path, encoding: str = "utf-8") -> list[list[str]]:
     text = _read_text(path, encoding)
     # Tab-split with quoting off, as the GLUE and HF loaders do.
@@ -256,6 +286,21 @@ def read_user_file(
     Labels are kept as written (strings or numbers); the caller decides classification or
     regression. Without ``id_column``, the example id is the row number.
     """
+    return list(iter_user_records(path, text_columns, label_column, id_column))
+
+
+def iter_user_records(
+    path: Path,
+    text_columns: Sequence[str],
+    label_column: str | None,
+    id_column: str | None = None,
+) -> Iterator[Record]:
+    """The records of :func:`read_user_file`, one at a time as the file is read (``predict``
+    and ``evaluate`` stream a file of any length through this). A bad row is reported when it
+    is reached; the column checks are made on the first row.
+
+    Only ``--id-column``'s ids are remembered (to refuse a duplicate); row numbers are unique.
+    """
     roles = [*text_columns, *([label_column] if label_column else []),
              *([id_column] if id_column else [])]
     repeated = sorted({c for c in roles if roles.count(c) > 1})
@@ -263,27 +308,18 @@ def read_user_file(
         # A label read as text leaks the answer into the input; say so before any training.
         raise SelftuneError(f"column(s) {repeated} given for more than one role: --text-columns, "
                             "--label-column and --id-column must name different columns")
-    rows = list(_iter_user_rows(path))
-    if not rows:
-        raise SelftuneError(f"{path}: no data rows (the file is empty or has only a header)")
-    columns = list(rows[0][1].keys())
-    missing = [c for c in roles if c not in columns]
-    if missing:
-        hint = ""
-        if len(columns) == 1 and any(sep in columns[0] for sep in "\t,;"):
-            hint = " (wrong delimiter? .tsv files are tab-separated, .csv comma-separated)"
-        raise SelftuneError(
-            f"{path}: column(s) {missing} not found; the file has {columns}{hint}. "
-            "Choose columns with --text-columns/--label-column"
-        )
-    records: list[Record] = []
+    count = 0
     seen_ids: set[str] = set()
-    for lineno, row in rows:
+    for lineno, row in _iter_user_rows(path):
+        if count == 0:
+            _check_columns(path, roles, list(row.keys()))
         where = f"{path}:{lineno}"
-        example_id = str(row.get(id_column)) if id_column else str(len(records))
-        if example_id in seen_ids:
-            raise SelftuneError(f"{where}: duplicate example id {example_id!r} in {id_column!r}")
-        seen_ids.add(example_id)
+        example_id = str(row.get(id_column)) if id_column else str(count)
+        if id_column:
+            if example_id in seen_ids:
+                raise SelftuneError(f"{where}: duplicate example id {example_id!r} in "
+                                    f"{id_column!r}")
+            seen_ids.add(example_id)
         record: Record = {"example_id": example_id}
         for key, col in zip(("text_a", "text_b"), text_columns, strict=False):
             value = row.get(col)
@@ -302,8 +338,22 @@ def read_user_file(
                 raise SelftuneError(f"{where}: the label in column {label_column!r} is a "
                                     f"{type(label).__name__}; give one class name or number")
             record["label"] = label.strip() if isinstance(label, str) else label
-        records.append(record)
-    return records
+        count += 1
+        yield record
+    if count == 0:
+        raise SelftuneError(f"{path}: no data rows (the file is empty or has only a header)")
+
+
+def _check_columns(path: Path, roles: list[str], columns: list[str]) -> None:
+    missing = [c for c in roles if c not in columns]
+    if missing:
+        hint = ""
+        if len(columns) == 1 and any(sep in columns[0] for sep in "\t,;"):
+            hint = " (wrong delimiter? .tsv files are tab-separated, .csv comma-separated)"
+        raise SelftuneError(
+            f"{path}: column(s) {missing} not found; the file has {columns}{hint}. "
+            "Choose columns with --text-columns/--label-column"
+        )
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
@@ -322,9 +372,9 @@ def _iter_user_rows(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
     if path.is_dir():
         raise SelftuneError(f"{path} is a folder; give a .csv, .tsv or .jsonl file")
     suffix = path.suffix.lower()
-    text = _read_text(path, "utf-8-sig")
     if suffix in (".jsonl", ".json"):
-        for lineno, line in enumerate(text.split("\n"), start=1):
+        # Lines end at \n only, as JSON Lines says (a \r is whitespace inside a line).
+        for lineno, line in enumerate(_stream_lines(path, "utf-8-sig", "\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -341,7 +391,9 @@ def _iter_user_rows(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
         # Tab-separated files are read with quoting off (as GLUE); CSV with standard quoting.
         quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-        reader = csv.reader(_lines(text), delimiter=delimiter, quoting=quoting)
+        # newline="": \n, \r\n and \r end a line, as in _lines.
+        reader = csv.reader(_stream_lines(path, "utf-8-sig", ""), delimiter=delimiter,
+                            quoting=quoting)
         header = next(reader, None)
         if header is None:
             return
