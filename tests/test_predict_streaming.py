@@ -230,6 +230,21 @@ def test_an_interrupted_predict_leaves_no_file(monkeypatch, tmp_path, tiny_class
     assert leftovers(tmp_path) == []
 
 
+def test_ctrl_c_during_predict_says_nothing_was_written_not_resume(monkeypatch, capsys, tmp_path,
+                                                                   tiny_classifier,
+                                                                   labelled_file):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "predict_logits", interrupted)
+    out = tmp_path / "p.jsonl"
+    code = main(["predict", str(tiny_classifier), "--input-file", str(labelled_file),
+                 "--output-file", str(out)])
+    err = capsys.readouterr().err
+    assert code == 130 and not out.exists()
+    assert "no output file was written" in err and "resume" not in err
+
+
 def test_sigterm_mid_stream_leaves_no_file(monkeypatch, capsys, tmp_path, tiny_classifier,
                                            labelled_file):
     import os

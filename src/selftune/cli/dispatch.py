@@ -87,8 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 0  # the reader went away (e.g. '| head')
     except KeyboardInterrupt:
-        print("\nselftune: interrupted; run the same command again to resume from the last "
-              "checkpoint", file=sys.stderr)
+        print(f"\nselftune: interrupted; {INTERRUPTED_HINT.get(args.command, RESUME_HINT)}",
+              file=sys.stderr)
         return 130
     except Exception as err:
         message = None if debug else io_failure_message(err)
@@ -99,6 +99,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return user_error(None)
             raise
         return user_error(message)
+
+
+RESUME_HINT = "run the same command again to resume from the last checkpoint"
+# Commands that train resume; these others leave nothing half-done to resume from.
+INTERRUPTED_HINT = {
+    "predict": "no output file was written (run the command again)",
+    "evaluate": "nothing was written (run the command again)",
+    "export": "nothing was written under the output folder's name (run the command again)",
+    "ensemble": "run the command again (the run folder is unchanged)",
+    "tasks": "nothing was written",
+    "diagnose-cls": "run the command again",
+    "teacher-predictions": "run the command again",
+    "report": "run the command again",
+}
 
 
 def process_rank() -> tuple[int, int]:
