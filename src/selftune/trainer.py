@@ -22,6 +22,7 @@ Use it in your own script::
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
@@ -249,6 +250,12 @@ class SelftuneTrainer(Trainer):
         return seconds, examples / seconds
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if getattr(self, "_evaluation_owed", False):
+            # Resumed from a checkpoint saved at an epoch's last step, which the Trainer writes
+            # before that epoch's evaluation: evaluate now, on the same weights, so the
+            # learning curve keeps the epoch's point (the RNG is left untouched).
+            self._evaluation_owed = False
+            self.evaluate()
         if self.nan_policy == "skip" and self._statistics_before_update is None:
             # The forward passes update running statistics (a [CLS] batchnorm or IsoBN): a
             # skipped update must not leave a non-finite batch in them.
@@ -329,6 +336,9 @@ class SelftuneTrainer(Trainer):
             resume_from_checkpoint = str(found)
         if resume_from_checkpoint and self.objective is not None:
             self.load_objective_state(resume_from_checkpoint)
+        self._evaluation_owed = bool(resume_from_checkpoint) and \
+            self.args.eval_strategy == "epoch" and \
+            epoch_evaluation_missing(Path(resume_from_checkpoint))
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         best = self.state.best_model_checkpoint
         if self.args.load_best_model_at_end and best and self.objective is not None:
@@ -353,3 +363,17 @@ class SelftuneTrainer(Trainer):
 
             raise SelftuneError(f"{path} cannot be read ({str(err).splitlines()[0]}); run "
                                 "again with --no-resume to start over") from None
+
+
+def epoch_evaluation_missing(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` was saved at the end of an epoch before that epoch's evaluation
+    (its log history has no evaluation at its step)."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        epoch, step = float(state["epoch"]), state["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    at_epoch_end = epoch > 0 and abs(epoch - round(epoch)) < 1e-6
+    evaluated = any(entry.get("step") == step and any(k.startswith("eval_") for k in entry)
+                    for entry in state.get("log_history", []))
+    return at_epoch_end and not evaluated
