@@ -469,10 +469,7 @@ CORRUPTIONS = {
     "missing-rng-state": ("rng_state.pth", Path.unlink, True),
     "missing-optimizer": ("optimizer.pt", Path.unlink, True),
     "missing-scheduler": ("scheduler.pt", Path.unlink, True),
-    # Killed after the Trainer's files, before the manifest: the files are not checked, so
-    # the checkpoint is not used.
-    "unfinished-save": (MANIFEST_FILE, Path.unlink, True),
-    # Checkpoints of earlier versions (no marker, no manifest): what can be checked still is.
+    # Checkpoints of earlier versions have no manifest: what can be checked still is.
     "no-manifest-truncated-weights": ("model.safetensors", _truncate, False),
     "no-manifest-garbled-weights": ("model.safetensors", _garble, False),
     "no-manifest-missing-rng-state": ("rng_state.pth", Path.unlink, False),
@@ -541,8 +538,7 @@ def test_a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(
         capsys, tmp_path, interrupted_run, name, corrupt, with_manifest):
     run, argv = _resume_copy(tmp_path, interrupted_run)
     newest = run / "checkpoints" / "checkpoint-4"
-    if not with_manifest:  # a run folder of a version before markers and manifests
-        (run / outputs.MARKER_FILE).unlink()
+    if not with_manifest:
         for checkpoint in (run / "checkpoints").iterdir():
             (checkpoint / MANIFEST_FILE).unlink()
     corrupt(newest / name)
@@ -614,9 +610,8 @@ def test_a_garbage_objective_state_stops_naming_the_file(capsys, tmp_path, tiny_
         train(config, callbacks=[_interrupt_at(3)])
     checkpoint = run / "checkpoints" / "checkpoint-2"
     _garble(checkpoint / OBJECTIVE_STATE_FILE)
-    if not with_manifest:  # a run folder of a version before markers and manifests
+    if not with_manifest:
         (checkpoint / MANIFEST_FILE).unlink()
-        (run / outputs.MARKER_FILE).unlink()
     code, _, err = run_cli(capsys, *argv)
     assert_one_line_error(code, err, OBJECTIVE_STATE_FILE, "--no-resume")
     code, _, err = run_cli(capsys, *argv, "--no-resume")

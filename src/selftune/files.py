@@ -12,10 +12,6 @@ from typing import Any
 
 # The lock file held inside a run folder for the life of a run (outputs.py).
 LOCK_FILE = ".selftune-run.lock"
-# What marks a folder as a run's: written first, before anything else of the run (outputs.py).
-MARKER_FILE = "selftune-run.json"
-# The marker's key saying that every checkpoint of the run is written with a manifest.
-CHECKPOINT_MANIFESTS = "checkpoint_manifests"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

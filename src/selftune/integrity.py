@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from selftune.errors import SelftuneError
-from selftune.files import CHECKPOINT_MANIFESTS, LOCK_FILE, MARKER_FILE, write_json_atomic
+from selftune.files import LOCK_FILE, write_json_atomic
 
 logger = logging.getLogger("selftune")
 
@@ -129,24 +129,9 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
             return problem
     if not any(checkpoint.glob("model*.safetensors")):
         return f"{checkpoint / 'model.safetensors'} is missing"
-    if not (checkpoint / MANIFEST_FILE).is_file():
-        if _writes_manifests(checkpoint.parent.parent):
-            # The manifest is written last: without one, the run was stopped while saving this
-            # checkpoint, and its files cannot be checked.
-            return (f"{checkpoint / MANIFEST_FILE} is missing (the run was stopped while "
-                    "saving this checkpoint)")
-        # A checkpoint of a selftune before manifests: no hash to compare.
+    if not (checkpoint / MANIFEST_FILE).is_file():  # an older checkpoint: no hash to compare
         return optimizer_problem(checkpoint / "optimizer.pt")
     return None
-
-
-def _writes_manifests(run_folder: Path) -> bool:
-    """Whether the run's marker says every checkpoint it writes has a manifest."""
-    try:
-        marker = json.loads((run_folder / MARKER_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(marker, dict) and marker.get(CHECKPOINT_MANIFESTS) is True
 
 
 def optimizer_problem(path: Path) -> str | None:

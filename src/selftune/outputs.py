@@ -37,12 +37,7 @@ from typing import IO, Any
 
 from selftune.config import NOT_HASHED
 from selftune.errors import SelftuneError
-from selftune.files import (  # noqa: F401 (re-exported)
-    CHECKPOINT_MANIFESTS,
-    LOCK_FILE,
-    MARKER_FILE,
-    write_json_atomic,
-)
+from selftune.files import LOCK_FILE, write_json_atomic  # noqa: F401 (re-exported)
 from selftune.integrity import MANIFEST_FILE, read_manifest
 
 METRICS_FILE = "metrics.json"
@@ -57,6 +52,8 @@ BAM_FINETUNED_DIR = "finetuned"
 BAM_SUMMARY_FILE = "bam.json"
 # The options `selftune bench` starts a run with, in the run's folder.
 BENCH_RUN_FILE = "bench_run.json"
+# What marks a folder as a run's: written first, before anything else of the run.
+MARKER_FILE = "selftune-run.json"
 # Held with flock by the one process writing the folder; holds that process's pid, host, start.
 # Files only selftune writes, by which run folders of versions before the marker are still
 # recognized (the committed benchmark grids' folders, an old run to resume or reuse). Generic
@@ -215,10 +212,7 @@ def write_marker(folder: Path, fingerprint: str | None) -> None:
     marker = read_marker(folder)
     if not marker.get("run_id"):
         marker = {"run_id": uuid.uuid4().hex, "selftune_version": __version__,
-                  "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                  # Every checkpoint of this run gets a manifest, so one without is a save cut
-                  # short; not so in a folder of an earlier version that already has checkpoints.
-                  CHECKPOINT_MANIFESTS: not any((folder / CHECKPOINTS).glob("checkpoint-*"))}
+                  "created": datetime.now(UTC).isoformat(timespec="seconds")}
     if fingerprint:
         marker["data_fingerprint"] = fingerprint
     write_json_atomic(folder / MARKER_FILE, marker)
