@@ -777,6 +777,15 @@ def _torch_full(*args, **kwargs):
                        "writing file data/0: file write failed")
 
 
+def _torch_full_as_seen(*args, **kwargs):
+    # What torch.save raised on a real full tmpfs (2026-12-07): no errno, no "space".
+    try:
+        raise RuntimeError("basic_ios::clear: iostream error")
+    except RuntimeError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 103360 "
+                           "vs 103252") from None
+
+
 def _patch_final_metrics(monkeypatch, error):
     original = outputs.write_json_atomic
 
@@ -797,6 +806,9 @@ FAULTS = {
     "checkpoint-optimizer-torch": (
         lambda mp: mp.setattr("transformers.trainer.torch.save", _torch_full),
         "writing a checkpoint failed"),
+    "checkpoint-optimizer-torch-unexpected-pos": (
+        lambda mp: mp.setattr("transformers.trainer.torch.save", _torch_full_as_seen),
+        "most likely a full disk"),
     "checkpoint-manifest-edquot": (
         lambda mp: mp.setattr("selftune.integrity.write_manifest", _oserror(errno.EDQUOT)),
         "disk quota exceeded"),
@@ -822,6 +834,32 @@ def test_a_full_or_failing_disk_ends_in_one_line_and_the_run_resumes(
     code, out, err = run_cli(capsys, *argv)
     assert code == 0, err
     assert outputs.is_finished(run)
+
+
+def _mount_tmpfs(folder: Path, size: str, remount: bool = False) -> bool:
+    options = f"remount,size={size}" if remount else f"size={size}"
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                          capture_output=True)
+    return done.returncode == 0
+
+
+def test_a_really_full_disk_ends_in_one_line_and_the_run_then_finishes(
+        capsys, tmp_path, tiny_model, sentiment_files):
+    """Not a simulation: a tmpfs of 256 KB fills up while the first checkpoint is written."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not _mount_tmpfs(disk, "256k"):
+        pytest.skip("mounting a tmpfs needs root with CAP_SYS_ADMIN")
+    try:
+        argv = train_argv(tiny_model, sentiment_files, disk / "run")
+        code, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(code, err, "free disk space")
+        assert _mount_tmpfs(disk, "50m", remount=True)  # space freed
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 0, err
+        assert outputs.is_finished(disk / "run")
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], capture_output=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -87,8 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 0  # the reader went away (e.g. '| head')
     except KeyboardInterrupt:
-        print(f"\nselftune: interrupted; {INTERRUPTED_HINT.get(args.command, RESUME_HINT)}",
-              file=sys.stderr)
+        hint = INTERRUPTED_HINT.get(args.command, TRAINING_INTERRUPTED_HINT)
+        print(f"\nselftune: interrupted; {hint}", file=sys.stderr)
         return 130
     except Exception as err:
         message = None if debug else io_failure_message(err)
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return user_error(message)
 
 
-RESUME_HINT = "run the same command again to resume from the last checkpoint"
+TRAINING_INTERRUPTED_HINT = "run the same command again to resume from the last checkpoint"
 # Commands that train resume; these others leave nothing half-done to resume from.
 INTERRUPTED_HINT = {
     "predict": "no output file was written (run the command again)",
@@ -205,6 +205,9 @@ STORAGE_ERRORS = {
     errno.EROFS: ("the file system is read-only", ("Read-only file system", "ReadOnlyFilesystem")),
     errno.EIO: ("an input/output error of the storage", ("Input/output error",)),
 }
+# How torch.save's zip writer fails when the disk fills up under it.
+TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed", "iostream error", "inline_container.cc",
+                        "unexpected pos")
 RESUME_HINT = ("free disk space or choose another --output-dir, then run the same command "
                "again to resume")
 
@@ -221,8 +224,10 @@ def io_failure_message(err: BaseException) -> str | None:
     if isinstance(err, OSError):
         where = f": {err.filename}" if err.filename else ""
         return f"{err.strerror or err}{where}"
-    if isinstance(err, RuntimeError) and "PytorchStreamWriter failed" in text:
-        return f"writing a checkpoint failed ({text.splitlines()[0][:200]}); {RESUME_HINT}"
+    if isinstance(err, RuntimeError) and any(s in text for s in TORCH_WRITE_FAILURES):
+        # torch.save reports a full disk (seen on a real full tmpfs) without an errno.
+        return (f"writing a checkpoint failed, most likely a full disk or quota "
+                f"({text.splitlines()[0][:160]}); {RESUME_HINT}")
     return None
 
 
