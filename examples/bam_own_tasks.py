@@ -132,6 +132,8 @@ def run_pair(seed: int, task_list: Path, args: argparse.Namespace) -> dict[str, 
         results[variant] = {"scores": result.metrics["student"],
                             "average": result.metrics["student_average"],
                             "wall_time_s": round(time.perf_counter() - start, 1)}
+        if "teachers" in result.metrics:
+            results[variant]["teacher_scores"] = result.metrics["teachers"]
     return results
 
 
@@ -164,35 +166,45 @@ def mean_std(values: list[float]) -> str:
 
 
 def print_table(runs: dict[int, dict[str, dict]], recorded: list[dict]) -> None:
-    """Per task: Multi and BAM! of the seeds just run (mean ± std over them), the gain, and
-    what the recorded seeds measured."""
+    """Per task, mean ± std over the seeds just run: BAM!'s single-task teachers, Multi, BAM!
+    and BAM! - Multi; then what the recorded seeds measured for BAM! - Multi."""
     tasks = list(next(iter(runs.values()))["multi"]["scores"])
+    recorded_pairs = [seed for seed in _by_seed(recorded).values()
+                      if {"multi", "bam"} <= set(seed)]
 
-    def column(results: dict[int, dict[str, dict]] | list[dict], variant: str, task: str | None):
-        rows = ([r[variant] for r in results.values()] if isinstance(results, dict)
-                else [r for r in results if r["variant"] == variant])
-        return [r["average"] if task is None else r["scores"][task] for r in rows]
+    def scores(rows: list[dict], task: str | None, key: str = "scores") -> list[float]:
+        if task is None:
+            return [statistics.mean(row[key].values()) for row in rows]
+        return [row[key][task] for row in rows]
 
-    print(f"\n{'task':8} {'Multi':>15} {'BAM!':>15} {'BAM! - Multi':>15}"
-          + (f" {'recorded gain':>18}" if recorded else ""))
+    print(f"\n{'task':9} {'teachers':>15} {'Multi':>15} {'BAM!':>15} {'BAM! - Multi':>15}"
+          + (f" {'recorded':>20}" if recorded_pairs else ""))
     for task in [*tasks, None]:
-        multi, bam = column(runs, "multi", task), column(runs, "bam", task)
+        teachers = scores([r["bam"] for r in runs.values()], task, "teacher_scores")
+        multi = scores([r["multi"] for r in runs.values()], task)
+        bam = scores([r["bam"] for r in runs.values()], task)
         gains = [b - m for m, b in zip(multi, bam, strict=True)]
-        line = f"{task or 'average':8} {mean_std(multi):>15} {mean_std(bam):>15} " \
-               f"{mean_std(gains):>15}"
-        if recorded:
-            by_seed = {}
-            for r in recorded:
-                by_seed.setdefault(r["seed"], {})[r["variant"]] = r
-            pairs = [s for s in by_seed.values() if {"multi", "bam"} <= set(s)]
-            rec = [(p["bam"]["average"] - p["multi"]["average"]) if task is None else
-                   (p["bam"]["scores"][task] - p["multi"]["scores"][task]) for p in pairs]
-            line += f" {mean_std(rec) + f' ({len(rec)} seeds)':>18}"
+        line = (f"{task or 'average':9} {mean_std(teachers):>15} {mean_std(multi):>15} "
+                f"{mean_std(bam):>15} {mean_std(gains):>15}")
+        if recorded_pairs:
+            past = [b - m for m, b in zip(scores([p["multi"] for p in recorded_pairs], task),
+                                          scores([p["bam"] for p in recorded_pairs], task),
+                                          strict=True)]
+            line += f" {mean_std(past) + f' ({len(past)} seeds)':>20}"
         print(line)
-    if recorded:
-        print(f"\n'recorded gain': BAM! - Multi over the seeds in {RECORDED.name} "
-              "(BENCHMARKS.md, 'BAM! on your own files'); one seed of your own varies by "
-              "about that std.")
+    print("\n'teachers': BAM!'s single-task teachers. BAM! helps when they are about as good as "
+          "Multi; when multi-task training is itself the larger gain, Multi is the better "
+          "choice.")
+    if recorded_pairs:
+        print(f"'recorded': BAM! - Multi over the seeds in {RECORDED.name} (BENCHMARKS.md, "
+              "'BAM! on your own files'); one seed of your own varies by about that std.")
+
+
+def _by_seed(records: list[dict]) -> dict[int, dict[str, dict]]:
+    by_seed: dict[int, dict[str, dict]] = {}
+    for record in records:
+        by_seed.setdefault(record["seed"], {})[record["variant"]] = record
+    return by_seed
 
 
 def parse_seeds(text: str) -> list[int]:
