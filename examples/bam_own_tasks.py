@@ -178,7 +178,7 @@ def print_table(runs: dict[int, dict[str, dict]], recorded: list[dict]) -> None:
         return [row[key][task] for row in rows]
 
     print(f"\n{'task':9} {'teachers':>15} {'Multi':>15} {'BAM!':>15} {'BAM! - Multi':>15}"
-          + (f" {'recorded':>20}" if recorded_pairs else ""))
+          + (f" {'recorded':>24}" if recorded_pairs else ""))
     for task in [*tasks, None]:
         teachers = scores([r["bam"] for r in runs.values()], task, "teacher_scores")
         multi = scores([r["multi"] for r in runs.values()], task)
@@ -190,7 +190,7 @@ def print_table(runs: dict[int, dict[str, dict]], recorded: list[dict]) -> None:
             past = [b - m for m, b in zip(scores([p["multi"] for p in recorded_pairs], task),
                                           scores([p["bam"] for p in recorded_pairs], task),
                                           strict=True)]
-            line += f" {mean_std(past) + f' ({len(past)} seeds)':>20}"
+            line += f" {mean_std(past) + f' ({len(past)} seeds)':>24}"
         print(line)
     print("\n'teachers': BAM!'s single-task teachers. BAM! helps when they are about as good as "
           "Multi; when multi-task training is itself the larger gain, Multi is the better "
