@@ -180,6 +180,8 @@ class SelftuneTrainer(Trainer):
         self._skip_update = False  # a micro-batch of the current update was not finite
         self._statistics_before_update: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._loss_parts: dict[str, list[float]] = {}
+        # Set by train() when it resumes from a checkpoint saved before its epoch's evaluation.
+        self._evaluation_owed = False
         # Every loss here (the model's own for sequence classification, or the objective's) is a
         # per-batch mean: the Trainer must divide it for gradient accumulation, and must not
         # rescale it by the number of processes. (It would assume otherwise for models whose
@@ -250,7 +252,7 @@ class SelftuneTrainer(Trainer):
         return seconds, examples / seconds
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if getattr(self, "_evaluation_owed", False):
+        if self._evaluation_owed:
             # Resumed from a checkpoint saved at an epoch's last step, which the Trainer writes
             # before that epoch's evaluation: evaluate now, on the same weights, so the
             # learning curve keeps the epoch's point (the RNG is left untouched).
