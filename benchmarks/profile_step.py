@@ -1,12 +1,12 @@
 """Where the time of a `selftune train` run goes, phase by phase, for each strategy.
 
 Runs the real training path (`selftune.training.train`) on a real task with timers around its
-phases: batch collation (dynamic padding), the student's forward, the teacher's forward (sda,
-sdv, ema), loss + backward (the rest of a training step), the optimizer step, the snapshot /
-average updates, evaluation, checkpoint saving, and set-up (data loading, tokenization once,
-model loading). What is left of the training loop (logging, callbacks, the data loader's own
-work, saving the final model) is "other". Prints a Markdown table in ms per optimizer step
-and in % of the run.
+phases: batch collation (dynamic padding, then packing unless --no-packing), the student's
+forward, the teacher's forward (sda, sdv, ema), loss + backward (the rest of a training step),
+the optimizer step, the snapshot / average updates, evaluation, checkpoint saving, and set-up
+(data loading, tokenization once, model loading). What is left of the training loop (logging,
+callbacks, the data loader's own work, saving the final model) is "other". Prints a Markdown
+table in ms per optimizer step and in % of the run.
 
     python benchmarks/profile_step.py --task rte --data-dir ../shared/data \
         --strategies baseline,sda,sdv --max-train-samples 512
@@ -23,6 +23,7 @@ from collections.abc import Callable
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback
 
 from selftune.config import TrainConfig
+from selftune.data.packing import PackingCollator
 from selftune.self_distillation import SelfDistillation
 from selftune.trainer import SelftuneTrainer
 from selftune.training import train
@@ -81,8 +82,10 @@ class PhaseClock(TrainerCallback):
 
 def profile(strategy: str, args: argparse.Namespace) -> dict[str, float]:
     timers = Timers()
+    # The packing collator pads first (DataCollatorWithPadding inside), so one of the two is timed.
+    collator = DataCollatorWithPadding if args.no_packing else PackingCollator
     undo = [
-        timers.wrap(DataCollatorWithPadding, "__call__", "collate"),
+        timers.wrap(collator, "__call__", "collate"),
         timers.wrap(SelftuneTrainer, "training_step", "step"),
         timers.wrap(SelfDistillation, "teacher_logits", "teacher forward"),
         timers.wrap(SelfDistillation, "before_optimizer_step", "snapshot / average"),
@@ -101,7 +104,8 @@ def profile(strategy: str, args: argparse.Namespace) -> dict[str, float]:
                               max_train_samples=args.max_train_samples,
                               num_train_epochs=args.epochs,
                               per_device_train_batch_size=args.batch_size,
-                              group_by_length=args.group_by_length),
+                              group_by_length=args.group_by_length,
+                              packing=not args.no_packing),
                   callbacks=[clock])
     finally:
         for restore in undo:
@@ -136,13 +140,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--group-by-length", action="store_true",
                         help="Length-grouped batches (selftune train --group-by-length).")
+    parser.add_argument("--no-packing", action="store_true",
+                        help="Padded batches (selftune train --no-packing).")
     args = parser.parse_args()
 
     results = {name: profile(name, args) for name in args.strategies.split(",")}
     names = list(results)
     print(f"\n{args.task}, {args.max_train_samples} training examples, batch {args.batch_size}, "
           f"{args.epochs:g} epoch(s), {'length-grouped' if args.group_by_length else 'random'} "
-          "batches; ms per optimizer step (% of the run)\n")
+          f"batches, {'padded' if args.no_packing else 'packed'}; "
+          "ms per optimizer step (% of the run)\n")
     print("| phase | " + " | ".join(names) + " |")
     print("|---|" + "---:|" * len(names))
     for phase in PHASES:

@@ -7,6 +7,7 @@
 #   benchmarks/run_grids.sh                     # the default queue below
 #   benchmarks/run_grids.sh benchmarks/cls_norm.yaml benchmarks/bam.yaml
 #   benchmarks/run_grids.sh benchmarks/cls_norm.yaml@0-2   # only seeds 0-2 of that grid
+#   benchmarks/run_grids.sh benchmarks/sd_tuned.yaml@0-2:baseline,ema   # and only 2 variants
 #   WORKERS=1 benchmarks/run_grids.sh ...       # one worker
 #   DEADLINE=+2h40m benchmarks/run_grids.sh     # start only runs expected to end by then
 #
@@ -43,7 +44,7 @@ else
   # baseline_lr's three seeds name (BENCHMARKS.md): they join this queue once it is set.
 fi
 for entry in "${grids[@]}"; do
-  grid="${entry%@*}"
+  grid="${entry%%:*}"; grid="${grid%@*}"
   [ -f "$grid" ] || { echo "run_grids.sh: no grid file $grid" >&2; exit 2; }
 done
 command -v selftune >/dev/null || { echo "run_grids.sh: activate the venv with selftune first" >&2; exit 2; }
@@ -77,10 +78,11 @@ setsid bash -c '
   if [ -n "$2" ]; then deadline=(--deadline "$2"); fi
   for i in $(seq 1 "$1"); do
     (for entry in "${@:3}"; do
-       case "$entry" in
-         *@*) selftune bench "${entry%@*}" --seeds "${entry##*@}" "${deadline[@]}" ;;
-         *) selftune bench "$entry" "${deadline[@]}" ;;
-       esac
+       # GRID[@SEEDS][:VARIANTS]
+       options=()
+       case "$entry" in *:*) options+=(--only-variants "${entry##*:}"); entry="${entry%%:*}" ;; esac
+       case "$entry" in *@*) options+=(--seeds "${entry##*@}"); entry="${entry%@*}" ;; esac
+       selftune bench "$entry" "${options[@]}" "${deadline[@]}"
      done) > "$0/worker$i.log" 2>&1 &
     sleep 5  # the second worker then finds the first run claimed and takes the next
   done

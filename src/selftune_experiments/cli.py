@@ -64,6 +64,10 @@ def _add_bench(commands: Commands) -> None:
     bench.add_argument("--variant", action="append", default=[], metavar="NAME[:K=V,...]",
                        help="A variant: a name and its options, e.g. "
                             "'lr1e-4:learning_rate=1e-4'. Repeatable; replaces the grid's.")
+    bench.add_argument("--only-variants", metavar="NAMES",
+                       help="Run only these of the grid's variants (comma-separated), e.g. its "
+                            "baseline before the variants that wait for another grid's "
+                            "verdict. Their runs are the same as in the whole grid.")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="An option of every run (a 'selftune train' option name with "
                             "underscores), e.g. data_dir=../shared/data. Repeatable.")
@@ -162,6 +166,8 @@ def run_bench(args: argparse.Namespace) -> int:
             where = f"--variant {name}"
             grid.variants[name] = _key_values([o for o in options.split(",") if o], where)
             check_bench_options(grid.variants[name], where)
+    if args.only_variants:
+        grid.variants = only_variants(grid.variants, _names(args.only_variants) or [])
     check_name(grid.name, "--name" if args.name else "grid name")
     results = Path(args.results) if args.results else grid.results or Path(
         f"{grid.name}.results.jsonl")
@@ -192,6 +198,22 @@ def run_report(args: argparse.Namespace) -> int:
     print(write_report([Path(p) for p in args.results], out_dir, baseline,
                        tasks=_names(args.tasks), variants=_names(args.variants)))
     return 0
+
+
+def only_variants(variants: dict[str, dict | None], names: list[str]) -> dict[str, dict | None]:
+    """The grid's variants named in --only-variants, in the grid's order (which is the order
+    runs are taken in), each with its own options."""
+    unknown = [name for name in names if name not in variants]
+    if unknown or not names:
+        raise SelftuneError(f"--only-variants: {', '.join(unknown) or 'no name given'}: the "
+                            f"grid's variants are {', '.join(variants)}")
+    selected = {name: options for name, options in variants.items() if name in names}
+    for name, options in selected.items():
+        source = (options or {}).get("from")
+        if source is not None and source not in selected:
+            raise SelftuneError(f"--only-variants: {name} is built from {source}'s runs; "
+                                f"name {source} too")
+    return selected
 
 
 def _names(text: str | None) -> list[str] | None:

@@ -28,6 +28,7 @@ from selftune_experiments.bench import (
     plan_runs,
     run_grid,
 )
+from selftune_experiments.cli import only_variants
 from selftune_experiments.report import load_results
 
 
@@ -769,3 +770,48 @@ def test_bad_ensemble_variants_are_refused_when_planned(options, message, grid, 
     grid.variants = {"base": {"save_snapshots": 3, "snapshot_interval": 2}, "se": options}
     with pytest.raises(SelftuneError, match=message):
         plan_runs(grid, tmp_path / "runs")
+
+
+ONLY_GRID = """\
+tasks: [rte]
+seeds: 0-1
+variants:
+  baseline: {save_snapshots: 2, snapshot_interval: 0.5ep}
+  sda: {strategy: sda, sd_k: 2}
+  ema: {strategy: ema}
+  se: {pipeline: ensemble, from: baseline, k: 2}
+"""
+
+
+def test_only_variants_runs_those_of_the_grid_with_their_own_options(capsys, monkeypatch,
+                                                                     tmp_path):
+    (tmp_path / "g.yaml").write_text(ONLY_GRID)
+    code, whole, _ = bench_cli(capsys, monkeypatch, tmp_path, "g.yaml", "--dry-run")
+    assert code == 0
+    code, some, _ = bench_cli(capsys, monkeypatch, tmp_path, "g.yaml", "--dry-run",
+                              "--only-variants", "ema,se,baseline")
+    assert code == 0
+    # The grid's order, not the option's; each run listed as in the whole grid.
+    listed = [line for line in some.splitlines() if "__seed" in line]
+    assert [line.split()[-1] for line in listed] == [
+        f"rte__{variant}__seed{seed}" for seed in (0, 1) for variant in ("baseline", "ema", "se")]
+    assert all(line in whole.splitlines() for line in listed)
+    # The same runs: same ids, same options (a run recorded by the whole grid is skipped).
+    plan = {r.run_id: r.hash() for r in plan_runs(load_grid(tmp_path / "g.yaml"), tmp_path)}
+    selected = load_grid(tmp_path / "g.yaml")
+    selected.variants = only_variants(selected.variants, ["ema", "baseline"])
+    assert {r.run_id: r.hash() for r in plan_runs(selected, tmp_path)}.items() <= plan.items()
+
+
+@pytest.mark.parametrize("names, fragments", [
+    ("sda,nope", ["--only-variants: nope", "baseline, sda, ema, se"]),
+    ("se", ["se is built from baseline", "name baseline too"]),
+    (",", ["no name given"]),
+])
+def test_only_variants_mistakes_are_one_line_errors(names, fragments, capsys, monkeypatch,
+                                                    tmp_path):
+    (tmp_path / "g.yaml").write_text(ONLY_GRID)
+    code, out, err = bench_cli(capsys, monkeypatch, tmp_path, "g.yaml", "--dry-run",
+                               "--only-variants", names)
+    assert_refused(code, err, *fragments)
+    assert "would run" not in out
