@@ -105,7 +105,8 @@ def test_registry_and_own_tasks_mix_in_one_bam_student(tiny_model, glue_dir, own
     assert {p: p.stat().st_mtime for p in root.rglob("metrics.json")} == stamps
     # Another column in the task list is another student: not taken for this one's.
     write_task_list(own_files, ["rte", REVIEWS, {**PAIRS, "label_type": "auto"}])
-    with pytest.raises(SelftuneError, match="holds a finished run with other options"):
+    with pytest.raises(SelftuneError, match=r"pairs holds a finished run with other options "
+                                            r"\(label_type\)"):
         run_bam(cfg)  # the same options object, read again
 
 
