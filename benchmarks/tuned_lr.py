@@ -23,6 +23,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from selftune_experiments.bench import parse_seeds
+
 
 def load_scores(paths: list[Path], seeds: set[int]) -> dict[tuple[str, float], dict[int, float]]:
     """(task, learning rate) -> {seed: dev score} of the baseline runs in the results files."""
@@ -63,10 +65,9 @@ def rate_text(rate: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("results", nargs="+", type=Path, help="Results files (JSON Lines).")
-    parser.add_argument("--seeds", default="0-2", help="Seeds to compare, e.g. 0-2.")
+    parser.add_argument("--seeds", default="0-2", help="Seeds to compare, e.g. 0-2 or 0,1,2.")
     args = parser.parse_args()
-    first, _, last = args.seeds.partition("-")
-    seeds = set(range(int(first), int(last or first) + 1))
+    seeds = set(parse_seeds(args.seeds))
 
     cells = load_scores(args.results, seeds)
     # A task run at one rate only (baseline.yaml's SST-2) is not part of the sweep.

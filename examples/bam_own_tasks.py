@@ -53,6 +53,11 @@ class TaskSet:
     teacher_epochs: float | None  # None: --epochs, as the student
     recorded: Path  # what the benchmark recorded for this set (BENCHMARKS.md)
 
+    def teacher_options(self, epochs: float) -> dict[str, float]:
+        """``selftune.bam``'s options for the teachers (``epochs``: the student's)."""
+        return {"teacher_learning_rate": self.teacher_learning_rate,
+                "teacher_epochs": self.teacher_epochs or epochs}
+
 
 TASK_SETS = {
     # Teachers at the student's learning rate and for 3 epochs: at 2,000 examples a teacher
@@ -195,13 +200,11 @@ def run_pair(seed: int, task_list: Path, args: argparse.Namespace) -> dict[str, 
     """Multi and BAM! for one seed: their per-task dev scores and wall times."""
     import selftune
 
-    task_set = TASK_SETS[args.task_set]
     options = dict(tasks_file=str(task_list), data_dir=str(args.data_dir), model=args.model,
                    seed=seed, max_train_samples=args.max_train_samples,
                    max_seq_length=args.max_seq_length, num_train_epochs=args.epochs,
                    per_device_train_batch_size=32,
-                   teacher_learning_rate=task_set.teacher_learning_rate,
-                   teacher_epochs=task_set.teacher_epochs or args.epochs)
+                   **TASK_SETS[args.task_set].teacher_options(args.epochs))
     results = {}
     for variant, teachers in (("multi", "none"), ("bam", "auto")):
         print(f"[seed {seed}] {variant}: training ...", file=sys.stderr, flush=True)
@@ -219,7 +222,6 @@ def run_pair(seed: int, task_list: Path, args: argparse.Namespace) -> dict[str, 
 def record(path: Path, seed: int, results: dict[str, dict], args: argparse.Namespace) -> None:
     """Append one line per variant (runs found finished are recorded again only if absent)."""
     recorded = load_records(path)
-    task_set = TASK_SETS[args.task_set]
     with open(path, "a", encoding="utf-8") as file:
         for variant, result in results.items():
             if any(r["seed"] == seed and r["variant"] == variant for r in recorded):
@@ -229,8 +231,7 @@ def record(path: Path, seed: int, results: dict[str, dict], args: argparse.Names
                 "options": {"task_set": args.task_set,
                             "max_train_samples": args.max_train_samples,
                             "max_seq_length": args.max_seq_length, "epochs": args.epochs,
-                            "teacher_learning_rate": task_set.teacher_learning_rate,
-                            "teacher_epochs": task_set.teacher_epochs or args.epochs,
+                            **TASK_SETS[args.task_set].teacher_options(args.epochs),
                             "model": args.model},
                 "threads": os.environ.get("OMP_NUM_THREADS", "all"),
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")

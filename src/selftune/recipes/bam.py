@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from selftune import outputs
-from selftune.config import NOT_HASHED, SD_OPTIONS, BamConfig, TrainConfig
+from selftune.config import SD_OPTIONS, BamConfig, TrainConfig
 from selftune.data.loading import DataOptions
 from selftune.data.readers import Record
 from selftune.data.tasks import TaskSpec
@@ -152,8 +152,8 @@ def prepare_teacher_predictions(cfg: BamConfig, task_name: str, teacher_dir: Pat
 
 def _check_same_options(run_dir: Path, expected, root: Path) -> None:
     """A finished stage is reused only if it was run with the options this recipe asks for."""
-    saved = type(expected).from_dict(json.loads((run_dir / outputs.RUN_CONFIG_FILE).read_text()))
-    if saved.hash() != expected.hash():
+    saved = json.loads((run_dir / outputs.RUN_CONFIG_FILE).read_text())
+    if type(expected).from_dict(saved).hash() != expected.hash():
         # --overwrite-output-dir clears the recipe's own folder only, not a shared
         # --teachers-root outside it.
         remedy = ("use another --output-dir, or --overwrite-output-dir to redo every stage"
@@ -162,9 +162,8 @@ def _check_same_options(run_dir: Path, expected, root: Path) -> None:
                   "--teachers-root")
         # Named, since some differ without the user changing them: a teacher's predictions
         # file is named by the folder the recipe was given, so a moved folder differs there.
-        changed = [field.name for field in dataclasses.fields(expected)
-                   if field.name not in NOT_HASHED and field.name != "tasks_file"
-                   and getattr(saved, field.name) != getattr(expected, field.name)]
+        changed = outputs.changed_options(run_dir, expected.to_dict(),
+                                          type(expected)().to_dict())
         raise SelftuneError(f"{run_dir} holds a finished run with other options "
                             f"({', '.join(changed)}); {remedy}")
 
