@@ -175,11 +175,13 @@ class TrainConfig:
                           TRAIN, ("stop", "skip"))
     bf16: bool = opt(False, "Mixed precision with bfloat16 autocast (CPU or GPU).", TRAIN)
     group_by_length: bool = opt(False, "Batch training examples of similar length together: "
-                                "with dynamic padding a batch then holds few padding tokens, so "
-                                "steps are faster; batches are less random, which can cost "
-                                "accuracy (speed and cost measured in BENCHMARKS.md). The order "
-                                "is fixed by the seed and the epoch (a resumed run is exact). "
-                                "Single-task runs only.", TRAIN)
+                                "a padded batch then holds few padding tokens, so steps are "
+                                "faster; batches are less random, which can cost accuracy "
+                                "(BENCHMARKS.md). Packed batches (the default) already leave out "
+                                "the padding, so this helps only with --no-packing or a model "
+                                "packing does not support. The order is fixed by the seed and "
+                                "the epoch (a resumed run is exact). Single-task runs only.",
+                                TRAIN)
     load_best_model_at_end: bool = opt(False, "Keep the checkpoint with the best dev "
                                        "--metric-for-best-model (evaluated after every epoch) "
                                        "instead of the last one; with sda/sdv/ema the teacher "
