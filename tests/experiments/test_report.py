@@ -294,6 +294,29 @@ def test_one_seed_and_missing_cell_render(report: str) -> None:
     assert stsb["sda"]["seeds"] == "0" and stsb["sda"]["score"] == "–"
 
 
+def test_stability_table_shows_spread_and_worst_seed(report: str) -> None:
+    rows = [r for r in table(report, "## Stability across seeds") if r["task"] == "rte"]
+    rte = by_variant(rows)
+    assert list(rte) == ["baseline", "gain", "noisy", "single"]   # no row without runs
+    noisy = rte["noisy"]
+    worst = int(np.argmin(RTE_NOISY))
+    best = int(np.argmax(RTE_NOISY))
+    assert float(noisy["std"]) == pytest.approx(np.std(RTE_NOISY, ddof=1), abs=0.006)
+    assert noisy["worst (seed)"] == f"{RTE_NOISY[worst]:.2f} ({SEEDS[worst]})"
+    assert noisy["best (seed)"] == f"{RTE_NOISY[best]:.2f} ({SEEDS[best]})"
+    assert float(noisy["range"]) == pytest.approx(max(RTE_NOISY) - min(RTE_NOISY), abs=0.006)
+    # Its mean is the baseline's, but its worst seed is 3.3 points below the baseline's worst.
+    assert float(noisy["worst − baseline's worst"]) == pytest.approx(
+        min(RTE_NOISY) - min(RTE_BASE), abs=0.006)
+    assert float(rte["gain"]["worst − baseline's worst"]) == pytest.approx(
+        min(RTE_GAIN) - min(RTE_BASE), abs=0.006)
+    assert rte["baseline"]["worst − baseline's worst"] == "–"
+    assert rte["single"]["std"] == "–" and rte["single"]["range"] == "0.00"
+    # cola has no baseline: the column is a dash, not a number against nothing.
+    cola = [r for r in table(report, "## Stability across seeds") if r["task"] == "cola"]
+    assert [r["worst − baseline's worst"] for r in cola] == ["–"]
+
+
 def test_multi_metric_and_regression_tables(report: str) -> None:
     mrpc = by_variant(table(report, "### mrpc"))
     assert_mean_std(mrpc["gain"]["accuracy"], [a for a, _ in MRPC_GAIN])

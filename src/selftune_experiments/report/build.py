@@ -16,6 +16,7 @@ from selftune_experiments.report.sections import (
     cost_section,
     header_section,
     scores_section,
+    stability_section,
     teacher_section,
 )
 from selftune_experiments.stats import DEFAULT_ALPHA
@@ -61,6 +62,7 @@ def build_report(
     sections = [
         header_section(grid, all_problems, source, alpha),
         scores_section(grid, alpha),
+        stability_section(grid),
         teacher_section(grid, alpha),
         across_tasks_section(grid, alpha),
         cost_section(grid),

@@ -1,5 +1,5 @@
-"""The report's Markdown sections: header, scores per task, teacher vs student, the mean
-across tasks, and cost."""
+"""The report's Markdown sections: header, scores per task, stability across seeds, teacher vs
+student, the mean across tasks, and cost."""
 
 from __future__ import annotations
 
@@ -160,6 +160,50 @@ def _task_table(grid: RunGrid, task: str, comparisons: Mapping[str, Comparison],
         note = f"_Baseline `{grid.baseline}` has no runs on {task}, so no comparison here._"
         text = note + "\n\n" + text
     return text
+
+
+def stability_section(grid: RunGrid) -> str:
+    """Per task and variant: the seed spread and the worst seed.
+
+    Self-ensembling and self-distillation are claimed to make fine-tuning *more stable* (Xu et
+    al. 2020), i.e. to lift the bad seeds, not only the mean; a mean can rise while the worst
+    seed stays where it was. With five seeds no test of a difference in spread has power, so
+    this section shows the numbers rather than a verdict. Empty when no cell has two seeds.
+    """
+    if not any(len(grid.cell(t, v)) >= 2 for t in grid.tasks for v in grid.variants):
+        return ""
+    with_base = grid.baseline is not None
+    parts = [
+        "## Stability across seeds",
+        "",
+        "Seed standard deviation of the score, the worst and the best seed (seed in brackets) "
+        "and their range"
+        + (", and the worst seed against the baseline's worst. " if with_base else ". ")
+        + "Descriptive: a handful of seeds cannot test a difference in spread.",
+    ]
+    header = ["task", "variant", "seeds", "std", "worst (seed)", "best (seed)", "range"]
+    if with_base:
+        header.append("worst − baseline's worst")
+    rows = []
+    for task in grid.tasks:
+        base_scores = grid.scores(task, grid.baseline) if with_base else {}
+        base_worst = min(base_scores.values()) if base_scores else math.nan
+        for variant in grid.variants:
+            scores = grid.scores(task, variant)
+            if not scores:
+                continue
+            _, std, n = summarize(scores.values())
+            worst_seed = min(scores, key=scores.get)
+            best_seed = max(scores, key=scores.get)
+            row = [task, variant, n, fmt(std), f"{scores[worst_seed]:.2f} ({worst_seed})",
+                   f"{scores[best_seed]:.2f} ({best_seed})",
+                   fmt(scores[best_seed] - scores[worst_seed])]
+            if with_base:
+                row.append(DASH if variant == grid.baseline or math.isnan(base_worst)
+                           else fmt_delta(scores[worst_seed] - base_worst))
+            rows.append(row)
+    parts += ["", md_table(header, rows)]
+    return "\n".join(parts)
 
 
 def teacher_section(grid: RunGrid, alpha: float) -> str:
