@@ -1,4 +1,4 @@
-"""Packed batches: a batch's examples laid end to end in as few rows as fit.
+"""Packed batches: a batch's examples laid end to end in as few rows as fit (docs/methods.md §4).
 
 With random batches and dynamic padding a batch computes on its longest example times its size:
 1.5–3× the real tokens on GLUE tasks (BENCHMARKS.md, Performance). Packing keeps exactly the
