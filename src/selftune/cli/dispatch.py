@@ -35,9 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     """Every subcommand's options; imports no torch, transformers, datasets or accelerate."""
     parser = Parser(
         prog="selftune",
-        description="Fine-tune pretrained Transformer encoders (BERT and relatives) more "
-                    "accurately and more stably: self-ensemble, self-distillation, BAM!, "
-                    "[CLS] normalization.",
+        description="Fine-tune pretrained Transformer encoders (BERT and relatives) with "
+                    "self-ensemble, self-distillation, BAM! or [CLS] normalization, or plainly; "
+                    "BENCHMARKS.md measures where each helps.",
         formatter_class=HelpFormatter,
         epilog="Run 'selftune COMMAND --help' for the options of a command.",
     )
